@@ -1,0 +1,134 @@
+"""Per-layer block configurations in DeciLM / nemotron-nas vocabulary.
+
+`block_configs[i] = {"attention": {...}, "ffn": {...}}` is what vLLM's `DeciLMForCausalLM`, mlx-lm and
+TensorRT-LLM read. `n_heads_in_group` = attention heads / KV heads; `intermediate_size` is the FFN width.
+`replace_with_linear` (one hidden x hidden matrix) is puzzle's own and is not implemented by vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from puzzle.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """One attention subblock: GQA with `n_heads_in_group` query heads per KV head, linear, or no-op."""
+
+    no_op: bool = False
+    replace_with_linear: bool = False
+    n_heads_in_group: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.no_op and self.replace_with_linear:
+            raise ConfigError("attention cannot be both no_op and replace_with_linear")
+        if self.is_gqa and (self.n_heads_in_group is None or self.n_heads_in_group < 1):
+            raise ConfigError(f"GQA attention needs n_heads_in_group >= 1, got {self.n_heads_in_group}")
+
+    @property
+    def is_gqa(self) -> bool:
+        return not (self.no_op or self.replace_with_linear)
+
+    def num_key_value_heads(self, num_attention_heads: int) -> int:
+        """KV heads of this subblock for a model with `num_attention_heads` query heads (0 if not GQA)."""
+        if not self.is_gqa:
+            return 0
+        if num_attention_heads % self.n_heads_in_group:
+            raise ConfigError(
+                f"n_heads_in_group={self.n_heads_in_group} does not divide num_attention_heads={num_attention_heads}"
+            )
+        return num_attention_heads // self.n_heads_in_group
+
+    @property
+    def name(self) -> str:
+        if self.no_op:
+            return "attn_no_op"
+        if self.replace_with_linear:
+            return "attn_linear"
+        return f"attn_group{self.n_heads_in_group}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AttentionConfig:
+        d = dict(d)
+        known = {"no_op", "replace_with_linear", "n_heads_in_group"}
+        # DeciLM checkpoints carry extra keys (sparsify, unshifted_sink, ...); we keep only what we implement.
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class FFNConfig:
+    """One FFN subblock: SwiGLU of width `intermediate_size`, linear, or no-op."""
+
+    no_op: bool = False
+    replace_with_linear: bool = False
+    intermediate_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.no_op and self.replace_with_linear:
+            raise ConfigError("ffn cannot be both no_op and replace_with_linear")
+        if self.is_mlp and (self.intermediate_size is None or self.intermediate_size < 1):
+            raise ConfigError(f"SwiGLU FFN needs intermediate_size >= 1, got {self.intermediate_size}")
+
+    @property
+    def is_mlp(self) -> bool:
+        return not (self.no_op or self.replace_with_linear)
+
+    @property
+    def name(self) -> str:
+        if self.no_op:
+            return "ffn_no_op"
+        if self.replace_with_linear:
+            return "ffn_linear"
+        return f"ffn_{self.intermediate_size}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], hidden_size: int | None = None) -> FFNConfig:
+        d = dict(d)
+        if d.get("intermediate_size") is None and d.get("ffn_mult") is not None and hidden_size is not None:
+            d["intermediate_size"] = ffn_mult_to_intermediate_size(float(d["ffn_mult"]), hidden_size)
+        known = {"no_op", "replace_with_linear", "intermediate_size"}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """One layer of the child: an attention subblock followed by an FFN subblock."""
+
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    ffn: FFNConfig = field(default_factory=FFNConfig)
+
+    @property
+    def name(self) -> str:
+        return f"{self.attention.name}+{self.ffn.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attention": self.attention.to_dict(), "ffn": self.ffn.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], hidden_size: int | None = None) -> BlockConfig:
+        return cls(
+            attention=AttentionConfig.from_dict(d.get("attention", {})),
+            ffn=FFNConfig.from_dict(d.get("ffn", {}), hidden_size=hidden_size),
+        )
+
+
+def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
+    """DeciLM's rule: int(2 * ffn_mult * hidden / 3), rounded up to a multiple of 256."""
+    intermediate = int(2 * ffn_mult * hidden_size / 3)
+    return intermediate + (-intermediate % 256)
+
+
+def parent_block_config(num_attention_heads: int, num_key_value_heads: int, intermediate_size: int) -> BlockConfig:
+    """The block that reproduces a Llama-family parent layer."""
+    return BlockConfig(
+        attention=AttentionConfig(n_heads_in_group=num_attention_heads // num_key_value_heads),
+        ffn=FFNConfig(intermediate_size=intermediate_size),
+    )

@@ -1,0 +1,48 @@
+"""The `puzzle` command line: `puzzle run|submit|status|logs|stop|search|estimate ...`.
+
+Each subcommand lives in its stage's module, which exposes `register(subparsers)`; the parser it adds
+sets `func=callable(args) -> int`. A `PuzzleError` (a problem the user can fix) becomes one line on
+stderr and exit code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from puzzle.errors import PuzzleError
+
+# Modules that contribute subcommands, in the order they appear in --help.
+COMMAND_MODULES = ("puzzle.runner", "puzzle.jobs", "puzzle.mip", "puzzle.estimate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="puzzle", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:  # a stage not present in this build
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PuzzleError as err:
+        print(f"puzzle: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("puzzle: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
