@@ -53,6 +53,18 @@ class AttentionConfig:
         return asdict(self)
 
     @classmethod
+    def from_name(cls, name: str) -> AttentionConfig:
+        """Inverse of `.name`: "attn_no_op", "attn_linear" or "attn_group{n_heads_in_group}"."""
+        if name == "attn_no_op":
+            return cls(no_op=True)
+        if name == "attn_linear":
+            return cls(replace_with_linear=True)
+        group = name.removeprefix("attn_group")
+        if group != name and group.isdigit():
+            return cls(n_heads_in_group=int(group))
+        raise ConfigError(f"unknown attention variant name {name!r}: expected attn_no_op, attn_linear or attn_group<N>")
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AttentionConfig:
         d = dict(d)
         known = {"no_op", "replace_with_linear", "n_heads_in_group"}
@@ -90,6 +102,18 @@ class FFNConfig:
         return asdict(self)
 
     @classmethod
+    def from_name(cls, name: str) -> FFNConfig:
+        """Inverse of `.name`: "ffn_no_op", "ffn_linear" or "ffn_{intermediate_size}"."""
+        if name == "ffn_no_op":
+            return cls(no_op=True)
+        if name == "ffn_linear":
+            return cls(replace_with_linear=True)
+        width = name.removeprefix("ffn_")
+        if width != name and width.isdigit():
+            return cls(intermediate_size=int(width))
+        raise ConfigError(f"unknown FFN variant name {name!r}: expected ffn_no_op, ffn_linear or ffn_<width>")
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any], hidden_size: int | None = None) -> FFNConfig:
         d = dict(d)
         if d.get("intermediate_size") is None and d.get("ffn_mult") is not None and hidden_size is not None:
@@ -111,6 +135,14 @@ class BlockConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"attention": self.attention.to_dict(), "ffn": self.ffn.to_dict()}
+
+    @classmethod
+    def from_name(cls, name: str) -> BlockConfig:
+        """Inverse of `.name`: "<attention name>+<ffn name>", e.g. "attn_group4+ffn_768"."""
+        attention, sep, ffn = name.partition("+")
+        if not sep:
+            raise ConfigError(f"unknown block variant name {name!r}: expected '<attention name>+<ffn name>'")
+        return cls(attention=AttentionConfig.from_name(attention), ffn=FFNConfig.from_name(ffn))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], hidden_size: int | None = None) -> BlockConfig:
