@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from puzzle.errors import ConfigError
+try:  # standalone when copied next to an export (transformers remote code), where `puzzle` is not importable
+    from puzzle.errors import ConfigError
+except ImportError:  # pragma: no cover - exercised by the export round-trip test in a subprocess
+    ConfigError = ValueError  # type: ignore[misc,assignment]
 
 
 @dataclass(frozen=True)
