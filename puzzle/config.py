@@ -1,0 +1,520 @@
+"""Job configuration: one dataclass per stage (the schemas), Hydra composition of job files, YAML out.
+
+A job file (jobs/*.yaml) has a Hydra `defaults:` list picking one option per config group in conf/
+(parent, data, search_space, target, budget, bld, scoring, profiling, search, gkd, evaluate, cluster,
+logger) and then sets values. `load_job(path, overrides)` composes it with Hydra's compose API, checks
+it against `JobConfig` and converts it once to plain dataclasses: stages never see a DictConfig.
+
+    python -c "from puzzle.config import load_job; print(load_job('jobs/demo.yaml'))"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from puzzle.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# conf/ lives beside the package in the repository (ARCHITECTURE.md); PUZZLE_CONF_DIR points elsewhere.
+CONF_DIR = Path(os.environ.get("PUZZLE_CONF_DIR", PROJECT_ROOT / "conf"))
+SCHEMA_NAME = "puzzle_job_schema"
+
+WANDB_MODES = ("disabled", "offline", "online")
+BLD_MODES = ("decoupled", "coupled")
+SCHEDULES = ("constant", "cosine", "linear")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _check_positive(name: str, value: float | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name}={value} must be {bound}")
+
+
+@dataclass
+class ParentConfig:
+    """The parent checkpoint to derive a child from."""
+
+    path: str | None = None
+    """A local Hugging Face checkpoint directory; None builds (once, cached) the embedded tiny default parent."""
+    allow_pickle: bool = False
+    """Load .bin/.pt weights (torch.load with weights_only=True); off by default, safetensors only."""
+    trust_remote_code: bool = False
+    """Run modeling code shipped with the checkpoint (auto_map); off by default."""
+    dtype: str = "float32"
+    """Dtype the parent's weights are loaded in."""
+
+    def __post_init__(self) -> None:
+        _check_choice("parent.dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class SearchSpaceConfig:
+    """Which variants each layer may take."""
+
+    path: str = "search_space/demo.yaml"
+    """A search-space YAML (search_space/*.yaml); a relative path is taken from the project root or the cwd."""
+
+
+@dataclass
+class TargetConfig:
+    """The deployment the child is optimised for: device, dtype, batch sizes and sequence lengths."""
+
+    device: str = "cpu"
+    """"cpu", "cuda", "cuda:N" (measured), or a named GPU such as "h100" (roofline estimates, labelled estimated)."""
+    dtype: str = "float32"
+    """Inference dtype for profiling and evaluation."""
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    """Batch sizes to profile; the search solves for each and keeps the best feasible."""
+    prompt_len: int = 64
+    """Prompt length (prefill) in tokens."""
+    gen_len: int = 64
+    """Generated tokens per sequence (decode)."""
+    seq_len: int | None = None
+    """Context length for decode latency and KV-cache memory; None means prompt_len + gen_len."""
+
+    def __post_init__(self) -> None:
+        _check_choice("target.dtype", self.dtype, DTYPES)
+        if not self.batch_sizes:
+            raise ConfigError("target.batch_sizes is empty; give at least one batch size, e.g. [1]")
+        for b in self.batch_sizes:
+            _check_positive("target.batch_sizes[]", b)
+        _check_positive("target.prompt_len", self.prompt_len)
+        _check_positive("target.gen_len", self.gen_len)
+        _check_positive("target.seq_len", self.seq_len)
+
+    @property
+    def context_len(self) -> int:
+        """The decode context length: seq_len, or prompt_len + gen_len when unset."""
+        return self.seq_len if self.seq_len is not None else self.prompt_len + self.gen_len
+
+
+@dataclass
+class BudgetConfig:
+    """The budget in human terms; every field is optional, at least one must be set."""
+
+    speedup: float | None = None
+    """Minimum decode throughput relative to the parent, e.g. 2.0 for 2x."""
+    throughput_tok_s: float | None = None
+    """Minimum decode throughput in generated tokens/s at the target batch size."""
+    decode_latency_ms: float | None = None
+    """Maximum decode latency per generated token (whole batch), ms."""
+    prefill_latency_ms: float | None = None
+    """Maximum prefill latency (time to first token), ms."""
+    memory_gib: float | None = None
+    """Maximum memory: parameters + KV cache at the target batch size and context length, GiB."""
+    num_params: float | None = None
+    """Maximum parameter count."""
+
+    def __post_init__(self) -> None:
+        for name, value in self.fields_set().items():
+            if value <= 0:
+                raise ConfigError(f"budget.{name}={value} must be > 0")
+
+    def fields_set(self) -> dict[str, float]:
+        """The budget entries that are set, by name."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
+class BLDConfig:
+    """Block library: initialisation from the parent and blockwise local distillation (BLD)."""
+
+    tokens: int = 200_000
+    """Training tokens per block."""
+    lr: float = 1e-3
+    """Peak learning rate (BLD tolerates higher rates than global training)."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warm-up."""
+    warmup_ratio: float = 0.05
+    """Fraction of steps spent warming up."""
+    batch_size: int = 8
+    """Sequences per step."""
+    mode: str = "decoupled"
+    """"decoupled" trains attention and FFN variants separately (m + n blocks per layer); "coupled" trains pairs."""
+    num_workers: int = 2
+    """Ray trainer actors."""
+    num_cpus: float = 1.0
+    """CPUs per trainer actor."""
+    num_gpus: float = 0.0
+    """GPUs per trainer actor (fractions allowed)."""
+    calibration_tokens: int = 16_384
+    """Calibration tokens for initialisation (channel scores, least-squares linear FFN)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("bld.mode", self.mode, BLD_MODES)
+        _check_choice("bld.schedule", self.schedule, SCHEDULES)
+        _check_positive("bld.tokens", self.tokens, allow_zero=True)
+        _check_positive("bld.lr", self.lr)
+        _check_positive("bld.batch_size", self.batch_size)
+        _check_positive("bld.num_workers", self.num_workers)
+        _check_positive("bld.num_cpus", self.num_cpus, allow_zero=True)
+        _check_positive("bld.num_gpus", self.num_gpus, allow_zero=True)
+
+
+# The library stage is initialisation + BLD; both names refer to the same schema.
+LibraryConfig = BLDConfig
+
+
+@dataclass
+class ScoringConfig:
+    """Replace-1-block quality scoring on the validation split."""
+
+    metric: str = "kl_div"
+    """Primary metric: kl_div, lm_loss or top1 (all three are recorded)."""
+    num_batches: int | None = None
+    """Validation batches to score on; None uses `tokens`."""
+    tokens: int = 16_384
+    """Validation tokens to score on (when num_batches is None)."""
+    batch_size: int = 8
+    num_cpus: float = 1.0
+    """CPUs per scoring task."""
+    num_gpus: float = 0.0
+    """GPUs per scoring task."""
+
+    def __post_init__(self) -> None:
+        _check_choice("scoring.metric", self.metric, ("kl_div", "lm_loss", "top1"))
+        _check_positive("scoring.batch_size", self.batch_size)
+        _check_positive("scoring.num_batches", self.num_batches)
+        _check_positive("scoring.num_gpus", self.num_gpus, allow_zero=True)
+
+
+@dataclass
+class ProfilingConfig:
+    """Per-block latency and memory on the target device."""
+
+    warmup: int = 3
+    """Untimed runs before measuring."""
+    repeats: int = 10
+    """Timed runs; the median is kept, the spread recorded."""
+    estimate_device: str | None = None
+    """Also write roofline estimates for this named GPU (e.g. "h100"), labelled estimated."""
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_positive("profiling.warmup", self.warmup, allow_zero=True)
+        _check_positive("profiling.repeats", self.repeats)
+        _check_positive("profiling.num_gpus", self.num_gpus, allow_zero=True)
+
+
+@dataclass
+class SearchConfig:
+    """The mixed-integer program over the block library."""
+
+    objective: str = "metrics.kl_div"
+    """Dotted library key to optimise."""
+    maximize: bool = False
+    """Maximise the objective (e.g. metrics.top1) instead of minimising it."""
+    num_solutions: int = 1
+    """Diverse solutions to return."""
+    diversity: int = 1
+    """Each solution differs from every earlier one in at least this many layers."""
+    solver: str = "cbc"
+    """"cbc" (bundled with PuLP) or "highs" (needs highspy)."""
+    time_limit: float | None = 60.0
+    """Seconds per solve; None for no limit."""
+    gap_rel: float | None = None
+    """Relative optimality gap at which the solver may stop."""
+    topk_gkd: int = 1
+    """Short GKD of the top-k solutions, keeping the best on validation (1 = the MIP's best only)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("search.solver", self.solver, ("cbc", "highs"))
+        _check_positive("search.num_solutions", self.num_solutions)
+        _check_positive("search.diversity", self.diversity, allow_zero=True)
+        _check_positive("search.time_limit", self.time_limit)
+        _check_positive("search.topk_gkd", self.topk_gkd)
+        if self.topk_gkd > self.num_solutions:
+            raise ConfigError(
+                f"search.topk_gkd={self.topk_gkd} exceeds search.num_solutions={self.num_solutions}; raise the latter"
+            )
+
+
+@dataclass
+class GKDConfig:
+    """Global knowledge distillation of the assembled child against the parent."""
+
+    tokens: int = 200_000
+    """Training tokens."""
+    lr: float = 1e-4
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.05
+    batch_size: int = 8
+    grad_accum: int = 1
+    """Gradient-accumulation steps per optimiser step."""
+    cosine_weight: float = 1.0
+    """Weight of sum over layers of (1 - cos(h_child, h_parent))."""
+    kl_weight: float = 1.0
+    """Weight of KL(p_parent || q_child)."""
+    lm_weight: float = 0.0
+    """Weight of the LM loss (off by default, as in the paper)."""
+    num_workers: int = 1
+    """Ray Train data-parallel workers."""
+    num_cpus: float = 1.0
+    """CPUs per worker."""
+    num_gpus: float = 0.0
+    """GPUs per worker."""
+    checkpoint_every: int = 50
+    """Optimiser steps between resumable checkpoints."""
+    topk_tokens: int | None = None
+    """Tokens for each candidate's short GKD when search.topk_gkd > 1; None uses tokens / 10."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("gkd.schedule", self.schedule, SCHEDULES)
+        _check_positive("gkd.tokens", self.tokens, allow_zero=True)
+        _check_positive("gkd.lr", self.lr)
+        _check_positive("gkd.batch_size", self.batch_size)
+        _check_positive("gkd.grad_accum", self.grad_accum)
+        _check_positive("gkd.num_workers", self.num_workers)
+        _check_positive("gkd.num_gpus", self.num_gpus, allow_zero=True)
+        _check_positive("gkd.checkpoint_every", self.checkpoint_every)
+        for name in ("cosine_weight", "kl_weight", "lm_weight"):
+            _check_positive(f"gkd.{name}", getattr(self, name), allow_zero=True)
+
+
+@dataclass
+class EvaluateConfig:
+    """Parent vs child on the test split: quality and end-to-end throughput."""
+
+    tokens: int = 32_768
+    """Test tokens for quality metrics."""
+    batch_size: int = 8
+    """Batch size for quality metrics."""
+    prompt_len: int | None = None
+    """Prompt length for the throughput run; None uses target.prompt_len."""
+    gen_len: int | None = None
+    """Generated tokens for the throughput run; None uses target.gen_len."""
+    repeats: int = 3
+    """Throughput runs; the median is reported."""
+
+    def __post_init__(self) -> None:
+        _check_positive("evaluate.tokens", self.tokens)
+        _check_positive("evaluate.batch_size", self.batch_size)
+        _check_positive("evaluate.prompt_len", self.prompt_len)
+        _check_positive("evaluate.gen_len", self.gen_len)
+        _check_positive("evaluate.repeats", self.repeats)
+
+
+@dataclass
+class ClusterConfig:
+    """Where Ray runs: a local cluster started for the job, or an existing one."""
+
+    address: str | None = None
+    """An existing cluster ("auto", "ray://host:10001", "host:6379"); None starts a local one (or uses RAY_ADDRESS)."""
+    num_cpus: int | None = None
+    """CPUs of the local cluster; None lets Ray detect them."""
+    num_gpus: int | None = None
+    """GPUs of the local cluster; None lets Ray detect them."""
+    object_store_mib: int | None = None
+    """Object-store size of the local cluster in MiB; None lets Ray choose."""
+    connect_timeout_s: float = 15.0
+    """Seconds to wait for an existing cluster before failing."""
+
+    def __post_init__(self) -> None:
+        _check_positive("cluster.num_cpus", self.num_cpus)
+        _check_positive("cluster.num_gpus", self.num_gpus, allow_zero=True)
+        _check_positive("cluster.object_store_mib", self.object_store_mib)
+        _check_positive("cluster.connect_timeout_s", self.connect_timeout_s)
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment logging (wandb), disabled by default."""
+
+    mode: str = "disabled"
+    """wandb mode: disabled, offline (./wandb, `wandb sync` later) or online."""
+    project: str = "puzzle"
+    entity: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("logger.mode", self.mode, WANDB_MODES)
+
+
+@dataclass
+class RunConfig:
+    """Naming and placement of the run directory."""
+
+    name: str | None = None
+    """Run name: the run directory is <runs_dir>/<name>; None uses the job file's name."""
+    runs_dir: str = "runs"
+    """Parent directory of run directories (relative to the cwd; submitted jobs get an absolute path)."""
+    seed: int = 0
+    """Global seed."""
+
+    def __post_init__(self) -> None:
+        if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
+            raise ConfigError(f"run.name={self.name!r} must be a plain directory name (no '/')")
+
+
+@dataclass
+class JobConfig:
+    """A whole job: parent, data, search space, target, budget, stage settings, cluster and logger."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    parent: ParentConfig = field(default_factory=ParentConfig)
+    data: Any = field(default_factory=dict)
+    """puzzle.data.DataConfig (the data layer owns its schema); a dict until converted in `to_job_config`."""
+    search_space: SearchSpaceConfig = field(default_factory=SearchSpaceConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    bld: BLDConfig = field(default_factory=BLDConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    gkd: GKDConfig = field(default_factory=GKDConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    @property
+    def name(self) -> str:
+        return self.run.name or "job"
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory, <runs_dir>/<name> (absolute)."""
+        return (Path(self.run.runs_dir).expanduser() / self.name).absolute()
+
+
+def register_configs() -> None:
+    """Register the schema in Hydra's ConfigStore as `puzzle_job_schema` (job files list it first in `defaults`)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=JobConfig)
+
+
+def _data_config(data: Any) -> Any:
+    """Build puzzle.data.DataConfig from the composed `data` section (imported lazily: the data layer owns it)."""
+    try:
+        from puzzle.data import DataConfig
+    except ModuleNotFoundError as err:
+        if err.name != "puzzle.data":
+            raise
+        return dict(data)  # the data layer is not in this build; keep the values as given
+    if isinstance(data, DataConfig):
+        return data
+    names = {f.name for f in dataclasses.fields(DataConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"data: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(names))}")
+    return DataConfig(**data)
+
+
+def to_job_config(cfg: Any) -> JobConfig:
+    """Convert a composed DictConfig (or plain dict) to a JobConfig, checking types and unknown keys."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
+        job = OmegaConf.to_object(merged)
+    except MissingMandatoryValue as err:
+        key = getattr(err, "full_key", None) or "a value"
+        raise ConfigError(f"{key} must be set (the job leaves it ???); add {key}=VALUE to the command line") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+    except ConfigError:
+        raise
+    except Exception as err:  # OmegaConf wraps __post_init__ errors in its own types on some paths
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise
+    assert isinstance(job, JobConfig)
+    job.data = _data_config(job.data or {})
+    return job
+
+
+def _one_line(err: BaseException) -> str:
+    """Hydra and OmegaConf messages span lines (full_key, object_type, search path); keep what matters on one."""
+    text = str(err).split("Config search path")[0]
+    if err.__cause__ is not None:  # Hydra's "Error merging override X" hides the reason in the cause
+        text += "\n" + str(err.__cause__)
+    lines = [ln.strip().rstrip(":") for ln in text.splitlines() if ln.strip()]
+    drop = ("object_type=", "reference_type=", "Set the environment", "full_key:")
+    keep = [ln for ln in lines if not ln.startswith(drop)]
+    return "; ".join(dict.fromkeys(keep)) or type(err).__name__
+
+
+def load_job(job_yaml: str | os.PathLike[str], overrides: Sequence[str] = ()) -> JobConfig:
+    """Compose a job file with the conf/ groups and `key=value` overrides into a JobConfig.
+
+    The job file's directory is added to Hydra's search path, so a job can sit anywhere and may
+    bring its own group options (e.g. my_jobs/target/my_gpu.yaml beside my_jobs/job.yaml).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = Path(job_yaml).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"job file {job_yaml} not found; pass a path such as jobs/demo.yaml")
+    if path.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"job file {job_yaml} is not a .yaml file")
+    if not CONF_DIR.is_dir():
+        raise ConfigError(f"config directory {CONF_DIR} not found; set PUZZLE_CONF_DIR to the project's conf/")
+    register_configs()
+    GlobalHydra.instance().clear()
+    # The job's directory is the primary config dir (Hydra looks up the primary config only there);
+    # conf/ joins through the search path, after it, so the job's own group options come first.
+    searchpath = f"hydra.searchpath=[file://{CONF_DIR.resolve()}]"
+    try:
+        with initialize_config_dir(config_dir=str(path.parent), version_base="1.3", job_name="puzzle"):
+            cfg = compose(config_name=path.stem, overrides=[searchpath, *overrides])
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"job {path.name}: {_one_line(err)}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    job = to_job_config(cfg)
+    if job.run.name is None:
+        job.run.name = path.stem
+    return job
+
+
+def job_to_dict(job: JobConfig) -> dict[str, Any]:
+    """The job as plain Python values (what config.yaml holds)."""
+    return _plain(dataclasses.asdict(job))
+
+
+def _plain(value: Any) -> Any:
+    """YAML/JSON-safe values: paths become strings, tuples lists."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def job_to_yaml(job: JobConfig) -> str:
+    """The job as YAML text (config.yaml in the run directory)."""
+    return yaml.safe_dump(job_to_dict(job), sort_keys=False)
+
+
+def job_from_dict(d: dict[str, Any]) -> JobConfig:
+    """Rebuild a JobConfig from `job_to_dict` output (e.g. a run directory's config.yaml)."""
+    return to_job_config(d)
+
+
+def section_dict(job: JobConfig, section: str) -> Any:
+    """One section of the job as plain values, e.g. for hashing a stage's inputs."""
+    return job_to_dict(job)[section]
