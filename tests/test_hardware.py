@@ -17,6 +17,7 @@ from puzzle.hardware import DEVICES, dtype_bytes, get_device_spec, known_devices
         ("h100_sxm", "H100 SXM"),
         ("NVIDIA H100 80GB HBM3", "H100 SXM"),  # torch.cuda.get_device_name() on an H100 SXM
         ("H200", "H200 SXM"),
+        ("NVIDIA H200", "H200 SXM"),  # torch's name for it
         ("a100", "A100 80GB SXM"),
         ("NVIDIA A100-SXM4-80GB", "A100 80GB SXM"),
         ("L40S", "L40S"),
