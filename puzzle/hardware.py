@@ -7,7 +7,7 @@ A roofline estimate is max(compute time at peak FLOP/s, memory time at peak band
 a fraction of both peaks, so an estimate is a lower bound on latency; callers must label such figures
 `estimated` and never mix them silently with measured ones (METHOD.md section 8). Measured against it with
 `python benchmarks/hardware_roofline.py` (torch 2.11 + CUDA 13.0): on an H100 SXM and an H200, an 8192^3 GEMM
-runs at 78-80% of the bf16 peak and 71-73% of the fp8 peak, a large copy at 89-88% of peak bandwidth, and a
+runs at 78-80% of the bf16 peak and 71-73% of the fp8 peak, a large copy at 88-89% of peak bandwidth, and a
 decode GEMV (batch 1-16, 8192 x 28672 bf16) takes 1.25-1.30x its roofline estimate.
 
 Figures are peak *dense* tensor-core rates (no 2:4 sparsity) with FP32 accumulation, which is what cuBLAS
