@@ -155,9 +155,28 @@ class BLDConfig:
     calibration_tokens: int = 16_384
     """Calibration tokens for initialisation (channel scores, least-squares linear FFN)."""
     seed: int = 0
+    heldout_fraction: float = 0.25
+    """Share of the calibration sequences held out to measure each block's normalised MSE before and after BLD."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip per block (0 disables)."""
+    checkpoint_every: int = 50
+    """Steps between trainer checkpoints (resume and worker restarts replay at most this many steps; 0 disables)."""
+    max_restarts: int = 3
+    """Times Ray restarts a trainer actor that died; its blocks resume from their last checkpoint."""
+    max_inflight_steps: int = 2
+    """Parent-forward batches in flight ahead of the slowest trainer (bounds object-store memory)."""
 
     def __post_init__(self) -> None:
         _check_choice("bld.mode", self.mode, BLD_MODES)
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ConfigError(f"bld.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        _check_positive("bld.checkpoint_every", self.checkpoint_every, allow_zero=True)
+        _check_positive("bld.max_restarts", self.max_restarts, allow_zero=True)
+        _check_positive("bld.max_inflight_steps", self.max_inflight_steps)
+        _check_positive("bld.grad_clip", self.grad_clip, allow_zero=True)
+        _check_positive("bld.weight_decay", self.weight_decay, allow_zero=True)
         _check_choice("bld.schedule", self.schedule, SCHEDULES)
         _check_positive("bld.tokens", self.tokens, allow_zero=True)
         _check_positive("bld.lr", self.lr)
