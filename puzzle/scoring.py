@@ -1,0 +1,298 @@
+"""Replace-1-block scoring: the quality of every library block measured inside the otherwise unchanged parent.
+
+For each (layer i, block variant) the parent with only layer i replaced is run on validation batches and compared
+with the parent (METHOD.md section 4): KL(parent || child) of the next-token distributions (the default metric),
+the child's LM loss, and top-1 agreement with the parent's next-token prediction.
+
+Cost saving: the parent's hidden state entering every layer is cached once per validation batch, and so are the
+parent's next-token log-probabilities, so a block in layer i recomputes only layers i..L-1, the final norm and the
+LM head. With Ray, one task scores one (layer, group of variants); tasks are retried on failure.
+
+Entry point: `score_blocks(parent, source, variants, batches)`; the pipeline's score stage calls it with the
+BlockStore written by BLD and writes the result into library.json (see `puzzle.profiling.write_library_json`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from puzzle.block_config import BlockConfig
+from puzzle.errors import ConfigError, PuzzleError
+
+METRICS = ("kl_div", "lm_loss", "top1")
+# Scores are nested dicts: {"layer_i": {BlockConfig.name: {"kl_div": ..., "lm_loss": ..., "top1": ...}}}.
+Scores = dict[str, dict[str, dict[str, float]]]
+
+
+class BlockSource(Protocol):
+    """Anything that builds a library layer; `puzzle.bld.BlockStore` is the real one."""
+
+    def build_layer(self, parent_model: nn.Module, layer_idx: int, block: BlockConfig) -> nn.Module: ...
+
+
+@dataclass
+class ParentCache:
+    """The parent's activations on the validation batches, computed once and shared by every block's score.
+
+    `hidden[i][k]` is the hidden state entering layer i for batch k ([b, s, hidden]); `logp[k]` the parent's
+    next-token log-probabilities ([b, s, vocab], fp32); `input_ids[k]` the batch itself.
+    """
+
+    input_ids: list[torch.Tensor]
+    hidden: list[list[torch.Tensor]]
+    logp: list[torch.Tensor]
+    parent_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(ids.numel() for ids in self.input_ids)
+
+
+def _position_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], -1)
+
+
+def _run_layers(model: nn.Module, h: torch.Tensor, position_ids: torch.Tensor, layers: Iterable[nn.Module]):
+    """Run decoder layers on a plain [b, s, hidden] tensor (causal attention, no cache)."""
+    pos = model.model.rotary_emb(h, position_ids)
+    for layer in layers:
+        h = layer(h, position_embeddings=pos, position_ids=position_ids)
+    return h
+
+
+def _logits(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return model.lm_head(model.model.norm(h)).float()
+
+
+@torch.no_grad()
+def build_parent_cache(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu"):
+    """One parent pass per batch: the hidden state entering each layer, the log-probs, the parent's own metrics."""
+    model.eval()
+    layers = list(model.model.layers)
+    cache = ParentCache(input_ids=[], hidden=[[] for _ in layers], logp=[])
+    totals = _MetricTotals()
+    for ids in batches:
+        ids = ids.to(device)
+        position_ids = _position_ids(ids)
+        h = model.model.embed_tokens(ids)
+        pos = model.model.rotary_emb(h, position_ids)
+        for i, layer in enumerate(layers):
+            cache.hidden[i].append(h)
+            h = layer(h, position_embeddings=pos, position_ids=position_ids)
+        logp = F.log_softmax(_logits(model, h), dim=-1)
+        cache.input_ids.append(ids)
+        cache.logp.append(logp)
+        totals.add(logp, logp, ids)
+    if not cache.input_ids:
+        raise PuzzleError("scoring got no validation batches; check scoring.tokens / the validation split size")
+    cache.parent_metrics = totals.means()
+    return cache
+
+
+class _MetricTotals:
+    """Token-weighted sums of the three metrics, accumulated in float64."""
+
+    def __init__(self) -> None:
+        self.kl = 0.0
+        self.nll = 0.0
+        self.agree = 0.0
+        self.n = 0
+        self.n_lm = 0
+
+    def add(self, logq: torch.Tensor, parent_logp: torch.Tensor, ids: torch.Tensor) -> None:
+        # KL(p || q) = sum_v p (log p - log q), every position; LM loss on positions that have a next token.
+        kl = F.kl_div(logq, parent_logp, log_target=True, reduction="none").sum(-1)
+        nll = -logq[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        agree = logq.argmax(-1) == parent_logp.argmax(-1)
+        self.kl += kl.double().sum().item()
+        self.nll += nll.double().sum().item()
+        self.agree += agree.double().sum().item()
+        self.n += kl.numel()
+        self.n_lm += nll.numel()
+
+    def means(self) -> dict[str, float]:
+        return {
+            "kl_div": self.kl / self.n,
+            "lm_loss": self.nll / max(self.n_lm, 1),
+            "top1": self.agree / self.n,
+        }
+
+
+@torch.no_grad()
+def score_layer_cached(model: nn.Module, cache: ParentCache, layer_idx: int, new_layer: nn.Module) -> dict[str, float]:
+    """Metrics of the parent with layer `layer_idx` replaced by `new_layer`, from the cached prefix."""
+    tail = list(model.model.layers)[layer_idx + 1 :]
+    totals = _MetricTotals()
+    for k, ids in enumerate(cache.input_ids):
+        h = _run_layers(model, cache.hidden[layer_idx][k], _position_ids(ids), [new_layer, *tail])
+        totals.add(F.log_softmax(_logits(model, h), dim=-1), cache.logp[k], ids)
+    return totals.means()
+
+
+@torch.no_grad()
+def score_layer_naive(model: nn.Module, cache: ParentCache, layer_idx: int, new_layer: nn.Module) -> dict[str, float]:
+    """The same metrics from full forwards of the model with the layer swapped in (the reference / baseline)."""
+    layers = model.model.layers
+    original = layers[layer_idx]
+    layers[layer_idx] = new_layer
+    try:
+        totals = _MetricTotals()
+        for k, ids in enumerate(cache.input_ids):
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            totals.add(F.log_softmax(logits, dim=-1), cache.logp[k], ids)
+        return totals.means()
+    finally:
+        layers[layer_idx] = original
+
+
+def _score_group(
+    model: nn.Module,
+    source: BlockSource,
+    layer_idx: int,
+    blocks: list[BlockConfig],
+    hidden: list[torch.Tensor],
+    input_ids: list[torch.Tensor],
+    logp: list[torch.Tensor],
+    device: str,
+    num_threads: int | None,
+) -> dict[str, dict[str, float]]:
+    """Score a group of variants of one layer (runs in a Ray task or in-process)."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    model = model.to(device).eval()
+    # A one-layer view of the cache: this task only ever needs the hidden states entering `layer_idx`.
+    hidden_all: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
+    hidden_all[layer_idx] = [h.to(device) for h in hidden]
+    cache = ParentCache(
+        input_ids=[ids.to(device) for ids in input_ids], hidden=hidden_all, logp=[p.to(device) for p in logp]
+    )
+    out = {}
+    for block in blocks:
+        start = time.perf_counter()
+        layer = source.build_layer(model, layer_idx, block).to(device).eval()
+        out[block.name] = score_layer_cached(model, cache, layer_idx, layer)
+        out[block.name]["seconds"] = time.perf_counter() - start
+    return out
+
+
+def _parent_block(model: nn.Module, layer_idx: int) -> BlockConfig | None:
+    cfg = model.config
+    if hasattr(cfg, "block_config"):
+        return cfg.block_config(layer_idx)
+    return None
+
+
+def _groups(items: list[BlockConfig], group_size: int) -> list[list[BlockConfig]]:
+    return [items[k : k + group_size] for k in range(0, len(items), group_size)]
+
+
+def score_blocks(
+    parent: nn.Module,
+    source: BlockSource,
+    variants: Sequence[Sequence[BlockConfig]],
+    batches: Iterable[torch.Tensor],
+    *,
+    use_ray: bool = False,
+    group_size: int = 4,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    device: str = "cpu",
+    max_retries: int = 3,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Scores, dict[str, Any]]:
+    """Replace-1-block scores of every (layer, variant), with the cached-prefix method.
+
+    parent: the all-parent `PuzzleForCausalLM` (weights of the layers not being replaced).
+    source: builds a library layer, `source.build_layer(parent, layer_idx, block)`; a `puzzle.bld.BlockStore`.
+    variants: per layer, the BlockConfigs to score (e.g. `SearchSpace.enumerate(parent_shape)`).
+    batches: validation token batches, LongTensor [b, s].
+    use_ray: one Ray task per (layer, group of `group_size` variants), resources `num_cpus` / `num_gpus`, retried
+      `max_retries` times (Ray must be initialised by the caller); otherwise everything runs in this process.
+    The parent's own block in each layer is not recomputed: its scores are the parent's (KL 0, top-1 1.0).
+    Returns (scores, info): scores {"layer_i": {name: {"kl_div", "lm_loss", "top1"}}}; info holds the parent's own
+    metrics, the number of tokens and seconds.
+    """
+    if len(variants) != len(parent.model.layers):
+        raise ConfigError(f"scoring got variants for {len(variants)} layers; the parent has {len(parent.model.layers)}")
+    if group_size < 1:
+        raise ConfigError(f"scoring group_size={group_size} must be >= 1")
+    start = time.perf_counter()
+    parent = parent.to(device).eval()
+    cache = build_parent_cache(parent, batches, device)
+    scores: Scores = {f"layer_{i}": {} for i in range(len(variants))}
+    jobs: list[tuple[int, list[BlockConfig]]] = []
+    for i, blocks in enumerate(variants):
+        own = _parent_block(parent, i)
+        todo = []
+        for block in blocks:
+            if block == own:
+                parent_scores = {"kl_div": 0.0, "lm_loss": cache.parent_metrics["lm_loss"], "top1": 1.0}
+                scores[f"layer_{i}"][block.name] = parent_scores
+            else:
+                todo.append(block)
+        jobs += [(i, group) for group in _groups(todo, group_size)]
+    threads = max(1, int(num_cpus)) if num_cpus >= 1 else 1
+    if use_ray:
+        results = _run_on_ray(parent, source, cache, jobs, num_cpus, num_gpus, device, threads, max_retries, progress)
+    else:
+        results = _run_local(parent, source, cache, jobs, device, progress)
+    for (i, _), res in zip(jobs, results, strict=True):
+        for name, metrics in res.items():
+            scores[f"layer_{i}"][name] = {k: float(metrics[k]) for k in METRICS}
+    info = {
+        "parent_metrics": cache.parent_metrics,
+        "tokens": cache.num_tokens,
+        "num_batches": len(cache.input_ids),
+        "blocks_scored": sum(len(g) for _, g in jobs),
+        "seconds": time.perf_counter() - start,
+    }
+    if log:
+        log(f"scored {info['blocks_scored']} blocks on {info['tokens']} tokens in {info['seconds']:.1f} s")
+    return scores, info
+
+
+def _run_local(parent, source, cache, jobs, device, progress) -> list[dict[str, dict[str, float]]]:
+    from tqdm.auto import tqdm
+
+    out = []
+    bar = tqdm(jobs, desc="score", unit="group", disable=not progress)
+    for i, blocks in bar:
+        out.append(_score_group(parent, source, i, blocks, cache.hidden[i], cache.input_ids, cache.logp, device, None))
+    return out
+
+
+def _run_on_ray(parent, source, cache, jobs, num_cpus, num_gpus, device, threads, max_retries, progress):
+    """Submit every group at once; the big shared inputs go to the object store once."""
+    import ray
+    from tqdm.auto import tqdm
+
+    if not ray.is_initialized():
+        raise PuzzleError("scoring with use_ray=True needs Ray initialised (the job runner starts or joins a cluster)")
+    if num_gpus > 0 and ray.cluster_resources().get("GPU", 0) < num_gpus:
+        raise PuzzleError(f"scoring.num_gpus={num_gpus} but the Ray cluster has no GPU; set scoring.num_gpus=0")
+    task = ray.remote(_score_group).options(
+        num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries, retry_exceptions=True
+    )
+    model_ref = ray.put(parent.to("cpu"))
+    source_ref = ray.put(source)
+    ids_ref = ray.put([t.cpu() for t in cache.input_ids])
+    logp_ref = ray.put([t.cpu() for t in cache.logp])
+    hidden_refs = {i: ray.put([t.cpu() for t in cache.hidden[i]]) for i in sorted({i for i, _ in jobs})}
+    refs = [
+        task.remote(model_ref, source_ref, i, blocks, hidden_refs[i], ids_ref, logp_ref, device, threads)
+        for i, blocks in jobs
+    ]
+    pending = list(refs)
+    with tqdm(total=len(refs), desc="score", unit="group", disable=not progress) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            bar.update(len(done))
+    return ray.get(refs)
