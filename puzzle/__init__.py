@@ -2,6 +2,10 @@
 
 from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.errors import ConfigError, InfeasibleError, PuzzleError, UnsupportedModelError
+from puzzle.modeling_puzzle import PuzzleConfig, PuzzleForCausalLM, register_auto_classes
+
+# Inside puzzle, AutoConfig / AutoModelForCausalLM resolve "nemotron-nas" to our classes: no remote code is run.
+register_auto_classes()
 
 __all__ = [
     "AttentionConfig",
@@ -9,7 +13,9 @@ __all__ = [
     "ConfigError",
     "FFNConfig",
     "InfeasibleError",
+    "PuzzleConfig",
     "PuzzleError",
+    "PuzzleForCausalLM",
     "UnsupportedModelError",
 ]
 __version__ = "0.1.0"
