@@ -1,0 +1,169 @@
+"""GKD: the loss (zero at child == parent, gradient only into the child), schedule, data order, checkpoints, and a
+short run on Ray Train's TorchTrainer that resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from puzzle.config import GKDConfig
+from puzzle.gkd import (
+    batch_rows,
+    compute_gkd_loss,
+    gkd_loss,
+    layer_outputs,
+    load_checkpoint,
+    lr_factor,
+    pack_model,
+    plan,
+    run_gkd,
+    save_checkpoint,
+    unpack_model,
+)
+from puzzle.modeling_puzzle import PuzzleConfig, PuzzleForCausalLM
+
+VOCAB = 128
+
+CHILD_BLOCKS = [
+    {"attention": {"no_op": True}, "ffn": {"intermediate_size": 32}},
+    {"attention": {"n_heads_in_group": 4}, "ffn": {"replace_with_linear": True}},
+    {"attention": {"replace_with_linear": True}, "ffn": {"no_op": True}},
+]
+
+
+def tiny_config(block_configs=None, **overrides) -> PuzzleConfig:
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        block_configs=block_configs,
+    )
+    values.update(overrides)
+    return PuzzleConfig(**values)
+
+
+@pytest.fixture
+def parent() -> PuzzleForCausalLM:
+    return PuzzleForCausalLM(tiny_config()).eval()
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (4, 16))
+
+
+def test_layer_outputs_are_the_models_forward(parent, ids):
+    child = PuzzleForCausalLM(tiny_config(CHILD_BLOCKS)).eval()
+    for model in (parent, child):
+        hidden, logits = layer_outputs(model, ids)
+        assert len(hidden) == 3 and hidden[0].shape == (4, 16, 32)
+        torch.testing.assert_close(logits, model(input_ids=ids).logits)
+
+
+def test_loss_is_zero_when_child_equals_parent(parent, ids):
+    child = copy.deepcopy(parent)
+    loss, parts = compute_gkd_loss(child, parent, ids, GKDConfig(lm_weight=0.0))
+    assert abs(loss.item()) < 1e-5
+    assert abs(parts["kl"]) < 1e-6 and abs(parts["cosine"]) < 1e-5
+
+
+def test_gradient_reaches_only_the_child(parent, ids):
+    child = PuzzleForCausalLM(tiny_config(CHILD_BLOCKS))
+    loss, parts = compute_gkd_loss(child, parent, ids, GKDConfig())
+    assert parts["cosine"] > 0 and parts["kl"] > 0
+    loss.backward()
+    for name, p in parent.named_parameters():
+        assert p.grad is None, f"parent parameter {name} received a gradient"
+    grads = {name: p.grad for name, p in child.named_parameters()}
+    assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+    assert sum(g.abs().sum().item() for g in grads.values()) > 0
+
+
+def test_loss_parts_match_their_definitions(parent, ids):
+    child = PuzzleForCausalLM(tiny_config(CHILD_BLOCKS)).eval()
+    with torch.no_grad():
+        hc, lc = layer_outputs(child, ids)
+        hp, lp = layer_outputs(parent, ids)
+        loss, parts = gkd_loss(hc, lc, hp, lp, ids, cosine_weight=0.5, kl_weight=2.0, lm_weight=0.25)
+    cos = sum((1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)).mean() for a, b in zip(hc, hp, strict=True))
+    p, q = lp.softmax(-1), lc.softmax(-1)
+    kl = (p * (p.log() - q.log())).sum(-1).mean()
+    lm = torch.nn.functional.cross_entropy(lc[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(parts["cosine"], cos.item(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts["kl"], kl.item(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(parts["lm"], lm.item(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.item(), 0.5 * cos.item() + 2 * kl.item() + 0.25 * lm.item(), rtol=1e-4, atol=1e-6)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    factors = [lr_factor(s, 100, 10, "cosine", 0.1) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+    assert factors[-1] == pytest.approx(0.1, abs=1e-3)
+    assert lr_factor(50, 100, 0, "constant") == 1.0
+    assert lr_factor(99, 100, 0, "linear", 0.0) == pytest.approx(0.01)
+
+
+def test_plan_spends_the_token_budget():
+    cfg = GKDConfig(tokens=10_000, batch_size=4, grad_accum=2, num_workers=2, warmup_ratio=0.1)
+    p = plan(cfg, seq_len=32)
+    assert p["tokens_per_step"] == 4 * 2 * 2 * 32
+    assert p["steps"] == 10_000 // 512 and p["warmup_steps"] == 2
+    assert plan(GKDConfig(tokens=0), 32)["steps"] == 0
+    assert plan(GKDConfig(tokens=1, batch_size=4), 32)["steps"] == 1
+
+
+def test_data_order_is_a_function_of_step_and_rank():
+    cfg = GKDConfig(batch_size=3, grad_accum=2, num_workers=2)
+    a = batch_rows(5, 1, 1, cfg, num_rows=10, seed=7)
+    assert torch.equal(a, batch_rows(5, 1, 1, cfg, num_rows=10, seed=7))
+    # Within one epoch every row is used once across steps, micro-batches and ranks.
+    first_epoch = torch.cat([batch_rows(0, m, r, cfg, num_rows=12, seed=0) for m in range(2) for r in range(2)])
+    assert sorted(first_epoch.tolist()) == list(range(12))
+
+
+def test_pack_unpack_and_checkpoint_round_trip(tmp_path, parent, ids):
+    child = PuzzleForCausalLM(tiny_config(CHILD_BLOCKS, tie_word_embeddings=True))
+    restored = unpack_model(pack_model(child))
+    torch.testing.assert_close(restored(input_ids=ids).logits, child(input_ids=ids).logits)
+
+    optimizer = torch.optim.AdamW(child.parameters(), lr=1e-3)
+    loss, _ = compute_gkd_loss(child, parent, ids, GKDConfig())
+    loss.backward()
+    optimizer.step()
+    save_checkpoint(tmp_path, child, optimizer, {"step": 1, "history": [{"step": 1, "loss": 0.5}]})
+    fresh = unpack_model(pack_model(PuzzleForCausalLM(tiny_config(CHILD_BLOCKS, tie_word_embeddings=True))))
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    state = load_checkpoint(tmp_path, fresh, fresh_opt)
+    assert state["step"] == 1 and state["history"][0]["loss"] == 0.5
+    torch.testing.assert_close(fresh(input_ids=ids).logits, child(input_ids=ids).logits)
+    assert fresh.lm_head.weight.data_ptr() == fresh.model.embed_tokens.weight.data_ptr()
+    exp_avg = [s["exp_avg"] for s in optimizer.state_dict()["state"].values()]
+    torch.testing.assert_close([s["exp_avg"] for s in fresh_opt.state_dict()["state"].values()], exp_avg)
+
+
+@pytest.mark.integration
+def test_ray_train_gkd_lowers_the_loss_and_resumes(ray_session, tmp_path, parent):
+    child = PuzzleForCausalLM(tiny_config(CHILD_BLOCKS))
+    train_ids = torch.randint(0, VOCAB, (64, 16))
+    cfg = GKDConfig(tokens=8 * 4 * 16, batch_size=4, lr=3e-3, warmup_ratio=0.0, checkpoint_every=2)
+    first = run_gkd(child, parent, train_ids, cfg, tmp_path, max_steps=3)
+    assert first.steps == 3 and first.total_steps == 8 and not first.finished
+    # The second call picks up the checkpoint written when the first stopped and continues the step count.
+    second = run_gkd(child, parent, train_ids, cfg, tmp_path)
+    assert second.resumed_from_step == 3 and second.steps == 8 and second.finished
+    assert [h["step"] for h in second.history] == list(range(1, 9))
+    assert second.history[:3] == first.history
+    losses = [h["loss"] for h in second.history]
+    assert losses[-1] < 0.9 * losses[0]
+    # The returned child carries the trained weights: its loss is the last step's neighbourhood, below the start.
+    with torch.no_grad():
+        before, _ = compute_gkd_loss(child, parent, train_ids[:16], cfg)
+        after, _ = compute_gkd_loss(second.model, parent, train_ids[:16], cfg)
+    assert after < before
