@@ -413,7 +413,11 @@ class JobConfig:
 
 
 def register_configs() -> None:
-    """Register the schema in Hydra's ConfigStore as `puzzle_job_schema` (job files list it first in `defaults`)."""
+    """Register the schema in Hydra's ConfigStore as `puzzle_job_schema`.
+
+    A job may list it first in `defaults` for type checks during composition; `load_job` checks every job
+    against the schema anyway. Shipped jobs leave it out: a `???` merged onto a schema default is lost.
+    """
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name=SCHEMA_NAME, node=JobConfig)
@@ -441,12 +445,19 @@ def to_job_config(cfg: Any) -> JobConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+    # ??? must be caught before merging: merging "???" onto a schema default keeps the default silently.
+    container = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    missing = sorted(OmegaConf.missing_keys(container))
+    if missing:
+        raise ConfigError(
+            f"{', '.join(missing)} must be set (the job leaves it ???); add {missing[0]}=VALUE to the command line"
+        )
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
+        merged = OmegaConf.merge(OmegaConf.structured(JobConfig), container)
         job = OmegaConf.to_object(merged)
     except MissingMandatoryValue as err:
         key = getattr(err, "full_key", None) or "a value"
-        raise ConfigError(f"{key} must be set (the job leaves it ???); add {key}=VALUE to the command line") from None
+        raise ConfigError(f"{key} must be set; add {key}=VALUE to the command line") from None
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
     except ConfigError:
@@ -467,8 +478,8 @@ def _one_line(err: BaseException) -> str:
     if err.__cause__ is not None:  # Hydra's "Error merging override X" hides the reason in the cause
         text += "\n" + str(err.__cause__)
     lines = [ln.strip().rstrip(":") for ln in text.splitlines() if ln.strip()]
-    drop = ("object_type=", "reference_type=", "Set the environment", "full_key:")
-    keep = [ln for ln in lines if not ln.startswith(drop)]
+    drop = ("object_type=", "reference_type=", "Set the environment")
+    keep = [ln.replace("full_key: ", "key ") for ln in lines if not ln.startswith(drop)]
     return "; ".join(dict.fromkeys(keep)) or type(err).__name__
 
 

@@ -1,0 +1,157 @@
+"""Job configuration: every shipped YAML composes, overrides apply and are type-checked, config.yaml round-trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from puzzle.config import (
+    CONF_DIR,
+    PROJECT_ROOT,
+    BLDConfig,
+    JobConfig,
+    TargetConfig,
+    job_from_dict,
+    job_to_dict,
+    job_to_yaml,
+    load_job,
+)
+from puzzle.errors import ConfigError
+
+JOBS = sorted((PROJECT_ROOT / "jobs").glob("*.yaml"))
+# Values a job or group option leaves as ??? (the user must give them); dummy ones are enough to compose.
+REQUIRED = {
+    "llama3_8b_h100": ["parent.path=/models/llama", "data.paths=/data/*.jsonl"],
+    "parent/local": ["parent.path=/models/llama"],
+    "data/files": ["data.paths=/data/*.txt"],
+    "data/jsonl": ["data.paths=/data/*.jsonl"],
+    "budget/memory": ["budget.memory_gib=10"],
+    "budget/latency": ["budget.decode_latency_ms=5"],
+}
+GROUP_OPTIONS = sorted(f"{p.parent.name}/{p.stem}" for p in CONF_DIR.glob("*/*.yaml"))
+
+
+def test_jobs_and_groups_are_shipped():
+    assert {p.stem for p in JOBS} >= {"demo", "llama3_8b_h100"}
+    groups = {option.split("/")[0] for option in GROUP_OPTIONS}
+    expected = {"parent", "data", "search_space", "target", "budget", "bld", "scoring", "profiling", "search", "gkd"}
+    assert groups >= expected | {"evaluate", "cluster", "logger", "debug"}
+
+
+@pytest.mark.parametrize("job_file", JOBS, ids=lambda p: p.stem)
+def test_every_job_composes(job_file: Path):
+    job = load_job(job_file, REQUIRED.get(job_file.stem, []))
+    assert isinstance(job, JobConfig)
+    assert isinstance(job.bld, BLDConfig) and isinstance(job.target, TargetConfig)
+    assert job.name == job_file.stem
+    assert job.budget.fields_set(), "a shipped job must set a budget"
+    # Every shipped YAML starts with a comment saying what it is.
+    assert job_file.read_text().startswith("#")
+
+
+@pytest.mark.parametrize("option", GROUP_OPTIONS)
+def test_every_group_option_composes(option: str):
+    group, name = option.split("/")
+    job = load_job(PROJECT_ROOT / "jobs/demo.yaml", [f"{group}={name}", *REQUIRED.get(option, [])])
+    assert isinstance(job, JobConfig)
+    assert (CONF_DIR / f"{option}.yaml").read_text().startswith("#")
+
+
+def test_required_value_left_unset_is_one_clear_error():
+    with pytest.raises(ConfigError, match=r"parent\.path must be set.*parent\.path=VALUE"):
+        load_job(PROJECT_ROOT / "jobs/demo.yaml", ["parent=local"])
+
+
+def test_overrides_apply_with_types():
+    job = load_job(
+        PROJECT_ROOT / "jobs/demo.yaml",
+        ["bld.tokens=123", "target.batch_sizes=[1,4]", "budget.speedup=3", "run.name=x", "gkd.lr=0.5"],
+    )
+    assert job.bld.tokens == 123
+    assert job.target.batch_sizes == [1, 4]
+    assert job.budget.speedup == 3.0 and isinstance(job.budget.speedup, float)
+    assert job.name == "x" and job.run_dir.name == "x"
+    assert job.gkd.lr == 0.5
+
+
+def test_debug_group_shrinks_every_stage():
+    job = load_job(PROJECT_ROOT / "jobs/demo.yaml", ["debug=default"])
+    assert job.bld.tokens <= 1024 and job.gkd.tokens <= 1024 and job.profiling.repeats == 1
+    assert job.logger.mode == "disabled"
+
+
+def test_group_choice_changes_section():
+    job = load_job(PROJECT_ROOT / "jobs/demo.yaml", ["target=h100_estimate", "logger=wandb_offline"])
+    assert job.target.device == "h100" and job.target.dtype == "bfloat16"
+    assert job.logger.mode == "offline"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("bld.tokens=abc", "could not be converted to Integer"),
+        ("bld.nope=1", "Could not override 'bld.nope'"),
+        ("target=nope", "Could not find 'target/nope'"),
+        ("bld.mode=sideways", "bld.mode='sideways' is not one of decoupled, coupled"),
+        ("budget.speedup=0", r"budget.speedup=0.0 must be > 0"),
+        ("target.batch_sizes=[]", "target.batch_sizes is empty"),
+        ("run.name=a/b", "plain directory name"),
+        ("search.topk_gkd=3", "search.topk_gkd=3 exceeds search.num_solutions=1"),
+        ("logger.mode=loud", "logger.mode='loud'"),
+        ("data.nope=1", "data"),
+    ],
+)
+def test_bad_overrides_are_config_errors(override: str, message: str):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_job(PROJECT_ROOT / "jobs/demo.yaml", [override])
+    assert "\n" not in str(info.value)
+
+
+def test_missing_job_file():
+    with pytest.raises(ConfigError, match="job file nowhere.yaml not found"):
+        load_job("nowhere.yaml")
+
+
+def test_schema_rejects_unknown_key_in_job_file(tmp_path: Path):
+    job = tmp_path / "typo.yaml"
+    job.write_text("# a job with a typo\ndefaults:\n  - puzzle_job_schema\n  - _self_\nbld:\n  tokns: 5\n")
+    with pytest.raises(ConfigError, match="tokns"):
+        load_job(job)
+
+
+def test_job_outside_jobs_dir_with_its_own_group_option(tmp_path: Path):
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "mine.yaml").write_text("device: cpu\ndtype: float32\nbatch_sizes: [2, 3]\n")
+    job = tmp_path / "mine.yaml"
+    job.write_text(
+        "# mine\ndefaults:\n  - puzzle_job_schema\n  - target: mine\n  - budget: speedup2x\n  - _self_\n"
+        "run:\n  runs_dir: /tmp/elsewhere\n"
+    )
+    cfg = load_job(job)
+    assert cfg.target.batch_sizes == [2, 3]
+    assert cfg.name == "mine" and cfg.run_dir == Path("/tmp/elsewhere/mine")
+    assert cfg.bld == BLDConfig()  # sections the job does not pick keep the schema's defaults
+
+
+def test_yaml_round_trip():
+    job = load_job(PROJECT_ROOT / "jobs/demo.yaml", ["bld.tokens=77"])
+    text = job_to_yaml(job)
+    data = yaml.safe_load(text)
+    assert data["bld"]["tokens"] == 77 and data["run"]["name"] == "demo"
+    assert job_from_dict(data) == job
+    assert job_to_dict(job) == data
+
+
+def test_data_section_becomes_the_data_layers_config():
+    from puzzle.data import DataConfig
+
+    job = load_job(PROJECT_ROOT / "jobs/demo.yaml", ["data.seq_len=32"])
+    assert isinstance(job.data, DataConfig)
+    assert job.data.source == "stdlib" and job.data.seq_len == 32
+
+
+def test_target_context_len():
+    assert TargetConfig(prompt_len=10, gen_len=5).context_len == 15
+    assert TargetConfig(prompt_len=10, gen_len=5, seq_len=100).context_len == 100
