@@ -1,0 +1,137 @@
+"""Replace-1-block scoring: the cached-prefix path equals a naive full-model evaluation; local and Ray agree."""
+
+from __future__ import annotations
+
+import sys
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.errors import ConfigError
+from puzzle.modeling_puzzle import PuzzleConfig, PuzzleDecoderLayer, PuzzleForCausalLM
+from puzzle.scoring import build_parent_cache, score_blocks, score_layer_cached, score_layer_naive
+
+VOCAB = 128
+
+
+def tiny_puzzle(num_layers: int = 3, seed: int = 0) -> PuzzleForCausalLM:
+    torch.manual_seed(seed)
+    cfg = PuzzleConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    model = PuzzleForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)  # large enough that logits (and so the metrics) differ between blocks
+    return model.eval()
+
+
+class RandomBlockSource:
+    """Library layers with deterministic random weights (a stand-in for the BLD BlockStore)."""
+
+    def build_layer(self, parent_model, layer_idx: int, block: BlockConfig) -> PuzzleDecoderLayer:
+        layer = PuzzleDecoderLayer.from_block(parent_model.config, block, layer_idx)
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{layer_idx}/{block.name}".encode()))
+        with torch.no_grad():
+            for p in layer.parameters():
+                if p.dim() == 2:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+        return layer
+
+
+VARIANTS = [
+    BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(intermediate_size=64)),  # the parent
+    BlockConfig(AttentionConfig(n_heads_in_group=4), FFNConfig(intermediate_size=32)),
+    BlockConfig(AttentionConfig(replace_with_linear=True), FFNConfig(replace_with_linear=True)),
+    BlockConfig(AttentionConfig(no_op=True), FFNConfig(intermediate_size=16)),
+    BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(no_op=True)),
+    BlockConfig(AttentionConfig(no_op=True), FFNConfig(no_op=True)),
+]
+
+
+@pytest.fixture(scope="module")
+def batches():
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, VOCAB, (2, 16), generator=gen) for _ in range(3)]
+
+
+def test_parent_cache_matches_the_model(batches):
+    model = tiny_puzzle()
+    cache = build_parent_cache(model, batches)
+    for k, ids in enumerate(batches):
+        expected = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+        torch.testing.assert_close(cache.logp[k], expected, atol=1e-5, rtol=0)
+    assert cache.parent_metrics["kl_div"] == pytest.approx(0.0, abs=1e-9)
+    assert cache.parent_metrics["top1"] == 1.0
+    assert len(cache.hidden) == 3 and all(len(h) == len(batches) for h in cache.hidden)
+
+
+@pytest.mark.parametrize("layer_idx", [0, 1, 2])
+def test_cached_prefix_equals_naive_full_forward(batches, layer_idx):
+    model = tiny_puzzle()
+    cache = build_parent_cache(model, batches)
+    source = RandomBlockSource()
+    for block in VARIANTS[1:]:
+        layer = source.build_layer(model, layer_idx, block)
+        cached = score_layer_cached(model, cache, layer_idx, layer)
+        naive = score_layer_naive(model, cache, layer_idx, layer)
+        assert cached["kl_div"] == pytest.approx(naive["kl_div"], abs=1e-5), block.name
+        assert cached["lm_loss"] == pytest.approx(naive["lm_loss"], abs=1e-5), block.name
+        assert cached["top1"] == pytest.approx(naive["top1"], abs=1e-9), block.name
+        assert cached["kl_div"] > 1e-4, f"{block.name} should change the output distribution"
+    # The naive path restores the parent's layer.
+    assert model.model.layers[layer_idx].block == model.config.block_config(layer_idx)
+
+
+def test_score_blocks_covers_every_variant_and_skips_the_parent(batches):
+    model = tiny_puzzle()
+    scores, info = score_blocks(model, RandomBlockSource(), [VARIANTS] * 3, batches, progress=False)
+    assert set(scores) == {"layer_0", "layer_1", "layer_2"}
+    for layer, by_name in scores.items():
+        assert set(by_name) == {b.name for b in VARIANTS}
+        parent = by_name[VARIANTS[0].name]
+        assert parent["kl_div"] == 0.0 and parent["top1"] == 1.0
+        assert parent["lm_loss"] == pytest.approx(info["parent_metrics"]["lm_loss"])
+        for name, metrics in by_name.items():
+            assert set(metrics) == {"kl_div", "lm_loss", "top1"}
+            if name != VARIANTS[0].name:
+                assert metrics["kl_div"] > 0.0, (layer, name)
+    assert info["blocks_scored"] == 3 * (len(VARIANTS) - 1)
+    assert info["tokens"] == sum(b.numel() for b in batches)
+    # Spot-check one entry against the naive reference.
+    cache = build_parent_cache(model, batches)
+    layer = RandomBlockSource().build_layer(model, 1, VARIANTS[2])
+    naive = score_layer_naive(model, cache, 1, layer)
+    assert scores["layer_1"][VARIANTS[2].name]["kl_div"] == pytest.approx(naive["kl_div"], abs=1e-5)
+
+
+def test_score_blocks_rejects_a_layer_count_mismatch(batches):
+    with pytest.raises(ConfigError, match="variants for 2 layers"):
+        score_blocks(tiny_puzzle(), RandomBlockSource(), [VARIANTS] * 2, batches, progress=False)
+
+
+def test_score_blocks_on_ray_matches_local(batches, ray_session):
+    # Ray workers cannot import this test module by name: ship RandomBlockSource by value.
+    ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    model = tiny_puzzle()
+    variants = [VARIANTS[:4]] * 3
+    local, _ = score_blocks(model, RandomBlockSource(), variants, batches, progress=False)
+    remote, info = score_blocks(
+        model, RandomBlockSource(), variants, batches, use_ray=True, group_size=2, progress=False
+    )
+    assert info["blocks_scored"] == 9
+    for layer in local:
+        for name in local[layer]:
+            for metric in ("kl_div", "lm_loss", "top1"):
+                assert remote[layer][name][metric] == pytest.approx(local[layer][name][metric], abs=1e-6)
