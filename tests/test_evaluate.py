@@ -1,0 +1,134 @@
+"""Evaluation: quality metrics against naive references, computed KV-cache bytes against a real cache, the whole
+parent-vs-child evaluation, and the exported checkpoint giving the evaluated child's logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from puzzle.config import EvaluateConfig, TargetConfig
+from puzzle.evaluate import evaluate_models, evaluate_quality, iter_batches, kv_cache_bytes, param_bytes
+from puzzle.export import save_child
+from puzzle.modeling_puzzle import PuzzleConfig, PuzzleForCausalLM
+
+VOCAB = 128
+CHILD_BLOCKS = [
+    {"attention": {"no_op": True}, "ffn": {"intermediate_size": 32}},
+    {"attention": {"n_heads_in_group": 4}, "ffn": {"replace_with_linear": True}},
+    {"attention": {"replace_with_linear": True}, "ffn": {"no_op": True}},
+]
+
+
+def tiny(block_configs=None, seed=0) -> PuzzleForCausalLM:
+    torch.manual_seed(seed)
+    config = PuzzleConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        block_configs=block_configs,
+    )
+    model = PuzzleForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)  # larger than the default init so models disagree measurably
+    return model
+
+
+@pytest.fixture
+def parent() -> PuzzleForCausalLM:
+    return tiny()
+
+
+@pytest.fixture
+def child() -> PuzzleForCausalLM:
+    return tiny(CHILD_BLOCKS, seed=1)
+
+
+def test_quality_metrics_match_naive_definitions(parent, child):
+    ids = torch.randint(0, VOCAB, (5, 12))
+    metrics = evaluate_quality({"parent": parent, "child": child}, parent, ids, batch_size=2)
+    with torch.no_grad():
+        lp, lc = parent(input_ids=ids).logits[:, :-1], child(input_ids=ids).logits[:, :-1]
+    targets = ids[:, 1:]
+    p, q = lp.softmax(-1), lc.softmax(-1)
+    expected = {
+        "lm_loss": F.cross_entropy(lc.reshape(-1, VOCAB), targets.reshape(-1)).item(),
+        "kl": (p * (p.log() - q.log())).sum(-1).mean().item(),
+        "top1": (lc.argmax(-1) == targets).float().mean().item(),
+        "top1_agreement": (lc.argmax(-1) == lp.argmax(-1)).float().mean().item(),
+    }
+    for key, value in expected.items():
+        assert metrics["child"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert metrics["child"]["ppl"] == pytest.approx(math.exp(expected["lm_loss"]), rel=1e-4)
+    assert metrics["child"]["tokens"] == 5 * 11
+    assert metrics["child"]["kl"] > 0 and metrics["child"]["top1_agreement"] < 1
+    # The parent goes through the same path and agrees with itself.
+    assert metrics["parent"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["parent"]["top1_agreement"] == 1.0
+    lm = F.cross_entropy(lp.reshape(-1, VOCAB), targets.reshape(-1)).item()
+    assert metrics["parent"]["lm_loss"] == pytest.approx(lm, rel=1e-4)
+
+
+def test_token_cap_limits_the_rows_evaluated():
+    ids = torch.zeros(10, 8, dtype=torch.long)
+    assert sum(len(b) for b in iter_batches(ids, 3, max_tokens=40)) == 5
+    assert sum(len(b) for b in iter_batches(ids, 3)) == 10
+
+
+def test_kv_cache_bytes_equal_a_real_cache(child, parent):
+    for model in (parent, child):
+        ids = torch.randint(0, VOCAB, (3, 10))
+        with torch.no_grad():
+            cache = model(input_ids=ids, use_cache=True).past_key_values
+        real = sum(
+            t.numel() * t.element_size()
+            for layer in cache.layers
+            for t in (layer.keys, layer.values)
+            if t is not None and t.numel()
+        )
+        assert kv_cache_bytes(model.config, 3, 10) == real
+    # Only layer 1 of the child keeps a cache, with one KV head of head_dim 8.
+    assert kv_cache_bytes(child.config, 1, 1) == 2 * 1 * 8 * 4
+
+
+def test_evaluate_models_reports_parent_and_child(parent, child):
+    ids = torch.randint(0, VOCAB, (6, 16))
+    target = TargetConfig(batch_sizes=[2], prompt_len=8, gen_len=4)
+    report = evaluate_models(parent, child, ids, EvaluateConfig(tokens=64, batch_size=2, repeats=1), target, log=print)
+    for who in ("parent", "child"):
+        r = report[who]
+        assert set(r["test"]) >= {"lm_loss", "ppl", "kl", "top1", "top1_agreement"}
+        assert r["test"]["tokens"] == 4 * 15
+        assert r["throughput"]["decode_tok_s"] > 0 and r["throughput"]["prefill_tok_s"] > 0
+        assert r["throughput"]["generation_tok_s"] > 0
+        assert r["memory_mib"] == pytest.approx(r["param_mib"] + r["kv_cache_mib"])
+    assert report["parent"]["params"] > report["child"]["params"]
+    assert report["parent"]["param_mib"] == pytest.approx(param_bytes(parent) / 2**20)
+    assert report["parent"]["test"]["top1_agreement"] == 1.0
+    ratio = report["child"]["throughput"]["decode_tok_s"] / report["parent"]["throughput"]["decode_tok_s"]
+    assert report["speedup_measured"] == pytest.approx(ratio)
+    assert report["throughput_setup"]["context_len"] == 12
+
+
+def test_exported_checkpoint_gives_the_evaluated_childs_logits(tmp_path, parent, child):
+    from puzzle.convert import load_parent
+
+    ids = torch.randint(0, VOCAB, (4, 16))
+    evaluated = evaluate_quality({"child": child}, parent, ids, batch_size=2)["child"]
+    export = save_child(child, tmp_path / "export")
+    reloaded = load_parent(export)
+    assert [reloaded.config.block_config(i).name for i in range(3)] == [
+        child.config.block_config(i).name for i in range(3)
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, child(input_ids=ids).logits, rtol=0, atol=0)
+    again = evaluate_quality({"child": reloaded}, parent, ids, batch_size=2)["child"]
+    assert again == evaluated
