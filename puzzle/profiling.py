@@ -144,7 +144,7 @@ def _repeat(run_once: Callable[[], float], warmup: int, repeats: int) -> Latency
     for _ in range(warmup):
         run_once()
     samples = []
-    gc.collect()
+    # A full collection can take most of a second in a big process, so none is forced; the GC just pauses.
     gc.disable()
     try:
         for _ in range(repeats):
@@ -672,12 +672,14 @@ def block_work(config: Any, block: BlockConfig, b: int, s: int, p: int, elem: in
     shape = block_shape(config, block)
     d, hd, kv = config.hidden_size, config.head_dim, shape.kv_elements_per_token
     weights = shape.num_params * elem
+    # Each present subblock reads its input and writes its delta once (no-op subblocks move nothing).
+    act = 2 * (int(not block.attention.no_op) + int(not block.ffn.no_op)) * d * elem
     # QK^T and AV: 2 matmuls x 2 FLOPs per multiply-add over the context; prefill is causal (half the square).
     attn_decode = 4 * b * shape.attention_heads * hd * s
     attn_prefill = 4 * b * shape.attention_heads * hd * p * (p + 1) / 2
     return {
-        "decode": (2 * b * shape.matmul_params + attn_decode, weights + b * (s + 1) * kv * elem + 4 * b * d * elem),
-        "prefill": (2 * b * p * shape.matmul_params + attn_prefill, weights + b * p * kv * elem + 4 * b * p * d * elem),
+        "decode": (2 * b * shape.matmul_params + attn_decode, weights + b * (s + 1) * kv * elem + b * act),
+        "prefill": (2 * b * p * shape.matmul_params + attn_prefill, weights + b * p * kv * elem + b * p * act),
     }
 
 

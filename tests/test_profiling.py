@@ -1,0 +1,199 @@
+"""Profiling: device errors, the shape of measured and estimated costs, the cache, and library.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.errors import PuzzleError
+from puzzle.hardware import get_device_spec
+from puzzle.modeling_puzzle import PuzzleConfig, PuzzleDecoderLayer, PuzzleForCausalLM
+from puzzle.profiling import (
+    BlockCosts,
+    LatencyStats,
+    ProfileCache,
+    ProfileSettings,
+    block_shape,
+    block_work,
+    build_library_json,
+    measure_decode_latency,
+    measure_prefill_latency,
+    profile_blocks,
+    resolve_device,
+    write_library_json,
+)
+
+FAST = ProfileSettings(warmup=0, repeats=2, decode_steps=2, stack=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Intra-op threads only slow tiny matmuls down (and badly so on a shared machine).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+PARENT = BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(intermediate_size=64))
+SMALL = BlockConfig(AttentionConfig(n_heads_in_group=4), FFNConfig(intermediate_size=32))
+LINEAR = BlockConfig(AttentionConfig(replace_with_linear=True), FFNConfig(replace_with_linear=True))
+NOOP = BlockConfig(AttentionConfig(no_op=True), FFNConfig(no_op=True))
+
+
+def tiny_config(num_layers: int = 2) -> PuzzleConfig:
+    return PuzzleConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+
+
+def test_unknown_or_absent_devices_are_clear_errors():
+    with pytest.raises(PuzzleError, match="unknown target.device 'tpu'.*h100"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(PuzzleError, match="CUDA is not available"):
+            resolve_device("cuda")
+        with pytest.raises(PuzzleError, match="CUDA is not available"):
+            profile_blocks(tiny_config(), [[PARENT]] * 2, batch_sizes=[1], context_len=8, prompt_len=8, device="cuda:0")
+    with pytest.raises(PuzzleError, match="unknown target.device 'h999'"):
+        profile_blocks(tiny_config(), [[PARENT]] * 2, batch_sizes=[1], context_len=8, prompt_len=8, device="h999")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_end_to_end_latency_functions_report_median_and_spread():
+    model = PuzzleForCausalLM(tiny_config()).eval()
+    decode = measure_decode_latency(model, 2, 8, steps=3, warmup=1, repeats=4)
+    prefill = measure_prefill_latency(model, 2, 8, warmup=1, repeats=3)
+    assert len(decode.samples_ms) == 4 and len(prefill.samples_ms) == 3
+    for stats in (decode, prefill):
+        assert 0 < stats.q1_ms <= stats.median_ms <= stats.q3_ms
+        assert stats.iqr_ms >= 0
+    assert LatencyStats.from_dict(decode.to_dict()) == decode
+
+
+def test_block_shape_counts_params_and_kv_bytes():
+    cfg = tiny_config()
+    for block in (PARENT, SMALL, LINEAR, NOOP):
+        layer = PuzzleDecoderLayer.from_block(cfg, block, 0)
+        shape = block_shape(cfg, block)
+        assert shape.num_params == sum(p.numel() for p in layer.parameters())
+    assert block_shape(cfg, PARENT).kv_elements_per_token == 2 * 2 * 8
+    assert block_shape(cfg, SMALL).kv_elements_per_token == 2 * 1 * 8
+    assert block_shape(cfg, LINEAR).kv_elements_per_token == 0
+    assert block_shape(cfg, NOOP).num_params == 0
+
+
+def test_profile_blocks_measures_each_shape_once_and_caches(tmp_path):
+    cfg = tiny_config(num_layers=3)
+    variants = [[PARENT, SMALL, NOOP], [PARENT, LINEAR], [PARENT, SMALL]]
+    cache_path = tmp_path / "profiles.json"
+    kw = dict(batch_sizes=[1, 2], context_len=8, prompt_len=6, settings=FAST, cache_path=cache_path, progress=False)
+    costs = profile_blocks(cfg, variants, **kw)
+    meta = costs.metadata
+    assert meta["source"] == "measured" and meta["unique_blocks"] == 4 and meta["cache_hits"] == 0
+    assert meta["seq_len"] == 8 and meta["prefill_len"] == 6 and meta["batch_sizes"] == [1, 2]
+    assert meta["parent"] == {f"layer_{i}": PARENT.name for i in range(3)}
+    assert meta["device"].startswith("cpu:")
+    assert set(costs.blocks["layer_1"]) == {PARENT.name, LINEAR.name}
+    # Identical blocks in different layers share one measurement.
+    assert costs.blocks["layer_0"][PARENT.name] == costs.blocks["layer_2"][PARENT.name]
+    stats = costs.blocks["layer_0"][PARENT.name]["2"]
+    assert stats["runtime_ms"] > 0 and stats["prefill_runtime_ms"] > 0 and stats["runtime_ms_iqr"] >= 0
+    kv_mib = 2 * 8 * (2 * 2 * 8) * 4 / 2**20  # batch 2 x context 8 x (K+V, 2 heads, head_dim 8) x fp32
+    assert stats["kv_cache_mib"] == pytest.approx(kv_mib)
+    assert stats["memory_mib"] == pytest.approx(block_shape(cfg, PARENT).num_params * 4 / 2**20 + kv_mib)
+    assert costs.blocks["layer_0"][NOOP.name]["1"]["memory_mib"] == 0.0
+    assert costs.fixed["1"]["num_params"] == 2 * 128 * 32 + 32  # embeddings + LM head + final norm
+    # A second run reads everything from the cache: 4 blocks + the fixed costs, at 2 batch sizes.
+    again = profile_blocks(cfg, variants, **kw)
+    assert again.metadata["cache_hits"] == 10
+    assert again.blocks == costs.blocks and again.fixed == costs.fixed
+    entries = json.loads(cache_path.read_text())["entries"]
+    assert len(entries) == 10
+    # A different dtype is a different key.
+    key32 = ProfileCache.key(cfg, PARENT, "cpu:x", "float32", 1, 8, 6, FAST)
+    assert key32 != ProfileCache.key(cfg, PARENT, "cpu:x", "bfloat16", 1, 8, 6, FAST)
+
+
+def test_predict_sums_blocks_and_fixed_costs():
+    cfg = tiny_config()
+    costs = profile_blocks(
+        cfg, [[PARENT, SMALL]] * 2, batch_sizes=[1], context_len=8, prompt_len=8, settings=FAST, progress=False
+    )
+    arch = {"layer_0": PARENT.name, "layer_1": SMALL.name}
+    total = costs.predict(arch, 1)
+    expected = costs.fixed["1"]["runtime_ms"] + sum(costs.blocks[k][v]["1"]["runtime_ms"] for k, v in arch.items())
+    assert total["runtime_ms"] == pytest.approx(expected)
+    with pytest.raises(PuzzleError, match="no cost for variant"):
+        costs.predict({"layer_0": LINEAR.name}, 1)
+
+
+def test_estimates_for_a_named_gpu_are_labelled_and_roofline_bound():
+    cfg = tiny_config()
+    costs = profile_blocks(
+        cfg,
+        [[PARENT, SMALL, NOOP]] * 2,
+        batch_sizes=[1, 64],
+        context_len=128,
+        prompt_len=64,
+        device="h100",
+        dtype="bfloat16",
+    )
+    assert costs.metadata["source"] == "estimated" and costs.metadata["device"] == "H100 SXM"
+    spec = get_device_spec("h100")
+    flops, nbytes = block_work(cfg, PARENT, 1, 128, 64, 2)["decode"]
+    runtime = costs.blocks["layer_0"][PARENT.name]["1"]["runtime_ms"]
+    assert runtime == pytest.approx(max(flops / spec.bf16_flops, nbytes / spec.memory_bandwidth) * 1e3)
+    assert costs.blocks["layer_0"][SMALL.name]["1"]["runtime_ms"] < runtime
+    assert costs.blocks["layer_0"][PARENT.name]["64"]["runtime_ms"] > runtime  # more KV cache to read
+    assert costs.blocks["layer_0"][NOOP.name]["1"]["runtime_ms"] == 0.0
+
+
+def _scores_for(costs: BlockCosts) -> dict:
+    return {
+        layer: {name: {"kl_div": 0.1 * k, "lm_loss": 2.0 + k, "top1": 0.9} for k, name in enumerate(blocks)}
+        for layer, blocks in costs.blocks.items()
+    }
+
+
+def test_library_json_is_nvlabs_compatible_and_loads_in_the_search(tmp_path):
+    from puzzle.mip import BlockLibrary
+
+    cfg = tiny_config()
+    costs = profile_blocks(
+        cfg, [[PARENT, SMALL]] * 2, batch_sizes=[2, 1], context_len=8, prompt_len=8, settings=FAST, progress=False
+    )
+    path = write_library_json(tmp_path / "library.json", _scores_for(costs), costs, {"scoring": {"tokens": 64}})
+    data = json.loads(path.read_text())
+    assert list(data) == ["metadata", "layer_0", "layer_1"]
+    meta = data["metadata"]
+    assert meta["source"] == "measured" and meta["batch_sizes"] == [2, 1] and meta["scoring"] == {"tokens": 64}
+    assert set(meta["fixed"]) == {"1", "2"}
+    entry = data["layer_1"][SMALL.name]
+    assert entry["stats"] == entry["stats_by_batch"]["2"]  # the first batch size is the primary one
+    assert set(entry["metrics"]) == {"kl_div", "lm_loss", "top1"}
+    for key in ("runtime_ms", "prefill_runtime_ms", "memory_mib", "kv_cache_mib", "num_params"):
+        assert key in entry["stats"]
+    library = BlockLibrary.load(path)
+    assert library is not None
+
+
+def test_library_json_refuses_scores_without_costs():
+    cfg = tiny_config()
+    costs = profile_blocks(
+        cfg, [[PARENT]] * 2, batch_sizes=[1], context_len=8, prompt_len=8, settings=FAST, progress=False
+    )
+    scores = _scores_for(costs)
+    scores["layer_0"]["attn_linear+ffn_linear"] = {"kl_div": 1.0, "lm_loss": 3.0, "top1": 0.5}
+    with pytest.raises(PuzzleError, match="layer_0: variants \\['attn_linear\\+ffn_linear'\\]"):
+        build_library_json(scores, costs)
