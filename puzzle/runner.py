@@ -168,14 +168,15 @@ def prepare_work_dir(path: Path, input_hash: str) -> Path:
 
 
 def run_stage(
-    stage: Stage, job: JobConfig, run_dir: Path, upstream: dict[str, str], logger: RunLogger
+    stage: Stage,
+    job: JobConfig,
+    run_dir: Path,
+    upstream: dict[str, str],
+    logger: RunLogger,
 ) -> dict[str, Any]:
     """Run one stage unless its artifacts are complete for the same inputs; return its manifest."""
     if stage.run is None:
-        raise StageUnavailable(
-            f"stage {stage.name} is not available in this build ({stage.module} is not wired into puzzle.pipeline); "
-            f"stop before it with --until {STAGE_NAMES[max(STAGE_NAMES.index(stage.name) - 1, 0)]}"
-        )
+        _check_wired([stage])
     stages_dir = run_dir / "stages"
     final = stages_dir / stage.name
     input_hash = stage_hash(stage, job, upstream)
@@ -338,6 +339,7 @@ def run_job(
 
     stages = list(stages) if stages is not None else build_stages()
     selected, force_from = select_stages(stages, from_stage, until)
+    _check_wired(selected)
     if validate:
         validate_job(job)
     run_dir = job.run_dir
@@ -366,6 +368,17 @@ def run_job(
                 ray.shutdown()
         print_summary(run_dir, manifests)
     return run_dir
+
+
+def _check_wired(selected: Sequence[Stage]) -> None:
+    """Refuse before any compute when the job would reach a stage this build does not have."""
+    for i, stage in enumerate(selected):
+        if stage.run is None:
+            hint = f"; stop before it with --until {selected[i - 1].name}" if i else ""
+            raise StageUnavailable(
+                f"stage {stage.name} is not available in this build ({stage.module} is not wired into "
+                f"puzzle.pipeline){hint}"
+            )
 
 
 def _parent_config(run_dir: Path) -> dict[str, Any] | None:

@@ -1,0 +1,338 @@
+"""The job runner's mechanics: config.yaml, manifests, caching by input hash, --from/--until, atomic stage
+directories, resuming after a crash or a kill, the run lock, and the real parent and data stages on a tiny parent.
+
+Fake stage functions below exist only to exercise the runner; the real stages are in puzzle.pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from puzzle import cli
+from puzzle.config import BudgetConfig, JobConfig, RunConfig
+from puzzle.errors import PuzzleError
+from puzzle.pipeline import Stage, StageResult, StageUnavailable, build_stages
+from puzzle.runner import headline, run_job, run_lock
+
+REPORT = {
+    "parent": {"params": 1000, "test": {"lm_loss": 2.0, "top1": 0.5}, "throughput": {"decode_tok_s": 100.0}},
+    "child": {"params": 500, "test": {"lm_loss": 2.1, "top1": 0.49}, "throughput": {"decode_tok_s": 210.0}},
+    "speedup_measured": 2.1,
+    "speedup_predicted": 2.0,
+}
+
+
+def fake_stages(calls: list[str], fail: str | None = None) -> list[Stage]:
+    """Three stages a -> b -> c reading the bld / scoring / gkd sections; c publishes a report."""
+
+    def make(name: str):
+        def run(ctx):
+            calls.append(name)
+            for upstream in ctx.upstream.values():  # upstream artifacts are finished directories
+                assert (upstream / "manifest.json").is_file()
+            (ctx.out_dir / f"{name}.txt").write_text(name)
+            (ctx.work_dir / "checkpoint").write_text(name)
+            if name == fail:
+                raise RuntimeError(f"stage {name} crashed")
+            if name == "c":
+                (ctx.out_dir / "report.json").write_text(json.dumps(REPORT))
+            return StageResult(tokens=10, summary={"name": name})
+
+        return run
+
+    return [
+        Stage("a", ("bld",), (), make("a")),
+        Stage("b", ("scoring",), ("a",), make("b"), publish=("b.txt",)),
+        Stage("c", ("gkd",), ("b",), make("c"), publish=("report.json",)),
+    ]
+
+
+def make_job(tmp_path: Path, **bld) -> JobConfig:
+    job = JobConfig(run=RunConfig(name="t", runs_dir=str(tmp_path / "runs")), budget=BudgetConfig(speedup=2.0))
+    for key, value in bld.items():
+        setattr(job.bld, key, value)
+    return job
+
+
+def manifest(run_dir: Path, stage: str) -> dict:
+    return json.loads((run_dir / "stages" / stage / "manifest.json").read_text())
+
+
+def test_run_writes_config_manifests_and_published_results(tmp_path, capsys):
+    calls: list[str] = []
+    run_dir = run_job(make_job(tmp_path), stages=fake_stages(calls), validate=False)
+    assert calls == ["a", "b", "c"]
+    assert run_dir == tmp_path / "runs" / "t"
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["run"]["name"] == "t" and config["budget"]["speedup"] == 2.0
+    for name in "abc":
+        m = manifest(run_dir, name)
+        assert m["status"] == "complete" and m["tokens"] == 10 and m["seconds"] >= 0
+        assert m["summary"] == {"name": name}
+        assert not (run_dir / "work" / name).exists()  # scratch space is dropped once a stage is finished
+    assert manifest(run_dir, "b")["upstream"] == {"a": manifest(run_dir, "a")["output_hash"]}
+    assert (run_dir / "b.txt").read_text() == "b"
+    assert json.loads((run_dir / "report.json").read_text())["speedup_measured"] == 2.1
+    out = capsys.readouterr().out
+    assert "[puzzle] stage a: start" in out and "[puzzle] stage c: done in" in out
+    assert "measured 2.10x, predicted 2.00x" in out  # the headline table, from report.json
+
+
+def test_rerun_skips_every_cached_stage(tmp_path, capsys):
+    calls: list[str] = []
+    job = make_job(tmp_path)
+    run_job(job, stages=fake_stages(calls), validate=False)
+    (job.run_dir / "b.txt").unlink()  # a published result deleted by hand comes back from the stage dir
+    capsys.readouterr()
+    run_job(job, stages=fake_stages(calls), validate=False)
+    assert calls == ["a", "b", "c"]
+    assert capsys.readouterr().out.count("(skipped: cached") == 3
+    assert (job.run_dir / "b.txt").read_text() == "b"
+
+
+def test_changed_section_reruns_that_stage_and_downstream_only(tmp_path):
+    calls: list[str] = []
+    run_job(make_job(tmp_path), stages=fake_stages(calls), validate=False)
+    calls.clear()
+    job = make_job(tmp_path)
+    job.scoring.batch_size = 3  # stage b's section
+    run_job(job, stages=fake_stages(calls), validate=False)
+    assert calls == ["b", "c"]
+    calls.clear()
+    job.run.seed = 1  # the seed feeds every stage
+    run_job(job, stages=fake_stages(calls), validate=False)
+    assert calls == ["a", "b", "c"]
+
+
+def test_from_reruns_that_stage_and_later_ones(tmp_path):
+    calls: list[str] = []
+    job = make_job(tmp_path)
+    run_job(job, stages=fake_stages(calls), validate=False)
+    calls.clear()
+    run_job(job, stages=fake_stages(calls), from_stage="b", validate=False)
+    assert calls == ["b", "c"]
+
+
+def test_until_stops_after_the_stage(tmp_path):
+    calls: list[str] = []
+    job = make_job(tmp_path)
+    run_job(job, stages=fake_stages(calls), until="b", validate=False)
+    assert calls == ["a", "b"]
+    assert not (job.run_dir / "stages" / "c").exists() and not (job.run_dir / "report.json").exists()
+    with pytest.raises(PuzzleError, match="--from c comes after --until b"):
+        run_job(job, stages=fake_stages(calls), from_stage="c", until="b", validate=False)
+    with pytest.raises(PuzzleError, match="--until 'zz' is not a stage"):
+        run_job(job, stages=fake_stages(calls), until="zz", validate=False)
+
+
+def test_failed_stage_leaves_no_finished_looking_dir_and_keeps_its_work(tmp_path):
+    calls: list[str] = []
+    job = make_job(tmp_path)
+    with pytest.raises(RuntimeError, match="stage b crashed"):
+        run_job(job, stages=fake_stages(calls, fail="b"), validate=False)
+    stages_dir = job.run_dir / "stages"
+    assert sorted(p.name for p in stages_dir.iterdir()) == ["a"]  # no b, no b.tmp-*
+    assert not (job.run_dir / "b.txt").exists()
+    assert (job.run_dir / "work" / "b" / "checkpoint").read_text() == "b"  # resumable state survives
+    calls.clear()
+    run_job(job, stages=fake_stages(calls), validate=False)
+    assert calls == ["b", "c"]
+
+
+def test_a_stage_that_previously_succeeded_then_fails_loses_its_old_results(tmp_path):
+    calls: list[str] = []
+    job = make_job(tmp_path)
+    run_job(job, stages=fake_stages(calls), validate=False)
+    job.scoring.batch_size = 5
+    with pytest.raises(RuntimeError):
+        run_job(job, stages=fake_stages(calls, fail="b"), validate=False)
+    # Results for the old inputs are gone rather than passing for this configuration's.
+    assert not (job.run_dir / "stages" / "b").exists() and not (job.run_dir / "b.txt").exists()
+
+
+def test_unwired_stage_is_a_clear_error(tmp_path):
+    calls: list[str] = []
+    stages = [*fake_stages(calls)[:1], Stage("later", (), ("a",), None, module="puzzle.later")]
+    with pytest.raises(StageUnavailable, match="stage later is not available in this build.*--until a"):
+        run_job(make_job(tmp_path), stages=stages, validate=False)
+    assert calls == []  # refused before any compute
+    run_job(make_job(tmp_path), stages=stages, until="a", validate=False)
+    assert calls == ["a"]
+
+
+def test_pipeline_order_and_wiring():
+    stages = build_stages()
+    names = [s.name for s in stages]
+    assert names == ["parent", "data", "bld", "score", "profile", "search", "gkd", "evaluate", "export"]
+    for i, stage in enumerate(stages):
+        assert set(stage.after) <= set(names[:i]), f"{stage.name} depends on a later stage"
+    wired = {s.name for s in stages if s.run is not None}
+    assert {"parent", "data", "search"} <= wired
+
+
+def test_second_run_on_the_same_directory_is_refused(tmp_path):
+    job = make_job(tmp_path)
+    with run_lock(job.run_dir):
+        with pytest.raises(PuzzleError, match="is in use by another puzzle run"):
+            run_job(job, stages=fake_stages([]), validate=False)
+    run_job(job, stages=fake_stages([]), validate=False)  # released afterwards
+
+
+def test_headline_tolerates_missing_fields(tmp_path):
+    text = headline({"parent": {"test": {"top1": 0.5}}}, tmp_path)
+    assert "top-1 accuracy" in text and "0.5" in text and "measured -x" in text
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    from puzzle.config import BudgetConfig, JobConfig, RunConfig
+    from puzzle.pipeline import Stage, StageResult
+    from puzzle.runner import run_job
+
+    def a(ctx):
+        (ctx.out_dir / "a.txt").write_text("a")
+
+    def b(ctx):
+        # A long stage with its own resumable checkpoint in work_dir: one step at a time.
+        steps = ctx.work_dir / "steps"
+        start = int(steps.read_text()) if steps.exists() else 0
+        for i in range(start, 10):
+            (ctx.out_dir / "partial.txt").write_text(str(i))
+            steps.write_text(str(i + 1))
+            if os.environ.get("PAUSE_AT") == str(i):
+                print("PAUSED", flush=True)
+                time.sleep(120)
+        (ctx.out_dir / "b.txt").write_text(f"resumed from step {start}")
+        return StageResult(tokens=10 - start)
+
+    stages = [Stage("a", ("bld",), (), a), Stage("b", ("gkd",), ("a",), b, publish=("b.txt",))]
+    job = JobConfig(run=RunConfig(name="k", runs_dir=sys.argv[1]), budget=BudgetConfig(speedup=2.0))
+    run_job(job, stages=stages, validate=False)
+    """
+)
+
+
+def test_killed_run_resumes_only_unfinished_work(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(KILL_SCRIPT)
+    env = {**os.environ, "PAUSE_AT": "4"}
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if "PAUSED" in line or not line:
+                break
+        assert "PAUSED" in line
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run_dir = tmp_path / "k"
+    stages = sorted(p.name for p in (run_dir / "stages").iterdir())
+    assert stages[0] == "a" and stages[1].startswith("b.tmp-") and len(stages) == 2  # b is visibly unfinished
+    assert not (run_dir / "stages" / stages[1] / "manifest.json").exists()
+
+    env.pop("PAUSE_AT")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "stage a: done in 0.0 s (skipped: cached" in done.stdout
+    assert (run_dir / "b.txt").read_text() == "resumed from step 5"
+    assert manifest(run_dir, "b")["tokens"] == 5
+    assert sorted(p.name for p in (run_dir / "stages").iterdir()) == ["a", "b"]  # the stale tmp dir is gone
+
+
+# ------------------------------------------------------------------- the CLI and the real parent/data stages
+
+
+def write_corpus(root: Path, n_docs: int = 40) -> str:
+    """Documents of the tiny tokenizer's words (w4 ... w127), one file each."""
+    import random
+
+    rng = random.Random(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        words = [f"w{rng.randrange(4, 128)}" for _ in range(200)]
+        (root / f"doc{i:03d}.txt").write_text(" ".join(words))
+    return str(root / "*.txt")
+
+
+def write_job(tmp_path: Path, parent: Path, corpus: str) -> Path:
+    job = tmp_path / "tiny.yaml"
+    job.write_text(
+        textwrap.dedent(
+            f"""\
+            # a tiny job on a 2-layer parent
+            defaults:
+              - parent: local
+              - data: files
+              - target: cpu
+              - budget: speedup2x
+              - search_space: demo
+              - _self_
+            parent:
+              path: {parent}
+              dtype: float32
+            data:
+              paths: "{corpus}"
+              seq_len: 16
+            """
+        )
+    )
+    return job
+
+
+def test_cli_runs_parent_and_data_stages_on_a_tiny_parent(tmp_path, capsys):
+    from tiny import save_tiny_parent
+
+    parent = save_tiny_parent(tmp_path)
+    job = write_job(tmp_path, parent, write_corpus(tmp_path / "corpus"))
+    runs = tmp_path / "runs"
+    assert cli.main(["run", str(job), "--runs-dir", str(runs), "--until", "data"]) == 0
+    run_dir = runs / "tiny"
+    info = json.loads((run_dir / "stages" / "parent" / "parent.json").read_text())
+    assert info["path"] == str(parent) and info["model_type"] == "llama" and info["num_hidden_layers"] == 2
+    splits = json.loads((run_dir / "stages" / "data" / "splits.json").read_text())
+    assert set(splits) == {"calibration", "train", "validation", "test"}
+    assert splits["train"]["sequences"] > 0 and splits["train"]["tokens"] == 16 * splits["train"]["sequences"]
+    import datasets
+
+    train = datasets.load_from_disk(str(run_dir / "stages" / "data" / "train"))
+    assert len(train[0]["input_ids"]) == 16
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["runs_dir"] == str(runs)
+
+    capsys.readouterr()
+    assert cli.main(["run", str(job), "--runs-dir", str(runs), "--until", "data"]) == 0
+    out = capsys.readouterr().out
+    assert "stage data: done in 0.0 s (skipped: cached" in out  # parent re-checked, same fingerprint: data cached
+
+    # The next stage is not wired in this build yet (or fails on its own terms): either way one line, exit 2.
+    if next(s for s in build_stages() if s.name == "bld").run is None:
+        assert cli.main(["run", str(job), "--runs-dir", str(runs)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("puzzle: error: stage bld is not available") and "\n" not in err
+
+
+def test_changed_parent_checkpoint_invalidates_data(tmp_path, capsys):
+    from tiny import save_tiny_parent
+
+    parent = save_tiny_parent(tmp_path)
+    job = write_job(tmp_path, parent, write_corpus(tmp_path / "corpus"))
+    args = ["run", str(job), "--runs-dir", str(tmp_path / "runs"), "--until", "data"]
+    assert cli.main(args) == 0
+    save_tiny_parent(tmp_path, seed=1)  # new weights at the same path
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    assert "skipped" not in capsys.readouterr().out
