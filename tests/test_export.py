@@ -77,6 +77,10 @@ ROUND_TRIP = textwrap.dedent(
     export, io_dir = sys.argv[1], sys.argv[2]
     model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()
     assert "puzzle" not in sys.modules and type(model).__module__.startswith("transformers_modules"), type(model)
+    # What vLLM's DeciLMForCausalLM reads from the config: attribute access into block_configs, no ffn_mult.
+    blocks = model.config.block_configs
+    assert blocks[0].attention.no_op and blocks[1].attention.n_heads_in_group == 4
+    assert blocks[3].ffn.intermediate_size == 24 and not hasattr(blocks[3].ffn, "ffn_mult")
     ids = load_file(io_dir + "/input.safetensors")["input_ids"]
     with torch.no_grad():
         logits = model(ids).logits

@@ -89,6 +89,18 @@ def test_every_variant_forward_backward(name, attention, ffn):
     assert model.model.embed_tokens.weight.grad is not None
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = make_model(make_config(HETERO_BLOCKS)).train()
+    x = torch.randint(4, VOCAB, (2, 10))
+    model(x, labels=x).loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    model(x, labels=x).loss.backward()
+    for name, param in model.named_parameters():
+        assert_close(param.grad, expected[name], msg=name)
+
+
 def test_subblock_modules_and_weight_names():
     model = make_model(make_config(HETERO_BLOCKS))
     layers = model.model.layers
