@@ -1,0 +1,410 @@
+"""The run's report: report.json, report.md and PNG plots, parent vs child, measured beside predicted.
+
+report.json holds the parent and the child ({params, memory_mib, test: {lm_loss, ppl, kl, top1, top1_agreement},
+throughput: {prefill_tok_s, decode_tok_s, ...}}), the child's predicted figures from the block library,
+speedup_measured / speedup_predicted, the per-layer architecture, target, budget and per-stage seconds and tokens.
+Plots (matplotlib, Agg): architecture.png (attention and FFN variant per layer), solutions.png (predicted quality
+vs predicted throughput of every search solution, the chosen one marked), gkd_loss.png (the GKD loss curve).
+Every file is written to a temporary name and renamed, so a report never looks finished half-written.
+Run by the pipeline's `report` stage (`puzzle run JOB.yaml`); callable directly: `build_report(...)` then
+`write_report(out_dir, report, ...)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from puzzle.errors import PuzzleError
+
+REQUIRED_MODEL_KEYS = ("params", "memory_mib", "test", "throughput")
+REQUIRED_TEST_KEYS = ("lm_loss", "ppl", "kl", "top1", "top1_agreement")
+REQUIRED_THROUGHPUT_KEYS = ("prefill_tok_s", "decode_tok_s")
+COST_KEYS = ("runtime_ms", "prefill_runtime_ms", "memory_mib", "kv_cache_mib", "num_params")
+
+
+# ----------------------------------------------------------------------------- predictions from the library
+
+
+def _batch_key(library: dict[str, Any], batch_size: int | None) -> str:
+    if batch_size is not None:
+        return str(batch_size)
+    sizes = library.get("metadata", {}).get("batch_sizes") or [1]
+    return str(sizes[0])
+
+
+def predict_from_library(
+    library: dict[str, Any], layers: dict[str, str], batch_size: int | None = None, prompt_len: int | None = None
+) -> dict[str, float]:
+    """Predicted costs of an architecture ({"layer_i": variant}): sum of its blocks' stats plus the fixed costs.
+
+    Reads library.json as written by puzzle.profiling (stats_by_batch per variant, metadata.fixed per batch size);
+    decode_tok_s = batch / decode runtime, prefill_tok_s = batch * prompt_len / prefill runtime.
+    """
+    b = _batch_key(library, batch_size)
+    metadata = library.get("metadata", {})
+    fixed = metadata.get("fixed", {}).get(b, {})
+    totals = {k: float(fixed.get(k, 0.0)) for k in COST_KEYS}
+    for layer, name in layers.items():
+        try:
+            entry = library[layer][name]
+        except KeyError:
+            raise PuzzleError(
+                f"library has no variant {name!r} for {layer}; was the search run on this library?"
+            ) from None
+        stats = entry.get("stats_by_batch", {}).get(b, entry.get("stats", {}))
+        for k in COST_KEYS:
+            totals[k] += float(stats.get(k, 0.0))
+    out = {
+        "batch_size": int(b),
+        "decode_ms": totals["runtime_ms"],
+        "prefill_ms": totals["prefill_runtime_ms"],
+        "memory_mib": totals["memory_mib"],
+        "kv_cache_mib": totals["kv_cache_mib"],
+        "num_params": totals["num_params"],
+        "decode_tok_s": int(b) / (totals["runtime_ms"] / 1e3) if totals["runtime_ms"] > 0 else math.nan,
+    }
+    prompt = prompt_len or metadata.get("prefill_len")
+    if prompt and totals["prefill_runtime_ms"] > 0:
+        out["prefill_tok_s"] = int(b) * prompt / (totals["prefill_runtime_ms"] / 1e3)
+    return out
+
+
+def predicted_quality(library: dict[str, Any], layers: dict[str, str], objective: str = "metrics.kl_div") -> float:
+    """Sum of the blocks' scores for `objective` (a dotted key such as metrics.kl_div), as the search estimates it."""
+    section, _, key = objective.partition(".")
+    return sum(float(library[layer][name].get(section, {}).get(key, math.nan)) for layer, name in layers.items())
+
+
+def parent_layers(library: dict[str, Any]) -> dict[str, str]:
+    """The all-parent architecture named in library.json's metadata."""
+    parent = library.get("metadata", {}).get("parent")
+    if not parent:
+        raise PuzzleError("library.json has no metadata.parent; rebuild it with the profile stage")
+    return dict(parent)
+
+
+# ----------------------------------------------------------------------------- report.json
+
+
+def build_report(
+    evaluation: dict[str, Any],
+    *,
+    library: dict[str, Any],
+    solutions: Sequence[dict[str, Any]],
+    chosen: int,
+    architecture: list[dict[str, Any]],
+    target: dict[str, Any],
+    budget: dict[str, Any],
+    stages: dict[str, dict[str, float]],
+    objective: str = "metrics.kl_div",
+    gkd_history: Sequence[dict[str, float]] = (),
+    export_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Assemble report.json's content.
+
+    evaluation: puzzle.evaluate.evaluate_models' output. solutions: the search's solutions as dicts with "layers"
+    (and optionally "objective", "batch_size"); `chosen` indexes the exported one. stages: {name: {seconds,
+    tokens}}. The child's prediction uses the chosen solution's batch size (the measured throughput should too).
+    """
+    solution = solutions[chosen]
+    batch_size = solution.get("batch_size") or evaluation["throughput_setup"]["batch_size"]
+    prompt_len = evaluation["throughput_setup"]["prompt_len"]
+    child_pred = predict_from_library(library, solution["layers"], batch_size, prompt_len)
+    parent_pred = predict_from_library(library, parent_layers(library), batch_size, prompt_len)
+    parent, child = dict(evaluation["parent"]), dict(evaluation["child"])
+    parent["predicted"], child["predicted"] = parent_pred, child_pred
+    speedup_predicted = parent_pred["decode_ms"] / child_pred["decode_ms"]
+    speedup_measured = evaluation["speedup_measured"]
+    report = {
+        "parent": parent,
+        "child": child,
+        "speedup_measured": speedup_measured,
+        "speedup_predicted": speedup_predicted,
+        # measured / predicted - 1: how far the block-sum cost model was from the end-to-end measurement.
+        "speedup_prediction_error": speedup_measured / speedup_predicted - 1.0,
+        "speedup_generation": evaluation.get("speedup_generation"),
+        "top1_retained": child["test"]["top1"] / parent["test"]["top1"] if parent["test"]["top1"] else math.nan,
+        "architecture": architecture,
+        "target": target,
+        "budget": budget,
+        "stages": stages,
+        "search": {
+            "objective": objective,
+            "chosen": chosen,
+            "batch_size": int(batch_size),
+            "num_solutions": len(solutions),
+            "predicted_quality": predicted_quality(library, solution["layers"], objective),
+            "library_source": library.get("metadata", {}).get("source"),
+            "library_device": library.get("metadata", {}).get("device"),
+        },
+        "throughput_setup": evaluation.get("throughput_setup"),
+        "process_peak_rss_mib": evaluation.get("process_peak_rss_mib"),
+        "gkd": _gkd_summary(gkd_history),
+        "export": str(export_dir) if export_dir is not None else None,
+    }
+    check_report(report)
+    return report
+
+
+def _gkd_summary(history: Sequence[dict[str, float]]) -> dict[str, Any]:
+    if not history:
+        return {"steps": 0, "tokens": 0}
+    return {
+        "steps": int(history[-1]["step"]),
+        "tokens": int(history[-1]["tokens"]),
+        "first_loss": history[0]["loss"],
+        "final_loss": history[-1]["loss"],
+        "seconds": history[-1].get("seconds"),
+    }
+
+
+def check_report(report: dict[str, Any]) -> None:
+    """Raise PuzzleError naming the first missing field of report.json's required content."""
+    required = ["speedup_measured", "speedup_predicted", "architecture", "target", "budget", "stages"]
+    missing = [k for k in required if k not in report]
+    for who in ("parent", "child"):
+        model = report.get(who, {})
+        missing += [f"{who}.{k}" for k in REQUIRED_MODEL_KEYS if k not in model]
+        missing += [f"{who}.test.{k}" for k in REQUIRED_TEST_KEYS if k not in model.get("test", {})]
+        missing += [f"{who}.throughput.{k}" for k in REQUIRED_THROUGHPUT_KEYS if k not in model.get("throughput", {})]
+    missing += [
+        f"child.predicted.{k}" for k in ("decode_tok_s", "memory_mib") if k not in report["child"].get("predicted", {})
+    ]
+    for name, stage in report.get("stages", {}).items():
+        missing += [f"stages.{name}.{k}" for k in ("seconds", "tokens") if k not in stage]
+    if missing:
+        raise PuzzleError(f"report is missing {', '.join(missing)}")
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _atomic_write(path: Path, write: Any) -> Path:
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_report(
+    out_dir: str | Path,
+    report: dict[str, Any],
+    *,
+    library: dict[str, Any] | None = None,
+    solutions: Sequence[dict[str, Any]] = (),
+    gkd_history: Sequence[dict[str, float]] = (),
+) -> dict[str, Path]:
+    """Write report.json, report.md and the plots into out_dir; returns {name: path} of what was written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    paths["architecture.png"] = plot_architecture(out / "architecture.png", report["architecture"], report)
+    if library is not None and solutions:
+        paths["solutions.png"] = plot_solutions(
+            out / "solutions.png",
+            library,
+            solutions,
+            report["search"]["chosen"],
+            report["search"]["objective"],
+            report["search"]["batch_size"],
+        )
+    if gkd_history:
+        paths["gkd_loss.png"] = plot_gkd_loss(out / "gkd_loss.png", gkd_history)
+    text = json.dumps(report, indent=2, default=_json_default)
+    paths["report.json"] = _atomic_write(out / "report.json", lambda p: p.write_text(text + "\n"))
+    markdown = render_markdown(report, [name for name in paths if name.endswith(".png")])
+    paths["report.md"] = _atomic_write(out / "report.md", lambda p: p.write_text(markdown))
+    return paths
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "n/a"
+    return format(value, spec) if isinstance(value, int | float) else str(value)
+
+
+def render_markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:
+    """report.md: the headline table, the architecture per layer, stage timings and the figures."""
+    parent, child = report["parent"], report["child"]
+    setup = report.get("throughput_setup") or {}
+    rows = [
+        ("parameters", parent["params"], child["params"], ",d"),
+        ("memory (params + KV), MiB", parent["memory_mib"], child["memory_mib"], ".1f"),
+        (
+            "predicted memory, MiB",
+            parent.get("predicted", {}).get("memory_mib"),
+            child["predicted"]["memory_mib"],
+            ".1f",
+        ),
+        ("test LM loss", parent["test"]["lm_loss"], child["test"]["lm_loss"], ".4f"),
+        ("test perplexity", parent["test"]["ppl"], child["test"]["ppl"], ".2f"),
+        ("KL to parent", parent["test"]["kl"], child["test"]["kl"], ".4f"),
+        ("top-1 accuracy", parent["test"]["top1"], child["test"]["top1"], ".4f"),
+        ("top-1 agreement with parent", parent["test"]["top1_agreement"], child["test"]["top1_agreement"], ".4f"),
+        ("prefill tokens/s", parent["throughput"]["prefill_tok_s"], child["throughput"]["prefill_tok_s"], ",.0f"),
+        (
+            "decode tokens/s (measured)",
+            parent["throughput"]["decode_tok_s"],
+            child["throughput"]["decode_tok_s"],
+            ",.0f",
+        ),
+        (
+            "decode tokens/s (predicted)",
+            parent.get("predicted", {}).get("decode_tok_s"),
+            child["predicted"]["decode_tok_s"],
+            ",.0f",
+        ),
+    ]
+    lines = [
+        "# puzzle report",
+        "",
+        f"Decode speed-up: **{_fmt(report['speedup_measured'], '.2f')}x measured**, "
+        f"{_fmt(report['speedup_predicted'], '.2f')}x predicted "
+        f"(error {_fmt(100 * report.get('speedup_prediction_error', math.nan), '+.1f')}%); "
+        f"child keeps {_fmt(100 * report.get('top1_retained', math.nan), '.1f')}% of the parent's top-1 accuracy.",
+        "",
+        f"Target: {json.dumps(report['target'])}. Budget: {json.dumps(report['budget'])}.",
+        f"Throughput measured on {setup.get('device', '?')} at batch {setup.get('batch_size', '?')}, "
+        f"prompt {setup.get('prompt_len', '?')}, decode context {setup.get('context_len', '?')}.",
+        "",
+        "| | parent | child |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {name} | {_fmt(p, spec)} | {_fmt(c, spec)} |" for name, p, c, spec in rows]
+    lines += ["", "## Architecture", "", "| layer | attention | FFN |", "|---:|---|---|"]
+    lines += [f"| {row['layer']} | {row['attention']} | {row['ffn']} |" for row in report["architecture"]]
+    lines += ["", "## Stages", "", "| stage | seconds | tokens |", "|---|---:|---:|"]
+    lines += [
+        f"| {name} | {_fmt(s.get('seconds'), '.1f')} | {_fmt(s.get('tokens'), ',d')} |"
+        for name, s in report["stages"].items()
+    ]
+    if report.get("export"):
+        lines += ["", f"Exported checkpoint: `{report['export']}`"]
+    if figures:
+        lines += [""] + [f"![{Path(f).stem}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    plt = _pyplot()
+    _atomic_write(path, lambda p: fig.savefig(p, dpi=110, bbox_inches="tight", format="png"))
+    plt.close(fig)
+    return path
+
+
+def plot_architecture(path: Path, architecture: list[dict[str, Any]], report: dict[str, Any]) -> Path:
+    """Per layer: the child's KV heads and FFN width as bars (no-op 0, linear hatched), variant names on top."""
+    plt = _pyplot()
+    layers = [row["layer"] for row in architecture]
+    fig, (ax_attn, ax_ffn) = plt.subplots(2, 1, figsize=(max(6, 0.6 * len(layers) + 2), 5), sharex=True)
+    for ax, key, kind, label in (
+        (ax_attn, "kv_heads", "attention", "KV heads"),
+        (ax_ffn, "intermediate_size", "ffn", "FFN width"),
+    ):
+        heights = [row[key] for row in architecture]
+        linear = [row[kind].endswith("_linear") for row in architecture]
+        bars = ax.bar(layers, [h if h else 0 for h in heights], color="tab:blue")
+        for bar, is_linear, row in zip(bars, linear, architecture, strict=True):
+            if is_linear:
+                bar.set_height(max(heights) * 0.15 if max(heights) else 1)
+                bar.set_hatch("//")
+                bar.set_color("tab:orange")
+            ax.annotate(
+                row[kind].replace("attn_", "").replace("ffn_", ""),
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                rotation=90,
+            )
+        ax.set_ylabel(label)
+        ax.margins(y=0.35)
+    ax_ffn.set_xlabel("layer")
+    ax_ffn.set_xticks(layers)
+    ax_attn.set_title(
+        f"child architecture (decode speed-up {_fmt(report.get('speedup_measured'), '.2f')}x measured); "
+        "orange = linear (bar height not to scale), empty = no-op"
+    )
+    return _save(fig, path)
+
+
+def plot_solutions(
+    path: Path,
+    library: dict[str, Any],
+    solutions: Sequence[dict[str, Any]],
+    chosen: int,
+    objective: str,
+    batch_size: int | None,
+) -> Path:
+    """Predicted quality (the search objective) vs predicted decode throughput of each solution and the parent."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    xs = [
+        predict_from_library(library, s["layers"], s.get("batch_size") or batch_size)["decode_tok_s"] for s in solutions
+    ]
+    ys = [predicted_quality(library, s["layers"], objective) for s in solutions]
+    ax.scatter(xs, ys, color="tab:blue", label="solutions")
+    ax.scatter([xs[chosen]], [ys[chosen]], marker="*", s=250, color="tab:red", label="chosen", zorder=3)
+    try:
+        parent = parent_layers(library)
+        ax.scatter(
+            [predict_from_library(library, parent, batch_size)["decode_tok_s"]],
+            [predicted_quality(library, parent, objective)],
+            marker="s",
+            color="black",
+            label="parent",
+        )
+    except PuzzleError:
+        pass  # a library without metadata.parent still plots its solutions
+    ax.set_xlabel("predicted decode tokens/s")
+    ax.set_ylabel(f"predicted {objective} (sum over blocks)")
+    ax.set_title("search solutions")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_gkd_loss(path: Path, history: Sequence[dict[str, float]]) -> Path:
+    """The GKD loss and its cosine and KL parts against training tokens."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    tokens = [h["tokens"] for h in history]
+    for key, style in (("loss", "-"), ("cosine", "--"), ("kl", ":")):
+        if any(h.get(key) for h in history):
+            ax.plot(tokens, [h[key] for h in history], style, label=key)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("GKD loss")
+    if all(h["loss"] > 0 for h in history):
+        ax.set_yscale("log")
+    ax.set_title("global knowledge distillation")
+    ax.legend()
+    return _save(fig, path)

@@ -1,0 +1,151 @@
+"""report.json / report.md / plots from small synthetic inputs: every required field, predictions from the library
+computed by hand, atomic files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from puzzle.errors import PuzzleError
+from puzzle.report import build_report, check_report, predict_from_library, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _variant(runtime, prefill, memory, params, kl):
+    stats = {"runtime_ms": runtime, "prefill_runtime_ms": prefill, "memory_mib": memory, "num_params": params}
+    stats["kv_cache_mib"] = memory / 10
+    # stats_by_batch["2"] differs from "stats" (batch 1) so the test sees which one is read.
+    doubled = {k: 2 * v for k, v in stats.items()}
+    return {"stats": stats, "stats_by_batch": {"1": stats, "2": doubled}, "metrics": {"kl_div": kl, "lm_loss": 2 + kl}}
+
+
+@pytest.fixture
+def library():
+    lib = {
+        "metadata": {
+            "device": "cpu:test",
+            "source": "measured",
+            "batch_sizes": [1, 2],
+            "prefill_len": 8,
+            "parent": {"layer_0": "P", "layer_1": "P"},
+            "fixed": {
+                "1": {"runtime_ms": 1.0, "prefill_runtime_ms": 2.0, "memory_mib": 3.0, "num_params": 100},
+                "2": {"runtime_ms": 1.5, "prefill_runtime_ms": 3.0, "memory_mib": 3.0, "num_params": 100},
+            },
+        }
+    }
+    for i in range(2):
+        lib[f"layer_{i}"] = {"P": _variant(4.0, 8.0, 10.0, 1000, 0.0), "S": _variant(1.0, 2.0, 4.0, 400, 0.1 + i)}
+    return lib
+
+
+@pytest.fixture
+def evaluation():
+    def model(params, decode, top1):
+        return {
+            "params": params,
+            "param_mib": params * 4 / 2**20,
+            "kv_cache_mib": 0.5,
+            "memory_mib": params * 4 / 2**20 + 0.5,
+            "test": {
+                "lm_loss": 2.0,
+                "ppl": 7.39,
+                "kl": 0.0 if top1 == 0.5 else 0.1,
+                "top1": top1,
+                "top1_agreement": 1.0,
+            },
+            "throughput": {"decode_tok_s": decode, "prefill_tok_s": 8 * decode, "decode_ms": 1e3 / decode},
+        }
+
+    return {
+        "parent": model(2100, 100.0, 0.5),
+        "child": model(900, 250.0, 0.49),
+        "speedup_measured": 2.5,
+        "speedup_generation": 2.2,
+        "throughput_setup": {"device": "cpu:test", "batch_size": 1, "prompt_len": 8, "context_len": 16},
+        "process_peak_rss_mib": 512.0,
+    }
+
+
+def _report(evaluation, library, **overrides):
+    kwargs = dict(
+        library=library,
+        solutions=[
+            {"layers": {"layer_0": "S", "layer_1": "S"}, "objective": 1.2, "batch_size": 1},
+            {"layers": {"layer_0": "S", "layer_1": "P"}, "objective": 0.1, "batch_size": 1},
+        ],
+        chosen=1,
+        architecture=[
+            {"layer": 0, "attention": "attn_no_op", "ffn": "ffn_16", "kv_heads": 0, "intermediate_size": 16},
+            {"layer": 1, "attention": "attn_group2", "ffn": "ffn_linear", "kv_heads": 2, "intermediate_size": 0},
+        ],
+        target={"device": "cpu", "batch_sizes": [1], "prompt_len": 8, "gen_len": 8},
+        budget={"speedup": 2.0},
+        stages={"bld": {"seconds": 12.5, "tokens": 1000}, "gkd": {"seconds": 30.0, "tokens": 2000}},
+        gkd_history=[
+            {"step": 1, "tokens": 100, "loss": 1.0, "cosine": 0.6, "kl": 0.4},
+            {"step": 2, "tokens": 200, "loss": 0.5, "cosine": 0.3, "kl": 0.2},
+        ],
+        export_dir="runs/demo/export",
+    )
+    kwargs.update(overrides)
+    return build_report(evaluation, **kwargs), kwargs
+
+
+def test_predictions_sum_blocks_and_fixed_costs(library):
+    pred = predict_from_library(library, {"layer_0": "S", "layer_1": "P"}, batch_size=1)
+    assert pred["decode_ms"] == pytest.approx(1.0 + 1.0 + 4.0)
+    assert pred["decode_tok_s"] == pytest.approx(1 / 0.006)
+    assert pred["memory_mib"] == pytest.approx(3.0 + 4.0 + 10.0)
+    assert pred["prefill_tok_s"] == pytest.approx(8 / 0.012)
+    by_two = predict_from_library(library, {"layer_0": "S", "layer_1": "P"}, batch_size=2)
+    assert by_two["decode_ms"] == pytest.approx(1.5 + 2 * (1.0 + 4.0))
+    with pytest.raises(PuzzleError, match="no variant 'X' for layer_0"):
+        predict_from_library(library, {"layer_0": "X"})
+
+
+def test_report_json_has_every_required_field(tmp_path, evaluation, library):
+    report, kwargs = _report(evaluation, library)
+    paths = write_report(
+        tmp_path, report, library=library, solutions=kwargs["solutions"], gkd_history=kwargs["gkd_history"]
+    )
+    data = json.loads((tmp_path / "report.json").read_text())
+    for who in ("parent", "child"):
+        assert isinstance(data[who]["params"], int)
+        assert data[who]["memory_mib"] > 0
+        for key in ("lm_loss", "ppl", "kl", "top1", "top1_agreement"):
+            assert isinstance(data[who]["test"][key], float)
+        for key in ("prefill_tok_s", "decode_tok_s"):
+            assert data[who]["throughput"][key] > 0
+    # Chosen solution 1 = S + P at batch 1: decode 6 ms; parent P + P: 9 ms.
+    assert data["child"]["predicted"]["decode_tok_s"] == pytest.approx(1 / 0.006)
+    assert data["child"]["predicted"]["memory_mib"] == pytest.approx(17.0)
+    assert data["speedup_predicted"] == pytest.approx(9.0 / 6.0)
+    assert data["speedup_measured"] == 2.5
+    assert data["speedup_prediction_error"] == pytest.approx(2.5 / 1.5 - 1)
+    assert data["top1_retained"] == pytest.approx(0.98)
+    assert data["architecture"][0]["attention"] == "attn_no_op"
+    assert data["target"]["prompt_len"] == 8 and data["budget"] == {"speedup": 2.0}
+    assert data["stages"]["gkd"] == {"seconds": 30.0, "tokens": 2000}
+    assert data["search"]["chosen"] == 1 and data["search"]["predicted_quality"] == pytest.approx(0.1)
+    assert data["gkd"]["final_loss"] == 0.5
+    for name in ("architecture.png", "solutions.png", "gkd_loss.png"):
+        assert paths[name].read_bytes().startswith(PNG_MAGIC), name
+    markdown = (tmp_path / "report.md").read_text()
+    assert "2.50x measured" in markdown and "1.50x predicted" in markdown
+    assert "| 1 | attn_group2 | ffn_linear |" in markdown and "![gkd_loss](gkd_loss.png)" in markdown
+    # Nothing half-written is left beside the finished files.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(paths)
+
+
+def test_missing_fields_are_named(evaluation, library):
+    report, _ = _report(evaluation, library)
+    del report["child"]["test"]["top1_agreement"]
+    del report["stages"]["bld"]["tokens"]
+    with pytest.raises(PuzzleError, match=r"child\.test\.top1_agreement, stages\.bld\.tokens"):
+        check_report(report)
+    broken = dict(evaluation, parent={**evaluation["parent"], "throughput": {"decode_tok_s": 1.0}})
+    with pytest.raises(PuzzleError, match=r"parent\.throughput\.prefill_tok_s"):
+        _report(broken, library)
