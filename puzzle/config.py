@@ -205,12 +205,15 @@ class ScoringConfig:
     """CPUs per scoring task."""
     num_gpus: float = 0.0
     """GPUs per scoring task."""
+    group_size: int = 4
+    """Variants of one layer scored by one Ray task (the parent's cached activations are shared within it)."""
 
     def __post_init__(self) -> None:
         _check_choice("scoring.metric", self.metric, ("kl_div", "lm_loss", "top1"))
         _check_positive("scoring.batch_size", self.batch_size)
         _check_positive("scoring.num_batches", self.num_batches)
         _check_positive("scoring.num_gpus", self.num_gpus, allow_zero=True)
+        _check_positive("scoring.group_size", self.group_size)
 
 
 @dataclass
@@ -224,12 +227,24 @@ class ProfilingConfig:
     estimate_device: str | None = None
     """Also write roofline estimates for this named GPU (e.g. "h100"), labelled estimated."""
     num_cpus: float = 1.0
+    """CPUs held while measuring; also the torch thread count unless num_threads is set."""
     num_gpus: float = 0.0
+    decode_steps: int = 8
+    """Single-token decode steps timed per run (per block and end to end alike)."""
+    stack: int = 4
+    """Copies of a block timed together (distinct weights), so it does not run from a warm cache."""
+    num_threads: int | None = None
+    """torch threads while measuring; None uses num_cpus. Evaluation must use the same to compare."""
+    cache_path: str | None = None
+    """JSON cache of measurements; None uses $PUZZLE_CACHE/profiles.json (default ~/.cache/puzzle)."""
 
     def __post_init__(self) -> None:
         _check_positive("profiling.warmup", self.warmup, allow_zero=True)
         _check_positive("profiling.repeats", self.repeats)
         _check_positive("profiling.num_gpus", self.num_gpus, allow_zero=True)
+        _check_positive("profiling.decode_steps", self.decode_steps)
+        _check_positive("profiling.stack", self.stack)
+        _check_positive("profiling.num_threads", self.num_threads)
 
 
 @dataclass
