@@ -282,17 +282,25 @@ class PuzzleDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         cache_position: torch.Tensor | None = None,
+        cache_index: int | None = None,
         **kwargs,
     ) -> torch.Tensor | None:
         """What the attention subblock (norm included) adds to the residual; None for a no-op.
 
         With `attention_mask=None` the attention is causal over the given tokens (no earlier cached tokens).
+        `cache_index` is the layer's slot in `past_key_values` (the model passes compact slots; default `layer_idx`).
+        `cache_position` is accepted for API symmetry; positions come in through `position_embeddings`.
         """
         if self.self_attn is None:
             return None
         normed = self.input_layernorm(hidden_states)
         delta, _ = self.self_attn(
-            normed, position_embeddings, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs
+            normed,
+            position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            cache_index=cache_index,
+            **kwargs,
         )
         return delta
 
@@ -309,10 +317,11 @@ class PuzzleDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         cache_position: torch.Tensor | None = None,
+        cache_index: int | None = None,
         **kwargs,
     ) -> torch.Tensor:
         delta = self.attention_delta(
-            hidden_states, position_embeddings, attention_mask, past_key_values, cache_position, **kwargs
+            hidden_states, position_embeddings, attention_mask, past_key_values, cache_position, cache_index, **kwargs
         )
         if delta is not None:
             hidden_states = hidden_states + delta
