@@ -1,0 +1,74 @@
+"""Hardware cost of every block variant, measured on the device the job runs on (or estimated for one it is not on).
+
+Measured (device "cpu", "cuda" or "cuda:N"), for each batch size b of the target (`blocks.py`):
+- decode latency per generated token (the whole batch) at context length s: a KV cache of s tokens, then single-token
+  forwards; prefill latency of a prompt of length p; both the median of `repeats` runs after `warmup` runs, with the
+  interquartile range recorded;
+- parameter memory and KV-cache bytes per token (computed from the block's shapes).
+A block is timed as a stack of `stack` copies with distinct random weights (weights do not change latency), called
+exactly as the model calls its layers, so its weights do not sit in a cache that the real model would have evicted.
+The fixed costs (embeddings, rotary tables, mask, final norm, LM head and the per-forward framework overhead) are
+measured once, end to end, on a model whose only layer is a no-op block.
+Measurements are cached in a JSON file keyed by (block shape, device name, dtype, b, s, p, settings), so identical
+shapes are measured once across layers and runs.
+
+Estimated (device = a named GPU from `puzzle.hardware`, e.g. "h100"; `estimate.py`): a roofline per block from its
+FLOPs and bytes moved, labelled `source: estimated` and never mixed with measured figures.
+
+`measure_decode_latency(model, b, s)` / `measure_prefill_latency(model, b, p)` (`timing.py`) time a whole model the
+same way; the evaluation stage reuses them, so predicted (sum of blocks + fixed) and measured figures compare.
+`write_library_json(path, scores, costs, metadata)` (`library.py`) joins scores (`puzzle.scoring.score_blocks`) and
+costs into the block library the search reads; `run_profiling(...)` is the pipeline's profile stage.
+"""
+
+from puzzle.profiling.blocks import (
+    BlockCosts,
+    BlockShape,
+    ProfileCache,
+    ProfileSettings,
+    block_shape,
+    derived_config,
+    fixed_num_params,
+    measure_block,
+    measure_fixed,
+    memory_stats,
+    profile_blocks,
+)
+from puzzle.profiling.estimate import block_work, estimate_blocks, fixed_work
+from puzzle.profiling.library import build_library_json, write_json_atomic, write_library_json
+from puzzle.profiling.timing import (
+    LatencyStats,
+    device_name,
+    is_named_gpu,
+    measure_decode_latency,
+    measure_prefill_latency,
+    resolve_device,
+    torch_dtype,
+)
+
+__all__ = [
+    "BlockCosts",
+    "BlockShape",
+    "LatencyStats",
+    "ProfileCache",
+    "ProfileSettings",
+    "block_shape",
+    "block_work",
+    "build_library_json",
+    "derived_config",
+    "device_name",
+    "estimate_blocks",
+    "fixed_num_params",
+    "fixed_work",
+    "is_named_gpu",
+    "measure_block",
+    "measure_decode_latency",
+    "measure_fixed",
+    "measure_prefill_latency",
+    "memory_stats",
+    "profile_blocks",
+    "resolve_device",
+    "torch_dtype",
+    "write_json_atomic",
+    "write_library_json",
+]

@@ -1,0 +1,492 @@
+"""Per-block latency and memory on the device the job runs on, cached across layers and runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.errors import ConfigError, PuzzleError
+from puzzle.profiling.timing import (
+    LatencyStats,
+    timed_repeats,
+    synchronize,
+    device_name,
+    is_named_gpu,
+    measure_decode_latency,
+    measure_prefill_latency,
+    resolve_device,
+    torch_dtype,
+)
+
+MIB = 2**20
+CACHE_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------ shapes and memory
+
+
+def derived_config(config: Any, blocks: Sequence[BlockConfig]) -> Any:
+    """A copy of a PuzzleConfig with `len(blocks)` layers of the given blocks (same attention implementation)."""
+    d = config.to_dict()
+    d.update(num_hidden_layers=len(blocks), block_configs=[b.to_dict() for b in blocks])
+    d.pop("auto_map", None)
+    cfg = type(config).from_dict(d)
+    cfg._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    return cfg
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """What a block costs independent of the device: parameters, matmul weights, KV bytes per token per element."""
+
+    num_params: int
+    matmul_params: int
+    kv_elements_per_token: int
+    """2 x KV heads x head_dim (K and V), 0 for linear and no-op attention."""
+    attention_heads: int
+    """Query heads attending over the context (0 for linear and no-op attention)."""
+
+
+def block_shape(config: Any, block: BlockConfig) -> BlockShape:
+    """Parameter counts of one block, from a layer built on the meta device (exact, no memory)."""
+    from puzzle.modeling_puzzle import PuzzleDecoderLayer
+
+    with torch.device("meta"):
+        layer = PuzzleDecoderLayer.from_block(config, block, 0)
+    params = list(layer.parameters())
+    kv_heads = block.attention.num_key_value_heads(config.num_attention_heads)
+    return BlockShape(
+        num_params=sum(p.numel() for p in params),
+        matmul_params=sum(p.numel() for p in params if p.dim() >= 2),
+        kv_elements_per_token=2 * kv_heads * config.head_dim,
+        attention_heads=config.num_attention_heads if block.attention.is_gqa else 0,
+    )
+
+
+def fixed_num_params(config: Any) -> int:
+    """Embeddings + final norm + LM head (the head shares the embedding when tied)."""
+    head = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    return config.vocab_size * config.hidden_size + config.hidden_size + head
+
+
+def memory_stats(shape_params: int, kv_elements: int, batch_size: int, context_len: int, elem: int) -> dict:
+    kv_mib = batch_size * context_len * kv_elements * elem / MIB
+    return {
+        "num_params": float(shape_params),
+        "kv_cache_mib": kv_mib,
+        "memory_mib": shape_params * elem / MIB + kv_mib,
+        "kv_bytes_per_token": float(kv_elements * elem),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- block measurement
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """How blocks are timed; part of every cache key."""
+
+    warmup: int = 2
+    repeats: int = 7
+    decode_steps: int = 8
+    stack: int = 4
+    """Copies of a block timed together (distinct weights), so it does not run from a warm cache."""
+
+    def __post_init__(self) -> None:
+        for name in ("repeats", "decode_steps", "stack"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"profiling.{name}={getattr(self, name)} must be at least 1")
+        if self.warmup < 0:
+            raise ConfigError(f"profiling.warmup={self.warmup} must be >= 0")
+
+
+def _block_stack(config: Any, block: BlockConfig, k: int, device: torch.device, dtype: torch.dtype):
+    """k layers of `block` with random weights, their rotary embedding and the compact cache slot of each."""
+    from puzzle.modeling_puzzle import PuzzleDecoderLayer, PuzzleRotaryEmbedding
+
+    cfg = derived_config(config, [block] * k)
+    layers = [PuzzleDecoderLayer.from_block(cfg, block, j) for j in range(k)]
+    for layer in layers:
+        for p in layer.parameters():
+            nn.init.normal_(p, std=0.02)
+    layers = [layer.to(device=device, dtype=dtype).eval() for layer in layers]
+    rotary = PuzzleRotaryEmbedding(cfg).to(device)
+    slots = [j if layer.has_kv_cache else None for j, layer in enumerate(layers)]
+    return cfg, layers, rotary, slots
+
+
+def _run_stack(layers, h, pos, position_ids, cache, slots) -> torch.Tensor:
+    # Called with the same arguments as PuzzleModel.forward passes (its causal mask is None for SDPA here).
+    for layer, slot in zip(layers, slots, strict=True):
+        h = layer(h, pos, attention_mask=None, past_key_values=cache, position_ids=position_ids, cache_index=slot)
+    return h
+
+
+@torch.no_grad()
+def measure_block(
+    config: Any,
+    block: BlockConfig,
+    *,
+    batch_size: int,
+    context_len: int,
+    prompt_len: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    settings: ProfileSettings,
+) -> dict[str, LatencyStats]:
+    """Decode (ms per token at `context_len`) and prefill (ms for `prompt_len`) latency of one block."""
+    from transformers.cache_utils import DynamicCache
+
+    cfg, layers, rotary, slots = _block_stack(config, block, settings.stack, device, dtype)
+    k, b, d = settings.stack, batch_size, config.hidden_size
+
+    def positions(start: int, n: int) -> tuple[torch.Tensor, Any]:
+        ids = torch.arange(start, start + n, device=device).unsqueeze(0).expand(b, -1)
+        x = torch.empty(b, n, d, device=device, dtype=dtype)
+        return ids, rotary(x, ids)
+
+    ctx_ids, ctx_pos = positions(0, context_len)
+    steps = [positions(context_len + t, 1) for t in range(settings.decode_steps)]
+    prompt_ids, prompt_pos = positions(0, prompt_len)
+    context = torch.randn(b, context_len, d, device=device, dtype=dtype)
+    prompt = torch.randn(b, prompt_len, d, device=device, dtype=dtype)
+    inputs = torch.randn(settings.decode_steps, b, 1, d, device=device, dtype=dtype)
+
+    def decode_once() -> float:
+        cache = DynamicCache(config=cfg)
+        _run_stack(layers, context, ctx_pos, ctx_ids, cache, slots)
+        synchronize(device)
+        start = time.perf_counter()
+        for t, (ids, pos) in enumerate(steps):
+            _run_stack(layers, inputs[t], pos, ids, cache, slots)
+        synchronize(device)
+        return (time.perf_counter() - start) * 1e3 / (settings.decode_steps * k)
+
+    def prefill_once() -> float:
+        cache = DynamicCache(config=cfg)
+        synchronize(device)
+        start = time.perf_counter()
+        _run_stack(layers, prompt, prompt_pos, prompt_ids, cache, slots)
+        synchronize(device)
+        return (time.perf_counter() - start) * 1e3 / k
+
+    return {
+        "decode": timed_repeats(decode_once, settings.warmup, settings.repeats),
+        "prefill": timed_repeats(prefill_once, settings.warmup, settings.repeats),
+    }
+
+
+@torch.no_grad()
+def measure_fixed(
+    config: Any,
+    *,
+    batch_size: int,
+    context_len: int,
+    prompt_len: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    settings: ProfileSettings,
+) -> dict[str, LatencyStats]:
+    """End-to-end latency of a model whose only layer is a no-op block: embeddings, rotary, mask, norm, LM head."""
+    from puzzle.modeling_puzzle import PuzzleForCausalLM
+
+    noop = BlockConfig(AttentionConfig(no_op=True), FFNConfig(no_op=True))
+    shell = PuzzleForCausalLM(derived_config(config, [noop])).to(device=device, dtype=dtype).eval()
+    kw = {"warmup": settings.warmup, "repeats": settings.repeats}
+    return {
+        "decode": measure_decode_latency(shell, batch_size, context_len, steps=settings.decode_steps, **kw),
+        "prefill": measure_prefill_latency(shell, batch_size, prompt_len, **kw),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ the cache
+
+
+class ProfileCache:
+    """Measured latencies in a JSON file, keyed by block shape, device name, dtype, (b, s, p) and settings."""
+
+    def __init__(self, path: str | os.PathLike | None) -> None:
+        self.path = Path(path) if path else None
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.hits = 0
+        if self.path and self.path.exists():
+            try:
+                data = json.loads(self.path.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise PuzzleError(f"profile cache {self.path} is unreadable ({err}); delete it to re-measure") from None
+            if data.get("version") == CACHE_VERSION:
+                self.entries = dict(data.get("entries", {}))
+
+    @staticmethod
+    def key(config: Any, block: BlockConfig | None, device: str, dtype: str, b: int, s: int, p: int, settings) -> str:
+        shape = {
+            "block": block.to_dict() if block is not None else "fixed",
+            "hidden_size": config.hidden_size,
+            "num_attention_heads": config.num_attention_heads,
+            "head_dim": config.head_dim,
+            "hidden_act": config.hidden_act,
+            "bias": [bool(getattr(config, "qkv_bias", False)), config.attention_bias, config.mlp_bias],
+        }
+        if block is None:
+            shape.update(vocab_size=config.vocab_size, tie=config.tie_word_embeddings)
+        where = {"device": device, "dtype": dtype, "b": b, "s": s, "p": p, "torch": torch.__version__}
+        return json.dumps({"shape": shape, "at": where, "settings": asdict(settings)}, sort_keys=True)
+
+    def get(self, key: str) -> dict[str, LatencyStats] | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        self.hits += 1
+        return {phase: LatencyStats.from_dict(v) for phase, v in entry.items()}
+
+    def put(self, key: str, value: dict[str, LatencyStats]) -> None:
+        self.entries[key] = {phase: v.to_dict() for phase, v in value.items()}
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"version": CACHE_VERSION, "entries": self.entries}, indent=1))
+        os.replace(tmp, self.path)
+
+
+# ------------------------------------------------------------------------------------------------ profiling stage
+
+
+@dataclass
+class BlockCosts:
+    """Costs of every (layer, variant): `blocks["layer_i"][name][str(b)]` -> stats, plus the fixed costs per batch.
+
+    Stats keys: runtime_ms (decode, per generated token for the batch), prefill_runtime_ms, memory_mib (params + KV
+    cache at the context length), kv_cache_mib, num_params, kv_bytes_per_token, and for measured costs the spread
+    runtime_ms_iqr / prefill_runtime_ms_iqr. `metadata["source"]` is "measured" or "estimated".
+    """
+
+    blocks: dict[str, dict[str, dict[str, dict[str, float]]]]
+    fixed: dict[str, dict[str, float]]
+    metadata: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metadata": self.metadata, "fixed": self.fixed, "blocks": self.blocks}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BlockCosts:
+        return cls(blocks=d["blocks"], fixed=d["fixed"], metadata=d["metadata"])
+
+    def predict(self, layers: dict[str, str], batch_size: int | None = None) -> dict[str, float]:
+        """Predicted totals of an architecture ({"layer_i": variant name}): sum of its blocks plus the fixed costs."""
+        b = str(batch_size if batch_size is not None else self.metadata["batch_sizes"][0])
+        totals = {k: float(v) for k, v in self.fixed[b].items() if not k.endswith("_iqr")}
+        for layer, name in layers.items():
+            if name not in self.blocks.get(layer, {}):
+                raise PuzzleError(f"no cost for variant {name!r} of {layer}; profile it first")
+            for k, v in self.blocks[layer][name][b].items():
+                if not k.endswith("_iqr"):
+                    totals[k] = totals.get(k, 0.0) + float(v)
+        return totals
+
+
+def _measure_all(
+    config: Any,
+    blocks: list[BlockConfig],
+    batch_sizes: list[int],
+    context_len: int,
+    prompt_len: int,
+    device_arg: str,
+    dtype_name: str,
+    settings: ProfileSettings,
+    num_threads: int | None,
+    cached: dict[str, Any],
+    progress: bool,
+) -> tuple[str, dict[str, Any], dict[str, Any], int]:
+    """Measure every unique block (and the fixed costs) at every batch size, skipping cached entries.
+
+    Runs in the process that owns the device (this one, or one Ray task). Returns (device name, results by
+    (block name or "fixed", b) -> phase stats dicts, the updated cache entries, cache hits).
+    """
+    from tqdm.auto import tqdm
+
+    previous_threads = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        device = resolve_device(device_arg)
+        dtype = torch_dtype(dtype_name)
+        name = device_name(device)
+        cache = ProfileCache(None)
+        cache.entries = dict(cached)
+        results: dict[str, Any] = {}
+        work = [(block, b) for b in batch_sizes for block in [None, *blocks]]
+        where = {
+            "context_len": context_len,
+            "prompt_len": prompt_len,
+            "device": device,
+            "dtype": dtype,
+        }
+        for block, b in tqdm(work, desc="profile", unit="block", disable=not progress):
+            key = ProfileCache.key(config, block, name, dtype_name, b, context_len, prompt_len, settings)
+            stats = cache.get(key)
+            if stats is None:
+                if block is None:
+                    stats = measure_fixed(config, batch_size=b, settings=settings, **where)
+                else:
+                    stats = measure_block(config, block, batch_size=b, settings=settings, **where)
+                cache.put(key, stats)
+            label = "fixed" if block is None else block.name
+            results[f"{label}@{b}"] = {phase: s.to_dict() for phase, s in stats.items()}
+        return name, results, cache.entries, cache.hits
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _unique_blocks(variants: Sequence[Sequence[BlockConfig]]) -> list[BlockConfig]:
+    seen: dict[str, BlockConfig] = {}
+    for blocks in variants:
+        for block in blocks:
+            seen.setdefault(block.name, block)
+    return list(seen.values())
+
+
+def _parent_names(config: Any) -> dict[str, str]:
+    return {f"layer_{i}": config.block_config(i).name for i in range(config.num_hidden_layers)}
+
+
+def profile_blocks(
+    config: Any,
+    variants: Sequence[Sequence[BlockConfig]],
+    *,
+    batch_sizes: Sequence[int],
+    context_len: int,
+    prompt_len: int,
+    device: str = "cpu",
+    dtype: str = "float32",
+    settings: ProfileSettings | None = None,
+    num_threads: int | None = None,
+    cache_path: str | os.PathLike | None = None,
+    use_ray: bool = False,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> BlockCosts:
+    """Costs of every (layer, variant) at each batch size: measured on `device`, or estimated for a named GPU.
+
+    config: the parent's PuzzleConfig (blocks are built from its dimensions with random weights).
+    variants: per layer, the BlockConfigs to cost; identical blocks are measured once.
+    context_len: decode context (KV-cache length, also the KV memory); prompt_len: prefill length.
+    device: "cpu" / "cuda" / "cuda:N" (measured here, PuzzleError if absent) or a GPU name such as "h100" (roofline).
+    num_threads: torch threads while measuring (None keeps the current setting); recorded in the metadata.
+    cache_path: JSON file of earlier measurements (read, then rewritten with the new ones).
+    use_ray: measure inside one Ray task holding `num_cpus` / `num_gpus` (one task, so timings never overlap).
+    """
+    settings = settings or ProfileSettings()
+    if not batch_sizes or min(batch_sizes) < 1 or context_len < 1 or prompt_len < 1:
+        raise ConfigError(
+            f"profiling needs batch sizes >= 1 and positive lengths, got {batch_sizes}, "
+            f"context_len={context_len}, prompt_len={prompt_len}"
+        )
+    if is_named_gpu(device):
+        from puzzle.profiling.estimate import estimate_blocks  # estimate builds on this module
+
+        return estimate_blocks(
+            config,
+            variants,
+            batch_sizes=batch_sizes,
+            context_len=context_len,
+            prompt_len=prompt_len,
+            device=device,
+            dtype=dtype,
+        )
+    if not use_ray:
+        resolve_device(device)  # fail before any work when the device is absent or unknown
+    start = time.perf_counter()
+    cache = ProfileCache(cache_path)
+    blocks = _unique_blocks(variants)
+    args = (
+        config,
+        blocks,
+        list(batch_sizes),
+        context_len,
+        prompt_len,
+        device,
+        dtype,
+        settings,
+        num_threads,
+        cache.entries,
+        progress,
+    )
+    if use_ray:
+        import ray
+
+        if num_gpus > 0 and ray.cluster_resources().get("GPU", 0) < num_gpus:
+            raise PuzzleError(f"profiling.num_gpus={num_gpus} but the Ray cluster has no GPU; set it to 0")
+        task = ray.remote(_measure_all).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=2)
+        name, results, entries, hits = ray.get(task.remote(*args))
+    else:
+        name, results, entries, hits = _measure_all(*args)
+    cache.entries = entries
+    cache.save()
+    costs = _assemble_costs(config, variants, results, batch_sizes, context_len, dtype)
+    costs.metadata.update(
+        source="measured",
+        device=name,
+        device_arg=device,
+        dtype=dtype,
+        batch_sizes=list(batch_sizes),
+        seq_len=context_len,
+        prefill_len=prompt_len,
+        num_threads=num_threads or torch.get_num_threads(),
+        settings=asdict(settings),
+        torch=torch.__version__,
+        parent=_parent_names(config),
+        unique_blocks=len(blocks),
+        cache_hits=hits,
+        seconds=time.perf_counter() - start,
+    )
+    if log:
+        log(
+            f"profiled {len(blocks)} unique blocks x {len(batch_sizes)} batch sizes on {name} "
+            f"({hits} from cache) in {costs.metadata['seconds']:.1f} s"
+        )
+    return costs
+
+
+def _latency_stats(result: dict[str, Any]) -> dict[str, float]:
+    return {
+        "runtime_ms": result["decode"]["median_ms"],
+        "runtime_ms_iqr": result["decode"]["iqr_ms"],
+        "prefill_runtime_ms": result["prefill"]["median_ms"],
+        "prefill_runtime_ms_iqr": result["prefill"]["iqr_ms"],
+    }
+
+
+def _assemble_costs(config, variants, results, batch_sizes, context_len, dtype) -> BlockCosts:
+    elem = torch_dtype(dtype).itemsize
+    shapes = {block.name: block_shape(config, block) for block in _unique_blocks(variants)}
+    blocks: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for i, layer_blocks in enumerate(variants):
+        blocks[f"layer_{i}"] = {}
+        for block in layer_blocks:
+            shape = shapes[block.name]
+            blocks[f"layer_{i}"][block.name] = {
+                str(b): {
+                    **_latency_stats(results[f"{block.name}@{b}"]),
+                    **memory_stats(shape.num_params, shape.kv_elements_per_token, b, context_len, elem),
+                }
+                for b in batch_sizes
+            }
+    fixed = {
+        str(b): {**_latency_stats(results[f"fixed@{b}"]), **memory_stats(fixed_num_params(config), 0, b, 0, elem)}
+        for b in batch_sizes
+    }
+    return BlockCosts(blocks=blocks, fixed=fixed, metadata={})

@@ -1,0 +1,179 @@
+"""Timing on the device the job runs on: device checks, median/IQR statistics, end-to-end model latency.
+
+`measure_decode_latency(model, b, s)` and `measure_prefill_latency(model, b, p)` time a whole model the way the
+evaluation stage does, so predicted (sum of blocks + fixed costs) and measured figures are comparable.
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from puzzle.errors import ConfigError, PuzzleError
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in TORCH_DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; use one of {', '.join(TORCH_DTYPES)}")
+    return TORCH_DTYPES[name]
+
+
+def is_named_gpu(name: str) -> bool:
+    """True when `name` is an accelerator from the hardware table (a target for roofline estimates)."""
+    from puzzle.hardware import get_device_spec
+
+    if name == "cpu" or name.startswith("cuda"):
+        return False
+    try:
+        get_device_spec(name)
+    except ConfigError:
+        return False
+    return True
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device to measure on; PuzzleError when it is unknown or not present on this machine."""
+    from puzzle.hardware import known_devices
+
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise PuzzleError(
+                f"target.device={name!r} but CUDA is not available on this machine; use target.device=cpu, run the job "
+                "where a GPU is, or name a GPU (e.g. h100) for roofline estimates"
+            )
+        index = 0 if name == "cuda" else name.split(":", 1)[1]
+        if not str(index).isdigit() or int(index) >= torch.cuda.device_count():
+            raise PuzzleError(f"target.device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device(f"cuda:{int(index)}")
+    raise PuzzleError(
+        f"unknown target.device {name!r}; use cpu, cuda, cuda:N, or a named GPU for estimates "
+        f"({', '.join(known_devices())})"
+    )
+
+
+def device_name(device: torch.device) -> str:
+    """A stable name of the hardware behind `device` (CPU model and thread count, or the CUDA device name)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu:{model} ({torch.get_num_threads()} threads)"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class LatencyStats:
+    """Median and quartiles of repeated timings, in milliseconds."""
+
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    samples_ms: list[float] = field(default_factory=list)
+
+    @property
+    def iqr_ms(self) -> float:
+        return self.q3_ms - self.q1_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "iqr_ms": self.iqr_ms}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LatencyStats:
+        return cls(d["median_ms"], d["q1_ms"], d["q3_ms"], list(d.get("samples_ms", [])))
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> LatencyStats:
+        samples = list(samples)
+        if len(samples) == 1:
+            return cls(samples[0], samples[0], samples[0], samples)
+        q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+        return cls(median, q1, q3, samples)
+
+
+def timed_repeats(run_once: Callable[[], float], warmup: int, repeats: int) -> LatencyStats:
+    """Call `run_once` (which times itself and returns ms) warmup + repeats times; the GC stays off while timing."""
+    for _ in range(warmup):
+        run_once()
+    samples = []
+    # A full collection can take most of a second in a big process, so none is forced; the GC just pauses.
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            samples.append(run_once())
+    finally:
+        gc.enable()
+    return LatencyStats.of(samples)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def measure_decode_latency(
+    model: nn.Module, batch_size: int, context_len: int, *, steps: int = 8, warmup: int = 2, repeats: int = 5
+) -> LatencyStats:
+    """Milliseconds per generated token (one forward for the whole batch) with a KV cache of `context_len` tokens.
+
+    Each run prefills `context_len` random tokens (not timed), then times `steps` single-token forwards through the
+    model's own DynamicCache, as generation does minus sampling: the figure is the time per step.
+    """
+    device = _model_device(model)
+    model.eval()
+    vocab = model.config.vocab_size
+    prompt = torch.randint(vocab, (batch_size, context_len), device=device)
+    tokens = torch.randint(vocab, (steps, batch_size, 1), device=device)
+    positions = [torch.full((batch_size, 1), context_len + t, device=device) for t in range(steps)]
+
+    def once() -> float:
+        cache = model(input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values
+        synchronize(device)
+        start = time.perf_counter()
+        for t in range(steps):
+            model(input_ids=tokens[t], position_ids=positions[t], past_key_values=cache, use_cache=True)
+        synchronize(device)
+        return (time.perf_counter() - start) * 1e3 / steps
+
+    return timed_repeats(once, warmup, repeats)
+
+
+@torch.no_grad()
+def measure_prefill_latency(
+    model: nn.Module, batch_size: int, prompt_len: int, *, warmup: int = 2, repeats: int = 5
+) -> LatencyStats:
+    """Milliseconds to prefill `prompt_len` tokens for the whole batch (KV cache filled, last-token logits only)."""
+    device = _model_device(model)
+    model.eval()
+    prompt = torch.randint(model.config.vocab_size, (batch_size, prompt_len), device=device)
+
+    def once() -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        synchronize(device)
+        return (time.perf_counter() - start) * 1e3
+
+    return timed_repeats(once, warmup, repeats)
