@@ -17,13 +17,13 @@ from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.errors import ConfigError, PuzzleError
 from puzzle.profiling.timing import (
     LatencyStats,
-    timed_repeats,
-    synchronize,
     device_name,
     is_named_gpu,
     measure_decode_latency,
     measure_prefill_latency,
     resolve_device,
+    synchronize,
+    timed_repeats,
     torch_dtype,
 )
 
