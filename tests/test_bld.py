@@ -1,0 +1,296 @@
+"""Blockwise local distillation (puzzle.bld): planning, the shared parent forward, exact checkpoints, the block store,
+and BLD on a real Ray cluster (training lowers every block's held-out error, resume, a killed trainer, coupled mode)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from puzzle.bld import (
+    BlockRun,
+    BlockStore,
+    _batch_rows,
+    _load_checkpoint,
+    _save_checkpoint,
+    initial_layer,
+    lr_at,
+    parent_activations,
+    plan_blocks,
+    position_embeddings,
+    run_bld,
+)
+from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.config import BLDConfig
+from puzzle.errors import ConfigError, PuzzleError
+from tests.tiny import save_tiny_parent
+
+SEQ = 16
+ATTN = [AttentionConfig(n_heads_in_group=4), AttentionConfig(replace_with_linear=True), AttentionConfig(no_op=True)]
+FFN = [FFNConfig(intermediate_size=32), FFNConfig(replace_with_linear=True), FFNConfig(no_op=True)]
+VARIANTS = [{"attention": ATTN, "ffn": FFN}] * 2
+# 12 steps of 4 x 16 tokens; checkpoints every 3 steps so resumes and restarts replay at most 2 steps.
+CFG = dict(tokens=12 * 4 * SEQ, lr=3e-3, batch_size=4, num_workers=2, num_cpus=1, checkpoint_every=3)
+CFG.update(calibration_tokens=24 * SEQ, warmup_ratio=0.1, schedule="cosine")
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory):
+    from puzzle.convert import load_parent
+
+    return load_parent(save_tiny_parent(tmp_path_factory.mktemp("parent")))
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(4, 128, (64, SEQ), generator=torch.Generator().manual_seed(0))
+
+
+def _run(parent, tokens, out: Path, variants=VARIANTS, **overrides):
+    cfg = BLDConfig(**{**CFG, **overrides.pop("cfg", {})})
+    return run_bld(parent, variants, tokens[:32], tokens[32:], cfg, out, out / "work", **overrides)
+
+
+def _library(store: BlockStore) -> dict[str, tuple]:
+    """Every entry's (hash, nmse_init, nmse_trained, weights) for comparing two libraries."""
+    out = {}
+    for layer, kinds in store.index.items():
+        for kind, entries in kinds.items():
+            for name, e in entries.items():
+                weights = load_file(str(store.root / e["file"])) if e["file"] else {}
+                out[f"{layer}/{kind}/{name}"] = (e["hash"], e["nmse_init"], e["nmse_trained"], weights)
+    return out
+
+
+def _assert_same_library(a: BlockStore, b: BlockStore) -> None:
+    lib_a, lib_b = _library(a), _library(b)
+    assert lib_a.keys() == lib_b.keys()
+    for key, (hash_a, init_a, trained_a, w_a) in lib_a.items():
+        hash_b, init_b, trained_b, w_b = lib_b[key]
+        assert (hash_a, init_a, trained_a) == (hash_b, init_b, trained_b), key
+        assert w_a.keys() == w_b.keys(), key
+        for name in w_a:
+            assert torch.equal(w_a[name], w_b[name]), f"{key}: {name} differs"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Without Ray
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_decoupled_plans_m_plus_n_blocks_per_layer_and_coupled_m_times_n(parent):
+    decoupled = plan_blocks(parent.config, VARIANTS, "decoupled")
+    coupled = plan_blocks(parent.config, VARIANTS, "coupled")
+    m, n = len(ATTN) + 1, len(FFN) + 1  # the parent's own variants are always included
+    for layer in range(2):
+        mine = [s for s in decoupled if s.layer == layer]
+        assert len(mine) == m + n
+        assert sum(s.trainable for s in mine) == (m - 2) + (n - 2)  # parent and no-op variants are not trained
+        pairs = [s for s in coupled if s.layer == layer]
+        assert len(pairs) == m * n
+        assert sum(s.trainable for s in pairs) == m * n - 4  # {parent, no_op} x {parent, no_op} need no training
+    assert [s.parent for s in decoupled if s.layer == 0 and s.kind == "attention"] == [True, False, False, False]
+    with pytest.raises(ConfigError, match="3 layers"):
+        plan_blocks(parent.config, VARIANTS + VARIANTS[:1], "decoupled")
+
+
+def test_shared_parent_forward_reproduces_the_model(parent, tokens):
+    batch = tokens[:3]
+    states, mids = parent_activations(parent, batch)
+    assert len(states) == 3 and len(mids) == 2
+    logits = parent.lm_head(parent.model.norm(states[-1]))
+    assert_close(logits, parent(batch).logits)
+    pos = position_embeddings(parent, SEQ)
+    for i, layer in enumerate(parent.model.layers):
+        assert_close(layer(states[i], pos), states[i + 1])
+        assert_close(states[i] + layer.attention_delta(states[i], pos), mids[i])
+
+
+def test_training_batches_are_a_fixed_stream_of_epoch_permutations():
+    first = torch.cat([_batch_rows(step, 10, 4, seed=3) for step in range(1, 6)])  # 20 rows = 2 epochs
+    again = torch.cat([_batch_rows(step, 10, 4, seed=3) for step in range(1, 6)])
+    assert torch.equal(first, again)
+    assert sorted(first[:10].tolist()) == list(range(10)) and sorted(first[10:].tolist()) == list(range(10))
+    assert not torch.equal(first, torch.cat([_batch_rows(step, 10, 4, seed=4) for step in range(1, 6)]))
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = BLDConfig(lr=1.0, warmup_ratio=0.2, schedule="cosine")
+    lrs = [lr_at(step, 10, cfg) for step in range(1, 11)]
+    assert lrs[:2] == [0.5, 1.0]
+    assert lrs[2] == 1.0 and all(a > b for a, b in zip(lrs[2:], lrs[3:], strict=False)) and lrs[-1] > 0
+    assert lr_at(5, 10, BLDConfig(lr=1.0, warmup_ratio=0.0, schedule="constant")) == 1.0
+
+
+def test_checkpoint_and_restore_continue_training_exactly(parent, tokens, tmp_path):
+    cfg = BLDConfig(**CFG)
+    spec = next(s for s in plan_blocks(parent.config, VARIANTS) if s.name == "attn_group4" and s.layer == 1)
+    state = {k: v for k, v in parent.model.layers[1].state_dict().items()}
+    states, _ = parent_activations(parent, tokens[:4])
+    pos = position_embeddings(parent, SEQ)
+
+    def fresh():
+        return BlockRun(spec, initial_layer(spec, parent.config, state, None)[0], cfg, 6)
+
+    straight = fresh()
+    for step in range(1, 7):
+        straight.train_step(step, states[1], states[2], pos)
+    first = fresh()
+    for step in range(1, 4):
+        first.train_step(step, states[1], states[2], pos)
+    _save_checkpoint(tmp_path / "ckpt.safetensors", first.checkpoint())
+    resumed = fresh()
+    resumed.restore(_load_checkpoint(tmp_path / "ckpt.safetensors"))
+    assert resumed.step == 3
+    for step in range(4, 7):
+        resumed.train_step(step, states[1], states[2], pos)
+    for name, value in straight.layer.state_dict().items():
+        assert torch.equal(value, resumed.layer.state_dict()[name]), name
+    # only the attention subblock trains; the parent FFN beside it stays frozen
+    assert torch.equal(straight.layer.mlp.up_proj.weight, state["mlp.up_proj.weight"])
+    assert set(straight.saved_state(torch.float32)) == {
+        k for k in state if k.startswith(("input_layernorm", "self_attn"))
+    }
+
+
+def test_store_refuses_unknown_variants_and_writes_atomically(parent, tmp_path):
+    store = BlockStore(tmp_path / "lib")
+    store.put(0, "ffn", "ffn_32", {"hash": "h", "init": "x"}, {"mlp.up_proj.weight": torch.ones(2, 2)})
+    assert json.loads((tmp_path / "lib" / "index.json").read_text())["layer_0"]["ffn"]["ffn_32"]["file"]
+    assert not list((tmp_path / "lib").rglob(".*tmp*"))
+    assert BlockStore(tmp_path / "lib").is_current(0, "ffn", "ffn_32", "h")
+    assert not BlockStore(tmp_path / "lib").is_current(0, "ffn", "ffn_32", "other")
+    with pytest.raises(PuzzleError, match="ffn_linear"):
+        store.build_layer(
+            parent, 0, BlockConfig(parent.config.block_config(0).attention, FFNConfig(replace_with_linear=True))
+        )
+    # the parent pair needs no library entries: it is the parent's layer
+    layer = store.build_layer(parent, 1, parent.config.block_config(1))
+    for name, value in parent.model.layers[1].state_dict().items():
+        assert torch.equal(layer.state_dict()[name], value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# On Ray
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def baseline(parent, tokens, tmp_path_factory, ray_session):
+    """An uninterrupted decoupled BLD run, the reference for resume and restart."""
+    return _run(parent, tokens, tmp_path_factory.mktemp("baseline"))
+
+
+@pytest.mark.integration
+def test_bld_lowers_every_trained_blocks_heldout_error(baseline):
+    trained = 0
+    for layer in ("layer_0", "layer_1"):
+        kinds = baseline.index[layer]
+        assert len(kinds["attention"]) + len(kinds["ffn"]) == 8  # m + n entries, no m x n pairs
+        assert "block" not in kinds
+        for kind, entries in kinds.items():
+            for name, e in entries.items():
+                if e["parent"]:
+                    assert e["file"] is None and e["nmse_trained"] == 0.0
+                elif name.endswith("no_op"):
+                    assert e["file"] is None and e["tokens"] == 0
+                else:
+                    trained += 1
+                    assert e["tokens"] == 12 * 4 * SEQ
+                    assert e["nmse_trained"] < e["nmse_init"], f"{layer}/{kind}/{name}: {e}"
+    assert trained == 8 and len(baseline.last_run["trained"]) == 8
+    assert baseline.index["layer_0"]["ffn"]["ffn_no_op"]["nmse_init"] == pytest.approx(1.0)
+    methods = {e["init"] for kinds in baseline.index.values() for es in kinds.values() for e in es.values()}
+    assert {"kv_mean_pool", "linear_wo_wv", "channel_contribution", "lstsq", "parent", "no_op"} <= methods
+    assert baseline.last_run["forward_seconds"] > 0 and baseline.last_run["trainer_seconds"] > 0
+
+
+@pytest.mark.integration
+def test_library_layers_carry_the_trained_weights(baseline, parent, tokens):
+    block = BlockConfig(AttentionConfig(replace_with_linear=True), FFNConfig(intermediate_size=32))
+    layer = baseline.build_layer(parent, 1, block)
+    attn = load_file(str(baseline.root / baseline.index["layer_1"]["attention"]["attn_linear"]["file"]))
+    ffn = load_file(str(baseline.root / baseline.index["layer_1"]["ffn"]["ffn_32"]["file"]))
+    assert set(layer.state_dict()) == set(attn) | set(ffn)
+    for name, value in {**attn, **ffn}.items():
+        assert torch.equal(layer.state_dict()[name], value)
+    states, _ = parent_activations(parent, tokens[:2])
+    assert layer(states[1], position_embeddings(parent, SEQ)).shape == states[1].shape
+
+
+@pytest.mark.integration
+def test_rerun_retrains_nothing_finished_and_only_new_variants(baseline, parent, tokens, tmp_path):
+    import shutil
+
+    out = tmp_path / "lib"
+    shutil.copytree(baseline.root, out)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    again = _run(parent, tokens, out)
+    assert again.last_run["trained"] == [] and len(again.last_run["cached"]) == 16
+    more = [{"attention": ATTN, "ffn": [*FFN, FFNConfig(intermediate_size=16)]}] * 2
+    grown = _run(parent, tokens, out, variants=more)
+    assert sorted(grown.last_run["trained"]) == ["layer_0/ffn/ffn_16", "layer_1/ffn/ffn_16"]
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # finished blocks were not rewritten
+
+
+@pytest.mark.integration
+def test_interrupted_run_resumes_from_checkpoints_and_equals_uninterrupted(baseline, parent, tokens, tmp_path):
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(step, actors):
+        if step == 10:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        _run(parent, tokens, tmp_path / "lib", on_step=interrupt)
+    assert list((tmp_path / "lib" / "work" / "checkpoints").glob("*.safetensors"))
+    resumed = _run(parent, tokens, tmp_path / "lib")
+    start = resumed.last_run["start_step"]
+    assert start > 1 and (start - 1) % 3 == 0
+    assert set(resumed.last_run["resumed_from"].values()) == {start - 1}
+    _assert_same_library(baseline, resumed)
+    assert not list((tmp_path / "lib" / "work" / "checkpoints").glob("*.safetensors"))
+
+
+@pytest.mark.integration
+def test_killed_trainer_is_restarted_and_its_blocks_finish_identically(baseline, parent, tokens, tmp_path):
+    import ray
+
+    killed = []
+
+    def kill(step, actors):
+        if step == 8:
+            ray.kill(actors[0], no_restart=False)  # Ray restarts it (max_restarts); its blocks replay from step 6
+            killed.append(step)
+
+    store = _run(parent, tokens, tmp_path / "lib", on_step=kill)
+    assert killed == [8]
+    assert store.last_run["replayed_steps"] > 0
+    _assert_same_library(baseline, store)
+
+
+@pytest.mark.integration
+def test_coupled_mode_trains_pairs(parent, tokens, tmp_path, ray_session):
+    variants = [
+        {"blocks": [BlockConfig(AttentionConfig(replace_with_linear=True), FFNConfig(intermediate_size=32))]}
+    ] * 2
+    store = _run(parent, tokens, tmp_path / "lib", variants=variants, cfg={"mode": "coupled", "tokens": 4 * 4 * SEQ})
+    entry = store.index["layer_0"]["block"]["attn_linear+ffn_32"]
+    assert entry["init"] == "linear_wo_wv+channel_contribution"
+    assert entry["nmse_trained"] < entry["nmse_init"]
+    assert store.index["layer_0"]["block"]["attn_group2+ffn_64"]["parent"]
+    block = BlockConfig(AttentionConfig(replace_with_linear=True), FFNConfig(intermediate_size=32))
+    layer = store.build_layer(parent, 0, block)
+    for name, value in load_file(str(store.root / entry["file"])).items():
+        assert torch.equal(layer.state_dict()[name], value)
+
+
+@pytest.mark.integration
+def test_gpu_request_on_a_cpu_cluster_is_refused(parent, tokens, tmp_path, ray_session):
+    with pytest.raises(ConfigError, match="num_gpus"):
+        _run(parent, tokens, tmp_path / "lib", cfg={"num_gpus": 0.5})
