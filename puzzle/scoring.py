@@ -8,15 +8,18 @@ Cost saving: the parent's hidden state entering every layer is cached once per v
 parent's next-token log-probabilities, so a block in layer i recomputes only layers i..L-1, the final norm and the
 LM head. With Ray, one task scores one (layer, group of variants); tasks are retried on failure.
 
-Entry point: `score_blocks(parent, source, variants, batches)`; the pipeline's score stage calls it with the
-BlockStore written by BLD and writes the result into library.json (see `puzzle.profiling.write_library_json`).
+Entry points: `score_blocks(parent, source, variants, batches)` and the stage wrapper `run_scoring(cfg, ...)`, called
+with the BlockStore written by BLD; the profile stage joins the scores with costs into library.json
+(`puzzle.profiling.run_profiling`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -296,3 +299,55 @@ def _run_on_ray(parent, source, cache, jobs, num_cpus, num_gpus, device, threads
             done, pending = ray.wait(pending, num_returns=1)
             bar.update(len(done))
     return ray.get(refs)
+
+
+def validation_batches(validation: Any, batch_size: int, tokens: int | None, num_batches: int | None) -> list:
+    """Validation batches from a packed `datasets.Dataset` (puzzle.data) or a list of LongTensors."""
+    if isinstance(validation, (list, tuple)):
+        rows = list(validation)
+    else:
+        from puzzle.data import batches
+
+        rows = list(batches(validation, batch_size, max_tokens=None if num_batches else tokens))
+    return rows[:num_batches] if num_batches else rows
+
+
+def run_scoring(
+    cfg: Any,
+    parent: nn.Module,
+    source: BlockSource,
+    variants: Sequence[Sequence[BlockConfig]],
+    validation: Any,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    use_ray: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Scores, dict[str, Any]]:
+    """The pipeline's score stage: `score_blocks` with a `puzzle.config.ScoringConfig`; writes out_dir/scores.json.
+
+    validation: the packed validation split (or a list of token batches); scoring uses `cfg.num_batches` batches of
+    `cfg.batch_size` rows, or about `cfg.tokens` tokens. Tasks hold `cfg.num_cpus` / `cfg.num_gpus` (on CUDA when
+    num_gpus > 0).
+    """
+    rows = validation_batches(validation, cfg.batch_size, cfg.tokens, cfg.num_batches)
+    device = "cuda" if cfg.num_gpus > 0 else "cpu"
+    if device == "cuda" and not use_ray and not torch.cuda.is_available():
+        raise PuzzleError(f"scoring.num_gpus={cfg.num_gpus} but CUDA is not available here; set scoring.num_gpus=0")
+    scores, info = score_blocks(
+        parent,
+        source,
+        variants,
+        rows,
+        use_ray=use_ray,
+        group_size=cfg.group_size,
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus,
+        device=device,
+        log=log,
+    )
+    info["metric"] = cfg.metric
+    if out_dir is not None:
+        from puzzle.profiling import write_json_atomic
+
+        write_json_atomic(Path(out_dir) / "scores.json", {"scores": scores, "info": info})
+    return scores, info

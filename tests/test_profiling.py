@@ -197,3 +197,46 @@ def test_library_json_refuses_scores_without_costs():
     scores["layer_0"]["attn_linear+ffn_linear"] = {"kl_div": 1.0, "lm_loss": 3.0, "top1": 0.5}
     with pytest.raises(PuzzleError, match="layer_0: variants \\['attn_linear\\+ffn_linear'\\]"):
         build_library_json(scores, costs)
+
+
+def test_score_and_profile_stages_write_a_library_the_search_solves(tmp_path):
+    from puzzle.config import ProfilingConfig, ScoringConfig, TargetConfig
+    from puzzle.mip import BlockLibrary, Budget, search
+    from puzzle.profiling import run_profiling
+    from puzzle.scoring import run_scoring
+
+    class Source:
+        def build_layer(self, parent_model, layer_idx, block):
+            return PuzzleDecoderLayer.from_block(parent_model.config, block, layer_idx)
+
+    torch.manual_seed(0)
+    model = PuzzleForCausalLM(tiny_config()).eval()
+    variants = [[PARENT, SMALL, NOOP]] * 2
+    rows = [torch.randint(0, 128, (2, 8)) for _ in range(3)]
+    scoring = ScoringConfig(num_batches=2, batch_size=2)
+    scores, info = run_scoring(scoring, model, Source(), variants, rows, tmp_path / "score")
+    assert info["num_batches"] == 2 and json.loads((tmp_path / "score" / "scores.json").read_text())["scores"] == scores
+    profiling = ProfilingConfig(
+        warmup=0, repeats=2, decode_steps=2, stack=1, estimate_device="h100", cache_path=str(tmp_path / "profiles.json")
+    )
+    target = TargetConfig(device="cpu", batch_sizes=[1, 2], prompt_len=8, gen_len=8)
+    path = run_profiling(
+        profiling, target, model.config, variants, scores, tmp_path / "profile", metadata={"scoring": info}
+    )
+    library = json.loads(path.read_text())
+    assert library["metadata"]["seq_len"] == 16 and library["metadata"]["num_threads"] == 1
+    estimated = json.loads((tmp_path / "profile" / "library_estimated_h100.json").read_text())
+    assert estimated["metadata"]["source"] == "estimated" and library["metadata"]["source"] == "measured"
+    solutions = search(BlockLibrary.load(path), Budget(speedup=1.01), objective="metrics.kl_div")
+    assert solutions and set(solutions[0].layers) == {"layer_0", "layer_1"}
+
+
+def test_scoring_on_gpus_without_cuda_is_a_clear_error():
+    from puzzle.config import ScoringConfig
+    from puzzle.scoring import run_scoring
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    model = PuzzleForCausalLM(tiny_config()).eval()
+    with pytest.raises(PuzzleError, match="scoring.num_gpus=1"):
+        run_scoring(ScoringConfig(num_gpus=1), model, None, [[PARENT]] * 2, [torch.zeros(1, 4, dtype=torch.long)])

@@ -35,7 +35,13 @@ from puzzle.profiling.blocks import (
     profile_blocks,
 )
 from puzzle.profiling.estimate import block_work, estimate_blocks, fixed_work
-from puzzle.profiling.library import build_library_json, write_json_atomic, write_library_json
+from puzzle.profiling.library import (
+    build_library_json,
+    default_cache_path,
+    run_profiling,
+    write_json_atomic,
+    write_library_json,
+)
 from puzzle.profiling.timing import (
     LatencyStats,
     device_name,
@@ -55,6 +61,7 @@ __all__ = [
     "block_shape",
     "block_work",
     "build_library_json",
+    "default_cache_path",
     "derived_config",
     "device_name",
     "estimate_blocks",
@@ -68,6 +75,7 @@ __all__ = [
     "memory_stats",
     "profile_blocks",
     "resolve_device",
+    "run_profiling",
     "torch_dtype",
     "write_json_atomic",
     "write_library_json",
