@@ -62,6 +62,21 @@ def _finish(sums: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def token_rows(data: Any) -> torch.Tensor:
+    """A [rows, seq_len] LongTensor from a tensor, a list of equal-length rows or batches, or a datasets.Dataset
+    with an "input_ids" column (puzzle.data.build_splits' packed splits)."""
+    if hasattr(data, "column_names"):
+        if "input_ids" not in data.column_names:
+            raise ConfigError(f"dataset has no input_ids column (columns: {', '.join(data.column_names)})")
+        data = data.with_format("torch")[:]["input_ids"]
+    if isinstance(data, list | tuple) and data and isinstance(data[0], torch.Tensor):
+        data = torch.cat([d if d.ndim == 2 else d.unsqueeze(0) for d in data])
+    rows = torch.as_tensor(data, dtype=torch.long)
+    if rows.ndim != 2 or rows.numel() == 0:
+        raise ConfigError(f"expected token rows of shape [rows, seq_len], got {tuple(rows.shape)}")
+    return rows
+
+
 def iter_batches(token_ids: torch.Tensor, batch_size: int, max_tokens: int | None = None) -> Iterable[torch.Tensor]:
     """Consecutive [batch, seq] slices of a [rows, seq] tensor, stopping once max_tokens tokens were yielded."""
     if token_ids.ndim != 2 or len(token_ids) == 0:
@@ -219,7 +234,7 @@ def measure_throughput(
 def evaluate_models(
     parent: nn.Module,
     child: nn.Module,
-    test_ids: torch.Tensor,
+    test_ids: Any,
     cfg: EvaluateConfig,
     target: TargetConfig,
     *,
@@ -229,6 +244,7 @@ def evaluate_models(
 ) -> dict[str, Any]:
     """Parent and child through the same code path: quality on `test_ids` and throughput at the target.
 
+    test_ids: the test split (token rows: a tensor or a datasets.Dataset with "input_ids").
     batch_size: the throughput batch size (the search's chosen one); default target.batch_sizes[0].
     Returns {"parent": summary, "child": summary, "speedup_measured", "speedup_generation", "throughput_setup",
     "process_peak_rss_mib"}; a summary is {params, param_mib, kv_cache_mib, memory_mib, test: {lm_loss, ppl, kl,
@@ -247,6 +263,7 @@ def evaluate_models(
     gen_len = cfg.gen_len or target.gen_len
     context_len = target.seq_len or prompt_len + gen_len
     models = {"parent": _on(parent, device, dtype), "child": _on(child, device, dtype)}
+    test_ids = token_rows(test_ids)
     log(f"[evaluate] quality on {min(cfg.tokens, test_ids.numel()):,} test tokens")
     quality = evaluate_quality(models, models["parent"], test_ids, cfg.batch_size, cfg.tokens)
     log(f"[evaluate] throughput at batch {b}, prompt {prompt_len}, context {context_len}, generating {gen_len}")

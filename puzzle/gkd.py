@@ -394,7 +394,7 @@ class GKDResult:
 def run_gkd(
     child: nn.Module,
     parent: nn.Module,
-    train_ids: torch.Tensor,
+    train_ids: Any,
     cfg: GKDConfig,
     work_dir: str | Path,
     *,
@@ -407,7 +407,8 @@ def run_gkd(
     log: Callable[[str], None] = print,
     logger: Any = None,
 ) -> GKDResult:
-    """Distil `child` against `parent` on `train_ids` ([rows, seq_len] token ids) with Ray Train; needs Ray started.
+    """Distil `child` against `parent` on `train_ids` (token rows: a [rows, seq_len] tensor or a datasets.Dataset
+    with "input_ids") with Ray Train; needs Ray started.
 
     Checkpoints go to `work_dir/gkd-<input hash>/`; a second call with the same inputs resumes from the latest
     checkpoint (and returns at once if the run had finished). `max_steps` caps the optimiser steps of this call
@@ -419,10 +420,9 @@ def run_gkd(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if train_ids.ndim != 2 or len(train_ids) == 0:
-        raise ConfigError(
-            f"GKD needs a non-empty [rows, seq_len] tensor of token ids, got shape {tuple(train_ids.shape)}"
-        )
+    from puzzle.evaluate import token_rows
+
+    train_ids = token_rows(train_ids)
     if not ray.is_initialized():
         raise ConfigError("GKD runs on Ray Train: start or join a cluster first (ray.init or `puzzle run`)")
     use_gpu = cfg.num_gpus > 0
@@ -550,8 +550,8 @@ def run_gkd_stage(
     parent: nn.Module,
     store: Any,
     solutions: Sequence[dict[str, str]],
-    train_ids: torch.Tensor,
-    val_ids: torch.Tensor,
+    train_ids: Any,
+    val_ids: Any,
     cfg: GKDConfig,
     work_dir: str | Path,
     *,
@@ -568,7 +568,9 @@ def run_gkd_stage(
     "candidates": [validation metrics per candidate] (empty when topk == 1)}.
     """
     from puzzle.assemble import assemble_child
+    from puzzle.evaluate import token_rows
 
+    train_ids, val_ids = token_rows(train_ids), token_rows(val_ids)
     if not solutions:
         raise ConfigError("no search solution to distil; run the search stage first")
     topk = max(1, min(topk, len(solutions)))

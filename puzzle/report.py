@@ -225,6 +225,48 @@ def write_report(
     return paths
 
 
+def export_and_report(
+    out_dir: str | Path,
+    child: Any,
+    evaluation: dict[str, Any],
+    *,
+    tokenizer: Any = None,
+    library: dict[str, Any],
+    solutions: Sequence[dict[str, Any]],
+    chosen: int,
+    target: dict[str, Any],
+    budget: dict[str, Any],
+    stages: dict[str, dict[str, float]],
+    objective: str = "metrics.kl_div",
+    gkd_history: Sequence[dict[str, float]] = (),
+) -> dict[str, Path]:
+    """The pipeline's last stage: export the evaluated child to out_dir/export (puzzle.export.save_child, with the
+    parent's tokenizer: a directory or a tokenizer object), then write the report beside it.
+
+    Returns {"export": dir, "report.json": path, "report.md": path, "<plot>.png": path, ...}.
+    """
+    from puzzle.assemble import architecture_table
+    from puzzle.export import save_child
+
+    out = Path(out_dir)
+    export_dir = save_child(child, out / "export", tokenizer)
+    report = build_report(
+        evaluation,
+        library=library,
+        solutions=solutions,
+        chosen=chosen,
+        architecture=architecture_table(child.config),
+        target=target,
+        budget=budget,
+        stages=stages,
+        objective=objective,
+        gkd_history=gkd_history,
+        export_dir=export_dir,
+    )
+    paths = write_report(out, report, library=library, solutions=solutions, gkd_history=gkd_history)
+    return {"export": export_dir, **paths}
+
+
 def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()

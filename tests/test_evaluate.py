@@ -132,3 +132,20 @@ def test_exported_checkpoint_gives_the_evaluated_childs_logits(tmp_path, parent,
         torch.testing.assert_close(reloaded(input_ids=ids).logits, child(input_ids=ids).logits, rtol=0, atol=0)
     again = evaluate_quality({"child": reloaded}, parent, ids, batch_size=2)["child"]
     assert again == evaluated
+
+
+def test_token_rows_accepts_datasets_tensors_and_batches():
+    import datasets
+
+    from puzzle.errors import ConfigError
+    from puzzle.evaluate import token_rows
+
+    rows = [[1, 2, 3], [4, 5, 6]]
+    expected = torch.tensor(rows)
+    assert torch.equal(token_rows(datasets.Dataset.from_dict({"input_ids": rows})), expected)
+    assert torch.equal(token_rows([expected[:1], expected[1:]]), expected)
+    assert torch.equal(token_rows(expected), expected)
+    with pytest.raises(ConfigError, match="no input_ids column"):
+        token_rows(datasets.Dataset.from_dict({"text": ["a"]}))
+    with pytest.raises(ConfigError, match=r"\[rows, seq_len\]"):
+        token_rows(torch.tensor([1, 2, 3]))

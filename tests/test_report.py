@@ -149,3 +149,33 @@ def test_missing_fields_are_named(evaluation, library):
     broken = dict(evaluation, parent={**evaluation["parent"], "throughput": {"decode_tok_s": 1.0}})
     with pytest.raises(PuzzleError, match=r"parent\.throughput\.prefill_tok_s"):
         _report(broken, library)
+
+
+def test_export_and_report_writes_the_checkpoint_and_the_report(tmp_path, evaluation, library):
+    from puzzle.modeling_puzzle import PuzzleConfig, PuzzleForCausalLM
+    from puzzle.report import export_and_report
+
+    blocks = [
+        {"attention": {"no_op": True}, "ffn": {"intermediate_size": 16}},
+        {"attention": {"n_heads_in_group": 2}, "ffn": {"no_op": True}},
+    ]
+    config = PuzzleConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        block_configs=blocks,
+    )
+    _, kwargs = _report(evaluation, library)
+    kwargs.pop("architecture")
+    kwargs.pop("export_dir")
+    paths = export_and_report(tmp_path / "run", PuzzleForCausalLM(config), evaluation, **kwargs)
+    assert (paths["export"] / "model.safetensors").is_file()
+    exported = json.loads((paths["export"] / "config.json").read_text())
+    assert exported["block_configs"][0]["attention"]["no_op"] is True
+    data = json.loads(paths["report.json"].read_text())
+    assert data["export"] == str(paths["export"])
+    assert [row["ffn"] for row in data["architecture"]] == ["ffn_16", "ffn_no_op"]
