@@ -14,15 +14,15 @@ from torch.testing import assert_close
 from puzzle.bld import (
     BlockRun,
     BlockStore,
-    _batch_rows,
-    _load_checkpoint,
-    _save_checkpoint,
+    batch_rows,
     initial_layer,
+    load_checkpoint,
     lr_at,
     parent_activations,
     plan_blocks,
     position_embeddings,
     run_bld,
+    save_checkpoint,
 )
 from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.config import BLDConfig
@@ -111,11 +111,11 @@ def test_shared_parent_forward_reproduces_the_model(parent, tokens):
 
 
 def test_training_batches_are_a_fixed_stream_of_epoch_permutations():
-    first = torch.cat([_batch_rows(step, 10, 4, seed=3) for step in range(1, 6)])  # 20 rows = 2 epochs
-    again = torch.cat([_batch_rows(step, 10, 4, seed=3) for step in range(1, 6)])
+    first = torch.cat([batch_rows(step, 10, 4, seed=3) for step in range(1, 6)])  # 20 rows = 2 epochs
+    again = torch.cat([batch_rows(step, 10, 4, seed=3) for step in range(1, 6)])
     assert torch.equal(first, again)
     assert sorted(first[:10].tolist()) == list(range(10)) and sorted(first[10:].tolist()) == list(range(10))
-    assert not torch.equal(first, torch.cat([_batch_rows(step, 10, 4, seed=4) for step in range(1, 6)]))
+    assert not torch.equal(first, torch.cat([batch_rows(step, 10, 4, seed=4) for step in range(1, 6)]))
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -142,9 +142,9 @@ def test_checkpoint_and_restore_continue_training_exactly(parent, tokens, tmp_pa
     first = fresh()
     for step in range(1, 4):
         first.train_step(step, states[1], states[2], pos)
-    _save_checkpoint(tmp_path / "ckpt.safetensors", first.checkpoint())
+    save_checkpoint(tmp_path / "ckpt.safetensors", first.checkpoint())
     resumed = fresh()
-    resumed.restore(_load_checkpoint(tmp_path / "ckpt.safetensors"))
+    resumed.restore(load_checkpoint(tmp_path / "ckpt.safetensors"))
     assert resumed.step == 3
     for step in range(4, 7):
         resumed.train_step(step, states[1], states[2], pos)
