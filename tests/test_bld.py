@@ -174,6 +174,24 @@ def test_store_refuses_unknown_variants_and_writes_atomically(parent, tmp_path):
         assert torch.equal(layer.state_dict()[name], value)
 
 
+def test_bad_token_inputs_are_refused_before_any_training(parent, tokens, tmp_path):
+    from datasets import Dataset
+
+    cfg = BLDConfig(**CFG)
+    with pytest.raises(ConfigError, match="one length"):
+        run_bld(parent, VARIANTS, tokens[:8], tokens[:8, :8], cfg, tmp_path / "a")
+    with pytest.raises(ConfigError, match="at least 2 calibration sequences"):
+        run_bld(parent, VARIANTS, tokens[:1], tokens, cfg, tmp_path / "b")
+    with pytest.raises(ConfigError, match="no 'input_ids' column"):
+        run_bld(parent, VARIANTS, Dataset.from_dict({"text": ["a", "b"]}), tokens, cfg, tmp_path / "c")
+    # a library of parent and no-op variants only needs no trainers (and no Ray)
+    only_trivial = [{"attention": [AttentionConfig(no_op=True)], "ffn": [FFNConfig(no_op=True)]}] * 2
+    rows = Dataset.from_dict({"input_ids": tokens[:8].tolist()})
+    store = run_bld(parent, only_trivial, rows, [tokens[8:12], tokens[12:16]], cfg, tmp_path / "d")
+    assert store.last_run["trained"] == [] and len(store.last_run["untrained"]) == 8
+    assert store.index["layer_1"]["ffn"]["ffn_no_op"]["nmse_init"] == pytest.approx(1.0)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # On Ray
 # --------------------------------------------------------------------------------------------------------------------
