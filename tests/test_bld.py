@@ -180,6 +180,12 @@ def test_bad_token_inputs_are_refused_before_any_training(parent, tokens, tmp_pa
     cfg = BLDConfig(**CFG)
     with pytest.raises(ConfigError, match="one length"):
         run_bld(parent, VARIANTS, tokens[:8], tokens[:8, :8], cfg, tmp_path / "a")
+    with pytest.raises(ConfigError, match="vocabulary has 128 ids"):
+        run_bld(parent, VARIANTS, tokens[:8], tokens[:8] + 200, cfg, tmp_path / "a")
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        run_bld(
+            parent, VARIANTS, torch.ones(4, 100, dtype=torch.long), torch.ones(4, 100, dtype=torch.long), cfg, tmp_path
+        )
     with pytest.raises(ConfigError, match="at least 2 calibration sequences"):
         run_bld(parent, VARIANTS, tokens[:1], tokens, cfg, tmp_path / "b")
     with pytest.raises(ConfigError, match="no 'input_ids' column"):

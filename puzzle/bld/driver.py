@@ -48,6 +48,25 @@ def _as_token_rows(data, what: str) -> Tensor:
     return rows.long()
 
 
+def _check_tokens(config, calib: Tensor, held: Tensor, train: Tensor) -> None:
+    if len({calib.shape[1], held.shape[1], train.shape[1]}) != 1:
+        raise ConfigError(
+            f"calibration, held-out and train sequences must have one length, got {calib.shape[1]}, "
+            f"{held.shape[1]} and {train.shape[1]}"
+        )
+    if calib.shape[1] > config.max_position_embeddings:
+        raise ConfigError(
+            f"sequence length {calib.shape[1]} exceeds the parent's max_position_embeddings "
+            f"{config.max_position_embeddings}; use shorter sequences (data.seq_len)"
+        )
+    for what, rows in (("calibration", calib), ("held-out", held), ("train", train)):
+        if rows.min() < 0 or rows.max() >= config.vocab_size:
+            raise ConfigError(
+                f"{what} token ids span [{rows.min()}, {rows.max()}] but the parent's vocabulary has "
+                f"{config.vocab_size} ids; tokenise with the parent's tokenizer"
+            )
+
+
 def _split_calibration(calib: Tensor, heldout: Tensor | None, cfg: BLDConfig) -> tuple[Tensor, Tensor]:
     """Rows for initialisation (capped at cfg.calibration_tokens) and held-out rows for the normalised MSE."""
     if heldout is None:
@@ -325,11 +344,7 @@ def run_bld(
     calib, held = _split_calibration(_as_token_rows(calibration, "calibration"), heldout, cfg)
     held = _as_token_rows(held, "held-out")
     train_rows = _as_token_rows(train, "train")
-    if len({calib.shape[1], held.shape[1], train_rows.shape[1]}) != 1:
-        raise ConfigError(
-            f"calibration, held-out and train sequences must have one length, got {calib.shape[1]}, "
-            f"{held.shape[1]} and {train_rows.shape[1]}"
-        )
+    _check_tokens(model.config, calib, held, train_rows)
     store = BlockStore(out_dir)
     work = Path(work_dir) if work_dir is not None else store.root / ".work"
     fp = parent_fp or parent_fingerprint(model)
