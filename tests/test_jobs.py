@@ -101,12 +101,18 @@ def test_submit_validates_before_contacting_the_cluster(capsys):
 
 def _start_head(port: int, dash: int, temp_dir: str, env: dict[str, str]) -> subprocess.Popen:
     """`ray start --head --block` in its own session: ending that process ends exactly this cluster
-    (never `ray stop`, which kills every Ray process on the machine, other users' included)."""
+    (never `ray stop`, which kills every Ray process on the machine, other users' included).
+
+    Every port is chosen free: with the agents' default ports, a second cluster on the machine (another
+    test session's ray.init) leaves this one without a job agent ("No available agent to submit job").
+    """
     ray_bin = Path(sys.executable).with_name("ray")
     args = [
         str(ray_bin), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
-        f"--temp-dir={temp_dir}",
+        f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}", f"--ray-client-server-port={free_port()}",
     ]  # fmt: skip
     return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
