@@ -14,6 +14,7 @@ which would disagree with widths that are not of that form.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -22,6 +23,8 @@ from typing import Any
 
 from puzzle.errors import PuzzleError
 from puzzle.modeling_puzzle import PuzzleForCausalLM
+
+logger = logging.getLogger(__name__)
 
 EXPORT_ARCHITECTURES = ["DeciLMForCausalLM"]
 EXPORT_AUTO_MAP = {
@@ -52,6 +55,14 @@ def save_child(model: PuzzleForCausalLM, out_dir: str | Path, tokenizer: Any = N
     if not isinstance(model, PuzzleForCausalLM):
         raise TypeError(f"save_child exports a PuzzleForCausalLM, got {type(model).__name__}")
     out_dir = Path(out_dir)
+    linear = linear_layers(model.config)
+    if linear:
+        logger.warning(
+            "export %s has replace_with_linear subblocks in layers %s: transformers loads it, vLLM's "
+            "DeciLMForCausalLM does not implement them",
+            out_dir,
+            linear,
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
@@ -67,6 +78,12 @@ def save_child(model: PuzzleForCausalLM, out_dir: str | Path, tokenizer: Any = N
         if partial.exists():
             shutil.rmtree(partial)
     return out_dir
+
+
+def linear_layers(config: Any) -> list[int]:
+    """Layers with a `replace_with_linear` attention or FFN (puzzle's own variants, which vLLM does not implement)."""
+    blocks = [config.block_config(i) for i in range(config.num_hidden_layers)]
+    return [i for i, b in enumerate(blocks) if b.attention.replace_with_linear or b.ffn.replace_with_linear]
 
 
 def _rewrite_config(config_file: Path) -> None:

@@ -115,8 +115,10 @@ def test_export_loads_without_puzzle_with_identical_logits(child, tmp_path):
     assert out["encoded"].tolist() == [5, 6, 7]
 
 
-def test_export_layout_and_decilm_config(child, tmp_path):
-    export = save_child(child, tmp_path / "export")
+def test_export_layout_and_decilm_config(child, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="puzzle.export"):
+        export = save_child(child, tmp_path / "export")
+    assert "replace_with_linear subblocks in layers [1, 2]" in caplog.text
     names = set(os.listdir(export))
     shipped = {"model.safetensors", "config.json", "modeling_puzzle.py", "configuration_puzzle.py", "block_config.py"}
     assert shipped <= names
