@@ -237,6 +237,8 @@ class ProfilingConfig:
     """torch threads while measuring; None uses num_cpus. Evaluation must use the same to compare."""
     cache_path: str | None = None
     """JSON cache of measurements; None uses $PUZZLE_CACHE/profiles.json (default ~/.cache/puzzle)."""
+    clock: str = "wall"
+    """"wall", or "cpu" (process CPU time: repeatable with one thread on a shared machine; CPU targets only)."""
 
     def __post_init__(self) -> None:
         _check_positive("profiling.warmup", self.warmup, allow_zero=True)
@@ -245,6 +247,7 @@ class ProfilingConfig:
         _check_positive("profiling.decode_steps", self.decode_steps)
         _check_positive("profiling.stack", self.stack)
         _check_positive("profiling.num_threads", self.num_threads)
+        _check_choice("profiling.clock", self.clock, ("wall", "cpu"))
 
 
 @dataclass
@@ -498,6 +501,30 @@ def _one_line(err: BaseException) -> str:
     return "; ".join(dict.fromkeys(keep)) or type(err).__name__
 
 
+def _hydra_overrides(overrides: Sequence[str], groups: set[str]) -> list[str]:
+    """Let `key=value` reach sections the job does not spell out, and `group=option` pick unpicked groups.
+
+    Hydra refuses to override a key the composed job lacks (struct mode), so a job that leaves, say,
+    `cluster` to the schema defaults could not take `cluster.address=...`. Value overrides become
+    `++key=value` (set or add); unknown keys are still refused, by the schema check in `to_job_config`.
+    A group the job's defaults list does not pick is added with `+group=option`.
+    """
+    out = []
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or key.startswith(("+", "~")) or key.startswith("hydra"):
+            out.append(item)
+        elif "." in key or "[" in key:
+            out.append(f"++{item}")
+        elif key in groups:
+            out.append(item)
+        elif (CONF_DIR / key).is_dir():
+            out.append(f"+{item}")
+        else:
+            out.append(f"++{item}")
+    return out
+
+
 def load_job(job_yaml: str | os.PathLike[str], overrides: Sequence[str] = ()) -> JobConfig:
     """Compose a job file with the conf/ groups and `key=value` overrides into a JobConfig.
 
@@ -523,7 +550,9 @@ def load_job(job_yaml: str | os.PathLike[str], overrides: Sequence[str] = ()) ->
     searchpath = f"hydra.searchpath=[file://{CONF_DIR.resolve()}]"
     try:
         with initialize_config_dir(config_dir=str(path.parent), version_base="1.3", job_name="puzzle"):
-            cfg = compose(config_name=path.stem, overrides=[searchpath, *overrides])
+            chosen = compose(config_name=path.stem, overrides=[searchpath], return_hydra_config=True)
+            groups = set(chosen.hydra.runtime.choices)
+            cfg = compose(config_name=path.stem, overrides=[searchpath, *_hydra_overrides(overrides, groups)])
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"job {path.name}: {_one_line(err)}") from None
     finally:

@@ -92,7 +92,7 @@ def test_group_choice_changes_section():
     "override, message",
     [
         ("bld.tokens=abc", "could not be converted to Integer"),
-        ("bld.nope=1", "Could not override 'bld.nope'"),
+        ("bld.nope=1", "Key 'nope' not in 'BLDConfig'"),
         ("target=nope", "Could not find 'target/nope'"),
         ("bld.mode=sideways", "bld.mode='sideways' is not one of decoupled, coupled"),
         ("budget.speedup=0", r"budget.speedup=0.0 must be > 0"),
@@ -133,6 +133,16 @@ def test_job_outside_jobs_dir_with_its_own_group_option(tmp_path: Path):
     assert cfg.target.batch_sizes == [2, 3]
     assert cfg.name == "mine" and cfg.run_dir == Path("/tmp/elsewhere/mine")
     assert cfg.bld == BLDConfig()  # sections the job does not pick keep the schema's defaults
+
+
+def test_overrides_reach_sections_and_groups_the_job_leaves_out(tmp_path: Path):
+    job = tmp_path / "minimal.yaml"
+    job.write_text("# only a budget\ndefaults:\n  - budget: speedup2x\n  - _self_\ntarget:\n  batch_sizes: [4]\n")
+    cfg = load_job(job, ["cluster.address=head:6379", "target.dtype=bfloat16", "logger=wandb_offline"])
+    assert cfg.cluster.address == "head:6379" and cfg.logger.mode == "offline"
+    assert cfg.target.batch_sizes == [4] and cfg.target.dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="Key 'adress' not in 'ClusterConfig'"):
+        load_job(job, ["cluster.adress=head:6379"])
 
 
 def test_yaml_round_trip():
