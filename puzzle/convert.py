@@ -80,7 +80,9 @@ def puzzle_config_from_hf(hf_config: Any) -> PuzzleConfig:
 
 def _check_sliding_window(hf_config: Any) -> None:
     window = getattr(hf_config, "sliding_window", None)
-    if window is None:
+    layer_types = getattr(hf_config, "layer_types", None)
+    # Qwen2 keeps a window value while layer_types says which layers (if any) actually slide.
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
         return
     if window < hf_config.max_position_embeddings:
         raise UnsupportedModelError(

@@ -134,9 +134,18 @@ def test_sliding_window_shorter_than_context_is_refused(tmp_path):
     parent_dir = save_tiny_parent(tmp_path, "mistral", tokenizer=False, sliding_window=64)
     assert load_parent(parent_dir).config.num_hidden_layers == 2
     shutil.rmtree(parent_dir)
-    parent_dir = save_tiny_parent(tmp_path, "qwen2", tokenizer=False, use_sliding_window=True, sliding_window=8)
+    parent_dir = save_tiny_parent(
+        tmp_path, "qwen2", tokenizer=False, use_sliding_window=True, sliding_window=8, max_window_layers=1
+    )
     with pytest.raises(UnsupportedModelError, match="sliding-window attention"):
         load_parent(parent_dir)
+    shutil.rmtree(parent_dir)
+    # Qwen2 slides only from layer max_window_layers on: with max_window_layers >= layers nothing slides.
+    parent_dir = save_tiny_parent(
+        tmp_path, "qwen2", tokenizer=False, use_sliding_window=True, sliding_window=8, max_window_layers=2
+    )
+    reference = AutoModelForCausalLM.from_pretrained(parent_dir).eval()
+    assert _max_logit_diff(load_parent(parent_dir), reference, seq=40) <= 1e-5
 
 
 def test_dtype_is_applied(tmp_path):
