@@ -218,6 +218,253 @@ def run_search(ctx: StageContext) -> StageResult:
     return StageResult(summary={"num_solutions": len(solutions), "batch_size": best.batch_size})
 
 
+# ------------------------------------------------------------------------------------- shared loaders
+
+
+def load_parent_model(ctx: StageContext) -> Any:
+    """The parent as puzzle's heterogeneous model (all blocks = parent), in the job's parent dtype."""
+    import torch
+
+    from puzzle.convert import load_parent
+
+    cfg = ctx.job.parent
+    dtype = getattr(torch, cfg.dtype)
+    return load_parent(
+        parent_info(ctx)["path"], allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code, dtype=dtype
+    )
+
+
+def load_search_space(ctx: StageContext) -> Any:
+    from puzzle.search_space import SearchSpace
+
+    return SearchSpace.load(resolve_path(ctx.job.search_space.path))
+
+
+def block_variants(ctx: StageContext, parent_config: Any) -> list[list[Any]]:
+    """Per layer, every (attention, FFN) block of the search space (the parent's first): what is scored and costed."""
+    from puzzle.search_space import ParentShape
+
+    return load_search_space(ctx).enumerate(ParentShape.from_config(parent_config))
+
+
+def load_block_store(ctx: StageContext) -> Any:
+    from puzzle.bld import BlockStore
+
+    return BlockStore(ctx.upstream["bld"] / "library")
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Hard-link `src` (a file or a directory) to `dst`, copying where links are impossible (another filesystem)."""
+    import shutil
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=link)
+    else:
+        link(str(src), str(dst))
+
+
+# ---------------------------------------------------------------------------------------------------- bld
+
+
+def run_bld_stage(ctx: StageContext) -> StageResult:
+    """Initialise every search-space variant from the parent and train it by BLD on Ray (puzzle.bld.run_bld).
+
+    The block store lives in work_dir while the stage runs, so blocks finished before a crash are kept and only
+    unfinished ones train again; on success it is linked into the stage directory as library/.
+    """
+    from puzzle.bld import run_bld, variants_from_search_space
+
+    parent = load_parent_model(ctx)
+    variants = variants_from_search_space(load_search_space(ctx), parent.config)
+    store_dir = ctx.work_dir / "library"
+    store = run_bld(
+        parent,
+        variants,
+        load_split(ctx, "calibration"),
+        load_split(ctx, "train"),
+        ctx.job.bld,
+        store_dir,
+        ctx.work_dir / "checkpoints",
+        parent_fp=parent_info(ctx)["fingerprint"],
+        logger=ctx.logger,
+    )
+    link_tree(store_dir, ctx.out_dir / "library")
+    run = store.last_run
+    trained = len(run.get("trained", []))
+    summary = {
+        "blocks": run.get("blocks"),
+        "trained": trained,
+        "cached": len(run.get("cached", [])),
+        "steps": run.get("steps"),
+    }
+    return StageResult(tokens=trained * int(run.get("tokens_per_block", 0)), summary=summary)
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values (summaries may hold paths, tuples or numpy scalars)."""
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+
+# -------------------------------------------------------------------------------------------------- score
+
+
+def run_score_stage(ctx: StageContext) -> StageResult:
+    """Replace-1-block quality of every block on the validation split (Ray tasks); writes scores.json."""
+    from puzzle.scoring import run_scoring
+
+    parent = load_parent_model(ctx)
+    scores, info = run_scoring(
+        ctx.job.scoring,
+        parent,
+        load_block_store(ctx),
+        block_variants(ctx, parent.config),
+        load_split(ctx, "validation"),
+        ctx.out_dir,
+        use_ray=True,
+        log=say,
+    )
+    tokens = int(info.get("tokens", 0) or 0) if isinstance(info, dict) else 0
+    return StageResult(tokens=tokens, summary={"blocks": sum(len(v) for v in scores.values())})
+
+
+# ------------------------------------------------------------------------------------------------ profile
+
+
+def run_profile_stage(ctx: StageContext) -> StageResult:
+    """Latency and memory of every block on the target (measured, or estimated for a named GPU) + the scores:
+    library.json, the search's input."""
+    from transformers import AutoConfig
+
+    from puzzle.convert import puzzle_config_from_hf
+    from puzzle.profiling import run_profiling
+
+    info = parent_info(ctx)
+    hf_config = AutoConfig.from_pretrained(info["path"], trust_remote_code=ctx.job.parent.trust_remote_code)
+    parent_config = puzzle_config_from_hf(hf_config)
+    scored = read_json(ctx.upstream["score"] / "scores.json")
+    path = run_profiling(
+        ctx.job.profiling,
+        ctx.job.target,
+        parent_config,
+        block_variants(ctx, parent_config),
+        scored["scores"],
+        ctx.out_dir,
+        metadata={"scoring": scored.get("info", {}), "parent_path": info["path"]},
+        log=say,
+    )
+    return StageResult(summary={"library": path.name})
+
+
+# ---------------------------------------------------------------------------------------------------- gkd
+
+
+def run_gkd_stage(ctx: StageContext) -> StageResult:
+    """Assemble the chosen solution's child from library blocks and distil it globally (Ray Train); with
+    search.topk_gkd > 1, a short GKD of the top solutions picks which one. Saves child/ and gkd.json."""
+    from puzzle.export import save_child
+    from puzzle.gkd import run_gkd_stage as gkd
+
+    parent = load_parent_model(ctx)
+    solutions = read_json(ctx.upstream["search"] / "solutions.json")["solutions"]
+    out = gkd(
+        parent,
+        load_block_store(ctx),
+        [s["layers"] for s in solutions],
+        load_split(ctx, "train"),
+        load_split(ctx, "validation"),
+        ctx.job.gkd,
+        ctx.work_dir,
+        topk=ctx.job.search.topk_gkd,
+        eval_batch_size=ctx.job.evaluate.batch_size,
+        log=say,
+        logger=ctx.logger,
+    )
+    result = out["result"]
+    save_child(out["model"], ctx.out_dir / "child", tokenizer=parent_info(ctx)["path"])
+    record = {
+        "chosen": out["index"],
+        "candidates": _jsonable(out["candidates"]),
+        "history": _jsonable(result.history),
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "resumed_from_step": result.resumed_from_step,
+    }
+    write_json(ctx.out_dir / "gkd.json", record)
+    return StageResult(tokens=int(result.tokens), summary={"chosen": out["index"], "steps": result.steps})
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+
+
+def load_child(ctx: StageContext) -> Any:
+    import torch
+
+    from puzzle.convert import load_parent
+
+    return load_parent(ctx.upstream["gkd"] / "child", dtype=getattr(torch, ctx.job.parent.dtype))
+
+
+def chosen_solution(ctx: StageContext) -> dict[str, Any]:
+    solutions = read_json(ctx.upstream["search"] / "solutions.json")["solutions"]
+    return solutions[read_json(ctx.upstream["gkd"] / "gkd.json")["chosen"]]
+
+
+def run_evaluate_stage(ctx: StageContext) -> StageResult:
+    """Parent and child through the same code path on the test split, and end-to-end throughput at the target
+    (at the chosen solution's batch size); writes evaluation.json."""
+    from puzzle.evaluate import evaluate_models
+
+    evaluation = evaluate_models(
+        load_parent_model(ctx),
+        load_child(ctx),
+        load_split(ctx, "test"),
+        ctx.job.evaluate,
+        ctx.job.target,
+        batch_size=chosen_solution(ctx).get("batch_size"),
+        log=say,
+    )
+    write_json(ctx.out_dir / "evaluation.json", _jsonable(evaluation))
+    tokens = evaluation["parent"]["test"].get("tokens", 0)
+    return StageResult(tokens=int(tokens or 0), summary={"speedup_measured": evaluation.get("speedup_measured")})
+
+
+# -------------------------------------------------------------------------------------------------- export
+
+
+def run_export_stage(ctx: StageContext) -> StageResult:
+    """The child as a Hugging Face checkpoint (export/) and report.json, report.md and plots."""
+    import dataclasses
+
+    from puzzle.report import export_and_report
+
+    gkd = read_json(ctx.upstream["gkd"] / "gkd.json")
+    stages = {}
+    for manifest_path in sorted((ctx.run_dir / "stages").glob("*/manifest.json")):
+        m = read_json(manifest_path)
+        stages[m["stage"]] = {"seconds": m.get("seconds", 0.0), "tokens": m.get("tokens", 0)}
+    export_and_report(
+        ctx.out_dir,
+        load_child(ctx),
+        read_json(ctx.upstream["evaluate"] / "evaluation.json"),
+        tokenizer=parent_info(ctx)["path"],
+        library=read_json(ctx.upstream["profile"] / "library.json"),
+        solutions=read_json(ctx.upstream["search"] / "solutions.json")["solutions"],
+        chosen=gkd["chosen"],
+        target=dataclasses.asdict(ctx.job.target),
+        budget=ctx.job.budget.fields_set(),
+        stages=stages,
+        objective=ctx.job.search.objective,
+        gkd_history=gkd.get("history", []),
+    )
+    return StageResult(summary={"export": "export"})
+
+
 # -------------------------------------------------------------------------------------------------- list
 
 
@@ -229,25 +476,34 @@ def _stage(name: str, module: str, adapter: Callable[[StageContext], StageResult
     return Stage(name=name, run=adapter if present else None, module=module, **kw)
 
 
-def _unwired(name: str, module: str, **kw: Any) -> Stage:
-    """A stage whose module has not landed yet: listed so hashes and --from know it; reaching it is an error."""
-    return Stage(name=name, run=None, module=module, **kw)
-
-
 def build_stages() -> list[Stage]:
     """The pipeline in order."""
     return [
         Stage("parent", ("parent",), (), run_parent, always_run=True, module="puzzle.pipeline"),
         _stage("data", "puzzle.data", run_data, sections=("data",), after=("parent",)),
-        _unwired("bld", "puzzle.bld", sections=("bld", "search_space"), after=("parent", "data"), uses_ray=True),
-        _unwired("score", "puzzle.scoring", sections=("scoring",), after=("parent", "data", "bld"), uses_ray=True),
-        _unwired(
+        _stage(
+            "bld",
+            "puzzle.bld",
+            run_bld_stage,
+            sections=("bld", "search_space"),
+            after=("parent", "data"),
+            uses_ray=True,
+        ),
+        _stage(
+            "score",
+            "puzzle.scoring",
+            run_score_stage,
+            sections=("scoring", "search_space"),
+            after=("parent", "data", "bld"),
+            uses_ray=True,
+        ),
+        _stage(
             "profile",
             "puzzle.profiling",
-            sections=("profiling", "target"),
-            after=("parent", "bld", "score"),
-            uses_ray=True,
-            publish=("library.json",),
+            run_profile_stage,
+            sections=("profiling", "target", "search_space"),
+            after=("parent", "score"),
+            publish=("library.json", "library_estimated_*.json"),
         ),
         _stage(
             "search",
@@ -257,13 +513,27 @@ def build_stages() -> list[Stage]:
             after=("profile",),
             publish=("solutions.json",),
         ),
-        _unwired("gkd", "puzzle.gkd", sections=("gkd",), after=("parent", "data", "bld", "search"), uses_ray=True),
-        _unwired("evaluate", "puzzle.evaluate", sections=("evaluate", "target"), after=("parent", "data", "gkd")),
-        _unwired(
+        _stage(
+            "gkd",
+            "puzzle.gkd",
+            run_gkd_stage,
+            sections=("gkd", "evaluate"),
+            after=("parent", "data", "bld", "search"),
+            uses_ray=True,
+        ),
+        _stage(
+            "evaluate",
+            "puzzle.evaluate",
+            run_evaluate_stage,
+            sections=("evaluate", "target"),
+            after=("parent", "data", "search", "gkd"),
+        ),
+        _stage(
             "export",
             "puzzle.report",
-            sections=(),
-            after=("parent", "search", "gkd", "evaluate"),
+            run_export_stage,
+            sections=("target", "budget", "search"),
+            after=("parent", "profile", "search", "gkd", "evaluate"),
             publish=("export", "report.json", "report.md", "*.png"),
         ),
     ]

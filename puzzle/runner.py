@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from puzzle.pipeline import (
     StageUnavailable,
     build_stages,
     check_stage_name,
+    link_tree,
     read_json,
     write_json,
 )
@@ -113,21 +114,6 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link `src` (file or directory) to `dst`, copying where links are impossible (other filesystem)."""
-
-    def link(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-
-    if src.is_dir():
-        shutil.copytree(src, dst, copy_function=link)
-    else:
-        link(str(src), str(dst))
-
-
 def unpublish(stage: Stage, run_dir: Path) -> None:
     for pattern in stage.publish:
         for path in run_dir.glob(pattern):
@@ -141,7 +127,7 @@ def publish(stage: Stage, stage_dir: Path, run_dir: Path) -> None:
             dst = run_dir / src.name
             tmp = run_dir / f".{src.name}.tmp-{os.getpid()}"
             _remove(tmp)
-            _link_tree(src, tmp)
+            link_tree(src, tmp)
             _remove(dst)
             os.replace(tmp, dst)
 
@@ -173,8 +159,12 @@ def run_stage(
     run_dir: Path,
     upstream: dict[str, str],
     logger: RunLogger,
+    before_run: Callable[[Stage], None] | None = None,
 ) -> dict[str, Any]:
-    """Run one stage unless its artifacts are complete for the same inputs; return its manifest."""
+    """Run one stage unless its artifacts are complete for the same inputs; return its manifest.
+
+    `before_run(stage)` is called only when the stage will actually run (the runner connects Ray there).
+    """
     if stage.run is None:
         _check_wired([stage])
     stages_dir = run_dir / "stages"
@@ -186,6 +176,8 @@ def run_stage(
         stage_skipped(stage.name, manifest.get("seconds"))
         publish(stage, final, run_dir)  # cheap, and restores results a user deleted from the top level
         return manifest
+    if before_run is not None:
+        before_run(stage)
     unpublish(stage, run_dir)
     _remove(final)  # results for other inputs must not look like this run's
     tmp = stages_dir / f"{stage.name}.tmp-{os.getpid()}"
@@ -335,7 +327,7 @@ def run_job(
     validate: bool = True,
 ) -> Path:
     """Run `job` into its run directory and return the directory. Callable from tests without Hydra or a CLI."""
-    from puzzle.validate import check_search_space, validate_job
+    from puzzle.validate import check_search_space, gpu_requests, ray_address, validate_job
 
     stages = list(stages) if stages is not None else build_stages()
     selected, force_from = select_stages(stages, from_stage, until)
@@ -347,7 +339,17 @@ def run_job(
         clean_stale(run_dir)
         write_text_atomic(run_dir / "config.yaml", job_to_yaml(job))
         invalidate(run_dir, selected[force_from:])
-        started_ray = connect_ray(job) if any(s.uses_ray for s in selected) else False
+        ray_state = {"connected": False, "started": False}
+
+        def ensure_ray(stage: Stage) -> None:
+            if stage.uses_ray and not ray_state["connected"]:
+                ray_state["started"] = connect_ray(job)
+                ray_state["connected"] = True
+
+        # GPU requests and remote clusters are checked before any compute; a local CPU cluster starts only
+        # when a Ray stage actually has work (a cached rerun never starts one).
+        if any(s.uses_ray for s in selected) and (gpu_requests(job) or ray_address(job)):
+            ensure_ray(next(s for s in selected if s.uses_ray))
         cfg = job.logger
         logger = make_logger(
             cfg.mode, project=cfg.project, entity=cfg.entity, name=job.name, config=job_to_dict(job), run_dir=run_dir
@@ -356,18 +358,26 @@ def run_job(
         try:
             for stage in selected:
                 upstream = {name: manifests[name]["output_hash"] for name in stage.after}
-                manifests[stage.name] = run_stage(stage, job, run_dir, upstream, logger)
+                manifests[stage.name] = run_stage(stage, job, run_dir, upstream, logger, ensure_ray)
                 if stage.name == "parent" and validate:
                     # With the embedded default, the parent's shape is known only now.
                     check_search_space(job, _parent_config(run_dir))
         finally:
             logger.finish()
-            if started_ray:
+            if ray_state["started"]:
                 import ray
 
                 ray.shutdown()
+            _remove_if_empty(run_dir / "work")
         print_summary(run_dir, manifests)
     return run_dir
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # not empty (a stage's resumable state) or absent
 
 
 def _check_wired(selected: Sequence[Stage]) -> None:
