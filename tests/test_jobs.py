@@ -175,7 +175,7 @@ def test_submit_to_a_real_ray_head(tmp_path):
     try:
         overrides = [
             "parent=local", f"parent.path={parent}", "parent.dtype=float32", "data=files",
-            f"data.paths={corpus}", "data.seq_len=16", "run.name=ci", "debug=default",
+            f"data.paths={corpus}", "data.seq_len=16", "run.name=ci", "debug=default", "budget.speedup=1.01",
         ]  # fmt: skip
         until = _stages_to_run()
         # The dashboard and its job agent come up some seconds after `ray start`.

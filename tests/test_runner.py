@@ -192,6 +192,19 @@ def test_headline_tolerates_missing_fields(tmp_path):
     assert "top-1 accuracy" in text and "0.5" in text and "measured -x" in text
 
 
+def test_logging_is_disabled_by_default_and_wandb_offline_writes_locally(tmp_path, monkeypatch):
+    from puzzle.progress import NullLogger, make_logger
+
+    logger = make_logger("disabled", project="p", entity=None, name="n", config={}, run_dir=tmp_path)
+    assert isinstance(logger, NullLogger)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    job = make_job(tmp_path)
+    job.logger.mode = "offline"
+    run_job(job, stages=fake_stages([]), validate=False)
+    runs = list((job.run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
 KILL_SCRIPT = textwrap.dedent(
     """
     import os, sys, time
@@ -329,3 +342,74 @@ def test_changed_parent_checkpoint_invalidates_data(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(args) == 0
     assert "skipped" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------- the whole pipeline, killed and resumed
+
+
+def _pipeline_cmd(tmp_path: Path, name: str) -> list[str]:
+    """The full demo pipeline on the tiny parent, shrunk by debug=default; profiles shared through one cache so
+    both runs see the same measured costs (timings are the only nondeterministic input)."""
+    parent = tmp_path / "tiny-llama"
+    return [
+        sys.executable, "-m", "puzzle", "run", "jobs/demo.yaml",
+        "parent=local", f"parent.path={parent}", "parent.dtype=float32", "data=files",
+        f"data.paths={tmp_path / 'corpus' / '*.txt'}", "data.seq_len=16", "debug=default",
+        "budget.speedup=1.01", "cluster.num_cpus=2", f"profiling.cache_path={tmp_path / 'profiles.json'}",
+        f"run.name={name}", "--runs-dir", str(tmp_path / "runs"),
+    ]  # fmt: skip
+
+
+def _export_tensors(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "export" / "model.safetensors"))
+
+
+@pytest.mark.integration
+def test_pipeline_killed_during_gkd_resumes_to_the_same_export(tmp_path):
+    import torch
+    from tiny import save_tiny_parent
+
+    save_tiny_parent(tmp_path)
+    write_corpus(tmp_path / "corpus", n_docs=60)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PUZZLE_PROGRESS"] = "0"
+    cwd = Path(__file__).resolve().parents[1]
+
+    full = subprocess.run(_pipeline_cmd(tmp_path, "a"), env=env, cwd=cwd, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    # Run b: kill the whole process group (driver, its local Ray cluster, the GKD worker) once GKD has checkpointed.
+    log = (tmp_path / "b.log").open("w")
+    proc = subprocess.Popen(
+        _pipeline_cmd(tmp_path, "b"), env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    gkd_work = tmp_path / "runs" / "b" / "work" / "gkd"
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if len(list(gkd_work.glob("**/step_*"))) >= 3:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "run b finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    run_b = tmp_path / "runs" / "b"
+    assert not (run_b / "stages" / "gkd").exists() and not (run_b / "export").exists()
+
+    resumed = subprocess.run(_pipeline_cmd(tmp_path, "b"), env=env, cwd=cwd, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for stage in ("data", "bld", "score", "profile", "search"):
+        assert f"stage {stage}: done in 0.0 s (skipped: cached" in resumed.stdout
+    gkd = json.loads((run_b / "stages" / "gkd" / "gkd.json").read_text())
+    assert gkd["resumed_from_step"] > 0
+
+    a, b = _export_tensors(tmp_path / "runs" / "a"), _export_tensors(run_b)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
