@@ -98,14 +98,13 @@ def check_budget(job: JobConfig, library_path: Path | None = None) -> None:
             "the budget is empty; set one of budget.speedup, throughput_tok_s, decode_latency_ms, "
             "prefill_latency_ms, memory_gib, num_params (e.g. budget.speedup=2.0)"
         )
-    if library_path is None or not library_path.is_file():
+    if library_path is None or not library_path.is_file() or not _library_is_current(job, library_path):
         return
     from puzzle.mip import BlockLibrary, Budget, search
 
-    library = BlockLibrary.load(library_path)
     try:
         search(
-            library,
+            BlockLibrary.load(library_path),
             Budget.from_dict(entries),
             objective=job.search.objective,
             maximize=job.search.maximize,
@@ -115,6 +114,25 @@ def check_budget(job: JobConfig, library_path: Path | None = None) -> None:
         )
     except InfeasibleError as err:
         raise InfeasibleError(f"budget infeasible for {library_path}: {err}") from None
+    except PuzzleError:
+        return  # a library this job cannot read as is: its stages rebuild it, and the search stage decides
+
+
+# The sections a run directory's library.json depends on: when config.yaml matches on these, it is this job's.
+_LIBRARY_SECTIONS = ("parent", "data", "search_space", "target", "bld", "scoring", "profiling")
+
+
+def _library_is_current(job: JobConfig, library_path: Path) -> bool:
+    import yaml
+
+    from puzzle.config import job_to_dict
+
+    try:
+        previous = yaml.safe_load((library_path.parent / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    current = job_to_dict(job)
+    return isinstance(previous, dict) and all(previous.get(k) == current[k] for k in _LIBRARY_SECTIONS)
 
 
 def check_device_name(device: str, option: str) -> None:

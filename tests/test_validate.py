@@ -135,13 +135,21 @@ def _library() -> dict:
     return {"layer_0": layer, "layer_1": json.loads(json.dumps(layer)), "metadata": metadata}
 
 
-def test_budget_infeasible_for_an_existing_library(tmp_path, capsys):
+def test_budget_infeasible_for_an_existing_library(tmp_path, capsys, parent):
+    from puzzle.config import job_to_yaml, load_job
+
+    job = job_file(tmp_path, parent)
     run_dir = tmp_path / "runs" / "job"
     run_dir.mkdir(parents=True)
     (run_dir / "library.json").write_text(json.dumps(_library()))
+    # The library belongs to an earlier run of this job (same parent, data, target, ... sections).
+    (run_dir / "config.yaml").write_text(job_to_yaml(load_job(job, [f"run.runs_dir={tmp_path / 'runs'}"])))
     # Parent: 2 + 4 + 4 = 10 ms per step; the fastest child 2 + 2 + 2 = 6 ms: at most 1.67x.
-    err = run_cli(tmp_path, capsys, "budget.speedup=3")
+    err = run_cli(tmp_path, capsys, "budget.speedup=3", job=job)
     assert "budget infeasible" in err and "3" in err and "1.67" in err
+    # A library built for another target is not this job's: the check leaves it to the stages, and the run goes on.
+    args = ["run", str(job), "--runs-dir", str(tmp_path / "runs"), "--until", "parent", "budget.speedup=3"]
+    assert cli.main([*args, "target.batch_sizes=[4]"]) == 0
 
 
 # ------------------------------------------------------------------------------------------ target
