@@ -509,3 +509,33 @@ def test_predict_all_parent_is_speedup_one():
     figures = predict(library, library.parent, batch_size=1)
     assert figures["speedup"] == pytest.approx(1.0) and figures["decode_latency_ms"] == pytest.approx(10.0)
     assert figures["prefill_latency_ms"] == pytest.approx(85.0) and figures["num_params"] == 2200
+
+
+def test_dominated_variant_is_used_when_diversity_needs_it():
+    # 'best' beats 'worse' on everything and 'twin' equals 'best': pruning must still allow 'worse' (and only one of
+    # the twins) once earlier solutions have used the better ones.
+    layer = {
+        "best": {"stats": {"runtime_ms": 1.0}, "metrics": {"kl_div": 0.0}},
+        "twin": {"stats": {"runtime_ms": 1.0}, "metrics": {"kl_div": 0.0}},
+        "worse": {"stats": {"runtime_ms": 2.0}, "metrics": {"kl_div": 1.0}},
+    }
+    library = BlockLibrary.from_dict({"layer_0": layer, "layer_1": layer})
+    constraints = [Constraint("stats.runtime_ms", max=10.0)]
+    got = solve(library, constraints=constraints, num_solutions=3, diversity=2)
+    assert [s.objective for s in got] == [0.0, 0.0, 2.0]
+    assert got[2].layers == {"layer_0": "worse", "layer_1": "worse"}
+    assert [s.objective for s in got] == brute_force(library, "metrics.kl_div", constraints, False, 3, 2)
+
+
+def test_solution_not_proven_optimal_when_the_solver_stops_early(monkeypatch):
+    import pulp
+
+    from puzzle.search import mip
+
+    # A node limit of 1 stops CBC after the root; the incumbent is feasible but not proven optimal.
+    monkeypatch.setattr(mip, "_make_solver", lambda *a: pulp.PULP_CBC_CMD(msg=False, maxNodes=1))
+    library = random_library(11, num_layers=40, num_variants=12)
+    constraints = random_constraints(library, random.Random(11))
+    got = solve(library, constraints=constraints, num_solutions=6, diversity=3)
+    assert got and all(check_solution(library, s.layers, constraints) == [] for s in got)
+    assert not all(s.optimal for s in got)

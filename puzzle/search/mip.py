@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import pulp
 
 from puzzle.errors import ConfigError, InfeasibleError, PuzzleError
@@ -121,9 +122,16 @@ def check_solution(
     return problems
 
 
-def _make_solver(solver: str, time_limit: float | None, gap_rel: float | None, threads: int | None) -> Any:
+def _make_solver(
+    solver: str, time_limit: float | None, gap_rel: float | None, threads: int | None, gap_abs: float = 1e-10
+) -> Any:
+    """A PuLP solver. `gap_abs` is in objective units: CBC and HiGHS default to 1e-5 / 1e-6, coarse for KL sums of
+    small models, so the caller passes one scaled to the objective."""
     if solver == "cbc":
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=gap_rel, threads=threads)
+        # Without CBC's integer preprocessing, diverse solutions solve about 3x faster (benchmarks/bench_mip.py);
+        # `increment` is how much better a new incumbent must be, by default 1e-5 absolute.
+        options = ["preprocess off", f"increment {gap_abs:.3g}", f"allow {gap_abs:.3g}"]
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=gap_rel, threads=threads, options=options)
     if solver == "highs":
         try:
             import highspy  # noqa: F401
@@ -131,7 +139,9 @@ def _make_solver(solver: str, time_limit: float | None, gap_rel: float | None, t
             raise ConfigError(
                 "solver 'highs' needs the highspy package: pip install 'puzzle[highs]', or use solver 'cbc'"
             ) from err
-        return pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=gap_rel, threads=threads)
+        # HiGHS stops at a 1e-4 relative gap by default; CBC proves optimality. Ask both for a proof unless told.
+        gap_rel = 0.0 if gap_rel is None else gap_rel
+        return pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=gap_rel, gapAbs=gap_abs, threads=threads)
     raise ConfigError(f"unknown solver {solver!r}: use 'cbc' or 'highs'")
 
 
@@ -154,35 +164,89 @@ def _alone_infeasible(terms: Sequence[_Term], table: dict[str, list[list[float]]
     return messages
 
 
-def _build_problem(
+def _dominators(
     objective: list[list[float]], terms: Sequence[_Term], table: dict[str, list[list[float]]], maximize: bool
-) -> tuple[pulp.LpProblem, list[list[pulp.LpVariable]]]:
+) -> list[np.ndarray]:
+    """Per layer, dom[k, j] is True when variant k is at least as good as j on the objective and every constraint,
+    and strictly better on one of them (or identical and listed first): a strict partial order."""
+    lower: dict[str, float] = {}  # key -> +1 when lower is better (a max), -1 (a min); 0: both, must be equal
+    for t in terms:
+        for sign, bound in ((1.0, t.constraint.max), (-1.0, t.constraint.min)):
+            if bound is not None:
+                lower[t.constraint.key] = sign if lower.get(t.constraint.key, sign) == sign else 0.0
+    out = []
+    for i, row in enumerate(objective):
+        ordered = [np.asarray(row) * (-1.0 if maximize else 1.0)]
+        ordered += [np.asarray(table[key][i]) * sign for key, sign in lower.items() if sign]
+        fixed = [np.asarray(table[key][i]) for key, sign in lower.items() if not sign]
+        a = np.stack(ordered, axis=1)
+        better_or_equal = (a[:, None, :] <= a[None, :, :]).all(-1)
+        strictly = (a[:, None, :] < a[None, :, :]).any(-1)
+        first = np.arange(len(row))[:, None] < np.arange(len(row))[None, :]
+        dom = better_or_equal & (strictly | first)
+        if fixed:
+            f = np.stack(fixed, axis=1)
+            dom &= (f[:, None, :] == f[None, :, :]).all(-1)
+        out.append(dom)
+    return out
+
+
+def _kept_variants(dominators: list[np.ndarray], previous: Sequence[list[int]]) -> list[list[int]]:
+    """Variants that can be in an optimal next solution: those with no dominator unused by earlier solutions.
+
+    Exchange argument: swapping a variant for a dominator that no earlier solution uses at that layer keeps every
+    constraint, does not worsen the objective and keeps the difference from each earlier solution. A minimal such
+    dominator is itself kept, so pruning the others loses no optimum (and, with no earlier solutions, keeps only
+    the Pareto front of each layer).
+    """
+    kept = []
+    for i, dom in enumerate(dominators):
+        unused = np.ones(dom.shape[0], dtype=bool)
+        unused[[p[i] for p in previous]] = False
+        kept.append(np.flatnonzero(~(dom & unused[:, None]).any(0)).tolist())
+    return kept
+
+
+def _build_problem(
+    objective: list[list[float]],
+    terms: Sequence[_Term],
+    table: dict[str, list[list[float]]],
+    maximize: bool,
+    kept: list[list[int]],
+    previous: Sequence[list[int]],
+    diversity: int,
+) -> tuple[pulp.LpProblem, dict[tuple[int, int], pulp.LpVariable]]:
     prob = pulp.LpProblem("puzzle_search", pulp.LpMaximize if maximize else pulp.LpMinimize)
-    x = [[pulp.LpVariable(f"x_{i}_{j}", cat=pulp.LpBinary) for j in range(len(row))] for i, row in enumerate(objective)]
-    prob += pulp.LpAffineExpression((x[i][j], v) for i, row in enumerate(objective) for j, v in enumerate(row))
-    for i, row in enumerate(x):
-        prob += pulp.lpSum(row) == 1, f"one_variant_{i}"
+    x = {(i, j): pulp.LpVariable(f"x_{i}_{j}", cat=pulp.LpBinary) for i, row in enumerate(kept) for j in row}
+    prob += pulp.LpAffineExpression((var, objective[i][j]) for (i, j), var in x.items())
+    for i, row in enumerate(kept):
+        prob += pulp.lpSum(x[i, j] for j in row) == 1, f"one_variant_{i}"
     for k, t in enumerate(terms):
         rows = table[t.constraint.key]
         # Scale each row to unit magnitude: parameter counts (1e9) and latencies (1e-2) in one model upset CBC.
         scale = max((abs(v) for r in rows for v in r), default=0.0) or 1.0
-        expr = pulp.LpAffineExpression((x[i][j], v / scale) for i, r in enumerate(rows) for j, v in enumerate(r))
+        expr = pulp.LpAffineExpression((var, rows[i][j] / scale) for (i, j), var in x.items())
         if t.constraint.max is not None:
             prob += expr <= t.constraint.max / scale, f"max_{k}"
         if t.constraint.min is not None:
             prob += expr >= t.constraint.min / scale, f"min_{k}"
+    for k, choice in enumerate(previous):
+        # Differ from earlier solution k in at least `diversity` layers; a pruned variant always differs.
+        same = [x[i, j] for i, j in enumerate(choice) if (i, j) in x]
+        if len(same) > len(kept) - diversity:
+            prob += pulp.lpSum(same) <= len(kept) - diversity, f"cut_{k}"
     return prob, x
 
 
-def _read_choice(x: list[list[pulp.LpVariable]]) -> list[int] | None:
-    choice = []
-    for row in x:
-        values = [v.varValue or 0.0 for v in row]
-        j = max(range(len(row)), key=values.__getitem__)
-        if values[j] < 0.5:
-            return None
-        choice.append(j)
-    return choice
+def _read_choice(x: dict[tuple[int, int], pulp.LpVariable], num_layers: int) -> list[int] | None:
+    best: dict[int, tuple[float, int]] = {}
+    for (i, j), var in x.items():
+        value = var.varValue or 0.0
+        if value > best.get(i, (-1.0, -1))[0]:
+            best[i] = (value, j)
+    if len(best) < num_layers or any(value < 0.5 for value, _ in best.values()):
+        return None
+    return [best[i][1] for i in range(num_layers)]
 
 
 def _solve_terms(
@@ -202,30 +266,34 @@ def _solve_terms(
         raise ConfigError(f"num_solutions must be >= 1, got {num_solutions}")
     if not 1 <= diversity <= len(library):
         raise ConfigError(f"diversity must be between 1 and the number of layers ({len(library)}), got {diversity}")
-    backend = _make_solver(solver, time_limit, gap_rel, threads)
     obj = library.values(objective, batch_size)
+    # Prove optimality to 1e-9 of the largest objective total (solver defaults are absolute: 1e-5 for CBC).
+    gap_abs = 1e-9 * max(sum(max(abs(v) for v in row) for row in obj), 1e-3)
+    backend = _make_solver(solver, time_limit, gap_rel, threads, gap_abs)
     table = {t.constraint.key: library.values(t.constraint.key, batch_size) for t in terms}
     alone = _alone_infeasible(terms, table)
     if alone:
         raise InfeasibleError("; ".join(alone))
-    prob, x = _build_problem(obj, terms, table, maximize)
+    dominators = _dominators(obj, terms, table, maximize)
     constraints = [t.constraint for t in terms]
+    choices: list[list[int]] = []
     solutions: list[Solution] = []
     for _ in range(num_solutions):
+        kept = _kept_variants(dominators, choices)
+        prob, x = _build_problem(obj, terms, table, maximize, kept, choices, diversity)
         prob.solve(backend)
-        choice = (
-            _read_choice(x) if prob.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible) else None
-        )
+        found = prob.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
+        choice = _read_choice(x, len(library)) if found else None
         if choice is None:
             if solutions:
                 log.warning("found %d of %d solutions with diversity %d", len(solutions), num_solutions, diversity)
                 break
             raise _no_solution_error(prob, terms, time_limit)
         layers = {name: library.variants(name)[j] for name, j in zip(library.layer_names, choice, strict=True)}
-        previous = [s.layers for s in solutions]
-        problems = check_solution(library, layers, constraints, batch_size, previous, diversity)
+        problems = check_solution(library, layers, constraints, batch_size, [s.layers for s in solutions], diversity)
         if problems:  # a solver bug or a tolerance far looser than ours: never hand such an architecture on
             raise RuntimeError(f"{solver} returned an architecture that fails the re-check: {'; '.join(problems)}")
+        choices.append(choice)
         solutions.append(
             Solution(
                 layers=layers,
@@ -235,8 +303,6 @@ def _solve_terms(
                 batch_size=batch_size,
             )
         )
-        # The next solution must differ from this one in at least `diversity` layers.
-        prob += pulp.lpSum(x[i][j] for i, j in enumerate(choice)) <= len(library) - diversity, f"cut_{len(solutions)}"
     return solutions
 
 
