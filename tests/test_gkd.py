@@ -167,3 +167,29 @@ def test_ray_train_gkd_lowers_the_loss_and_resumes(ray_session, tmp_path, parent
         before, _ = compute_gkd_loss(child, parent, train_ids[:16], cfg)
         after, _ = compute_gkd_loss(second.model, parent, train_ids[:16], cfg)
     assert after < before
+
+
+@pytest.mark.slow  # three Ray Train runs: ~1-3 minutes on 2 cores
+@pytest.mark.integration
+def test_gkd_stage_picks_one_of_the_top_k_solutions(ray_session, tmp_path):
+    from puzzle.bld import BlockStore
+    from puzzle.convert import load_parent
+    from puzzle.gkd import run_gkd_stage
+    from tests.tiny import save_tiny_parent
+
+    parent = load_parent(save_tiny_parent(tmp_path, num_hidden_layers=2))
+    store = BlockStore(tmp_path / "library")  # parent and no-op variants need no library weights
+    solutions = [
+        {"layer_0": "attn_no_op+ffn_64", "layer_1": "attn_group2+ffn_no_op"},
+        {"layer_0": "attn_group2+ffn_64", "layer_1": "attn_no_op+ffn_no_op"},
+    ]
+    train_ids = torch.randint(0, 128, (32, 16))
+    val_ids = torch.randint(0, 128, (8, 16))
+    cfg = GKDConfig(tokens=4 * 4 * 16, batch_size=4, lr=3e-3, warmup_ratio=0.0, checkpoint_every=10, topk_tokens=64)
+    out = run_gkd_stage(parent, store, solutions, train_ids, val_ids, cfg, tmp_path / "work", topk=2)
+    assert len(out["candidates"]) == 2
+    best = min(range(2), key=lambda i: out["candidates"][i]["kl"])
+    assert out["index"] == best
+    assert out["result"].steps == 4 and out["result"].finished
+    chosen = [out["model"].config.block_config(i).name for i in range(2)]
+    assert chosen == [solutions[best]["layer_0"], solutions[best]["layer_1"]]

@@ -1,0 +1,101 @@
+"""Predicted (sum of per-block latencies + fixed costs) vs measured end-to-end decode speed-up of children of the
+demo-shaped parent, on this machine, at several batch sizes.
+
+    .venv/bin/python benchmarks/bench_evaluate.py [--batch-sizes 1 4 16] [--context 128] [--prompt 64] [--threads 2]
+
+The parent is a random-init model of the demo shape (8 layers, hidden 256, 4 heads, 2 KV heads, head_dim 64,
+intermediate 768, vocab 4096): latency does not depend on the weights' values. Children are fixed architectures
+that a 1.5x-2x budget could pick. Prediction uses puzzle.profiling.profile_blocks; the measurement uses
+puzzle.evaluate.measure_throughput (the evaluation stage's code), both at (batch, context).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+
+import torch
+
+from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.evaluate import measure_throughput
+from puzzle.modeling_puzzle import PuzzleConfig, PuzzleForCausalLM
+from puzzle.profiling import ProfileSettings, profile_blocks
+
+PARENT = BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(intermediate_size=768))
+NOOP_ATTN = AttentionConfig(no_op=True)
+NOOP_FFN = FFNConfig(no_op=True)
+
+
+def children() -> dict[str, list[BlockConfig]]:
+    half_ffn = BlockConfig(AttentionConfig(n_heads_in_group=4), FFNConfig(intermediate_size=384))
+    no_attn = BlockConfig(NOOP_ATTN, FFNConfig(intermediate_size=384))
+    no_ffn = BlockConfig(AttentionConfig(n_heads_in_group=4), NOOP_FFN)
+    empty = BlockConfig(NOOP_ATTN, NOOP_FFN)
+    return {
+        "parent": [PARENT] * 8,
+        "4 layers no-op": [PARENT] * 4 + [empty] * 4,
+        "mixed": [PARENT, PARENT, no_attn, no_ffn, no_attn, no_ffn, half_ffn, empty],
+        "all subblocks halved": [half_ffn] * 8,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = PuzzleConfig(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=256,
+    )
+    archs = children()
+    variants = [sorted({arch[i] for arch in archs.values()}, key=lambda b: b.name) for i in range(8)]
+    costs = profile_blocks(
+        config,
+        variants,
+        batch_sizes=args.batch_sizes,
+        context_len=args.context,
+        prompt_len=args.prompt,
+        settings=ProfileSettings(),
+        num_threads=args.threads,
+        progress=False,
+    )
+    models = {}
+    for name, blocks in archs.items():
+        cfg = PuzzleConfig(**{**config.to_dict(), "block_configs": [b.to_dict() for b in blocks]})
+        models[name] = PuzzleForCausalLM(cfg).eval()
+    cpu = platform.processor() or platform.machine()
+    print(f"machine: {cpu}, {args.threads} threads, load average {os.getloadavg()[0]:.2f}; torch {torch.__version__}")
+    for b in args.batch_sizes:
+        measured = measure_throughput(
+            models, batch_size=b, prompt_len=args.prompt, gen_len=16, context_len=args.context, rounds=3
+        )
+        predicted = {
+            name: costs.predict({f"layer_{i}": blk.name for i, blk in enumerate(blocks)}, b)["runtime_ms"]
+            for name, blocks in archs.items()
+        }
+        print(f"\nbatch {b}, decode context {args.context}:")
+        print(f"{'architecture':24s} {'pred ms':>8s} {'meas ms':>8s} {'pred x':>7s} {'meas x':>7s} {'error':>7s}")
+        for name in archs:
+            meas_ms = measured[name]["decode_ms"]
+            pred_x = predicted["parent"] / predicted[name]
+            meas_x = measured["parent"]["decode_ms"] / meas_ms
+            print(
+                f"{name:24s} {predicted[name]:8.2f} {meas_ms:8.2f} {pred_x:7.2f} {meas_x:7.2f} "
+                f"{100 * (meas_x / pred_x - 1):+6.1f}%"
+            )
+
+
+if __name__ == "__main__":
+    main()
