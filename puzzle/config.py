@@ -239,6 +239,8 @@ class ProfilingConfig:
     """JSON cache of measurements; None uses $PUZZLE_CACHE/profiles.json (default ~/.cache/puzzle)."""
     clock: str = "wall"
     """"wall", or "cpu" (process CPU time: repeatable with one thread on a shared machine; CPU targets only)."""
+    flush: str = "auto"
+    """Cold cache before each timed step: "always", "never", or "auto" (when the parent outgrows the CPU/GPU cache)."""
 
     def __post_init__(self) -> None:
         _check_positive("profiling.warmup", self.warmup, allow_zero=True)
@@ -248,6 +250,7 @@ class ProfilingConfig:
         _check_positive("profiling.stack", self.stack)
         _check_positive("profiling.num_threads", self.num_threads)
         _check_choice("profiling.clock", self.clock, ("wall", "cpu"))
+        _check_choice("profiling.flush", self.flush, ("auto", "always", "never"))
 
 
 @dataclass

@@ -41,16 +41,37 @@ class BlockSource(Protocol):
 
 
 @dataclass
+class ParentTargets:
+    """The parent's next-token distribution on one batch, in the form the metrics need.
+
+    probs [b, s, vocab] (fp32), neg_entropy = sum_v p log p [b, s], argmax [b, s]: computed once per batch so
+    each scored block costs one multiply-add pass over the vocabulary for its KL.
+    """
+
+    probs: torch.Tensor
+    neg_entropy: torch.Tensor
+    argmax: torch.Tensor
+
+    @classmethod
+    def from_logp(cls, logp: torch.Tensor) -> ParentTargets:
+        probs = logp.exp()
+        return cls(probs=probs, neg_entropy=(probs * logp).sum(-1), argmax=logp.argmax(-1))
+
+    def to(self, device: torch.device | str) -> ParentTargets:
+        return ParentTargets(self.probs.to(device), self.neg_entropy.to(device), self.argmax.to(device))
+
+
+@dataclass
 class ParentCache:
     """The parent's activations on the validation batches, computed once and shared by every block's score.
 
-    `hidden[i][k]` is the hidden state entering layer i for batch k ([b, s, hidden]); `logp[k]` the parent's
-    next-token log-probabilities ([b, s, vocab], fp32); `input_ids[k]` the batch itself.
+    `hidden[i][k]` is the hidden state entering layer i for batch k ([b, s, hidden]); `targets[k]` the parent's
+    next-token distribution on it; `input_ids[k]` the batch itself.
     """
 
     input_ids: list[torch.Tensor]
     hidden: list[list[torch.Tensor]]
-    logp: list[torch.Tensor]
+    targets: list[ParentTargets]
     parent_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -79,7 +100,7 @@ def build_parent_cache(model: nn.Module, batches: Iterable[torch.Tensor], device
     """One parent pass per batch: the hidden state entering each layer, the log-probs, the parent's own metrics."""
     model.eval()
     layers = list(model.model.layers)
-    cache = ParentCache(input_ids=[], hidden=[[] for _ in layers], logp=[])
+    cache = ParentCache(input_ids=[], hidden=[[] for _ in layers], targets=[])
     totals = _MetricTotals()
     for ids in batches:
         ids = ids.to(device)
@@ -90,9 +111,10 @@ def build_parent_cache(model: nn.Module, batches: Iterable[torch.Tensor], device
             cache.hidden[i].append(h)
             h = layer(h, position_embeddings=pos, position_ids=position_ids)
         logp = F.log_softmax(_logits(model, h), dim=-1)
+        target = ParentTargets.from_logp(logp)
         cache.input_ids.append(ids)
-        cache.logp.append(logp)
-        totals.add(logp, logp, ids)
+        cache.targets.append(target)
+        totals.add(logp, target, ids)
     if not cache.input_ids:
         raise PuzzleError("scoring got no validation batches; check scoring.tokens / the validation split size")
     cache.parent_metrics = totals.means()
@@ -109,11 +131,12 @@ class _MetricTotals:
         self.n = 0
         self.n_lm = 0
 
-    def add(self, logq: torch.Tensor, parent_logp: torch.Tensor, ids: torch.Tensor) -> None:
-        # KL(p || q) = sum_v p (log p - log q), every position; LM loss on positions that have a next token.
-        kl = F.kl_div(logq, parent_logp, log_target=True, reduction="none").sum(-1)
+    def add(self, logq: torch.Tensor, parent: ParentTargets, ids: torch.Tensor) -> None:
+        # KL(p || q) = sum_v p log p - sum_v p log q at every position (one multiply-add pass over the vocabulary);
+        # LM loss on the positions that have a next token.
+        kl = parent.neg_entropy - (parent.probs * logq).sum(-1)
         nll = -logq[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-        agree = logq.argmax(-1) == parent_logp.argmax(-1)
+        agree = logq.argmax(-1) == parent.argmax
         self.kl += kl.double().sum().item()
         self.nll += nll.double().sum().item()
         self.agree += agree.double().sum().item()
@@ -135,7 +158,7 @@ def score_layer_cached(model: nn.Module, cache: ParentCache, layer_idx: int, new
     totals = _MetricTotals()
     for k, ids in enumerate(cache.input_ids):
         h = _run_layers(model, cache.hidden[layer_idx][k], _position_ids(ids), [new_layer, *tail])
-        totals.add(F.log_softmax(_logits(model, h), dim=-1), cache.logp[k], ids)
+        totals.add(F.log_softmax(_logits(model, h), dim=-1), cache.targets[k], ids)
     return totals.means()
 
 
@@ -149,7 +172,7 @@ def score_layer_naive(model: nn.Module, cache: ParentCache, layer_idx: int, new_
         totals = _MetricTotals()
         for k, ids in enumerate(cache.input_ids):
             logits = model(input_ids=ids, use_cache=False).logits.float()
-            totals.add(F.log_softmax(logits, dim=-1), cache.logp[k], ids)
+            totals.add(F.log_softmax(logits, dim=-1), cache.targets[k], ids)
         return totals.means()
     finally:
         layers[layer_idx] = original
@@ -162,7 +185,7 @@ def _score_group(
     blocks: list[BlockConfig],
     hidden: list[torch.Tensor],
     input_ids: list[torch.Tensor],
-    logp: list[torch.Tensor],
+    targets: list[ParentTargets],
     device: str,
     num_threads: int | None,
 ) -> dict[str, dict[str, float]]:
@@ -174,7 +197,7 @@ def _score_group(
     hidden_all: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
     hidden_all[layer_idx] = [h.to(device) for h in hidden]
     cache = ParentCache(
-        input_ids=[ids.to(device) for ids in input_ids], hidden=hidden_all, logp=[p.to(device) for p in logp]
+        input_ids=[ids.to(device) for ids in input_ids], hidden=hidden_all, targets=[t.to(device) for t in targets]
     )
     out = {}
     for block in blocks:
@@ -268,7 +291,9 @@ def _run_local(parent, source, cache, jobs, device, progress) -> list[dict[str, 
     out = []
     bar = tqdm(jobs, desc="score", unit="group", disable=not progress)
     for i, blocks in bar:
-        out.append(_score_group(parent, source, i, blocks, cache.hidden[i], cache.input_ids, cache.logp, device, None))
+        out.append(
+            _score_group(parent, source, i, blocks, cache.hidden[i], cache.input_ids, cache.targets, device, None)
+        )
     return out
 
 
@@ -287,10 +312,10 @@ def _run_on_ray(parent, source, cache, jobs, num_cpus, num_gpus, device, threads
     model_ref = ray.put(parent.to("cpu"))
     source_ref = ray.put(source)
     ids_ref = ray.put([t.cpu() for t in cache.input_ids])
-    logp_ref = ray.put([t.cpu() for t in cache.logp])
+    targets_ref = ray.put([t.to("cpu") for t in cache.targets])
     hidden_refs = {i: ray.put([t.cpu() for t in cache.hidden[i]]) for i in sorted({i for i, _ in jobs})}
     refs = [
-        task.remote(model_ref, source_ref, i, blocks, hidden_refs[i], ids_ref, logp_ref, device, threads)
+        task.remote(model_ref, source_ref, i, blocks, hidden_refs[i], ids_ref, targets_ref, device, threads)
         for i, blocks in jobs
     ]
     pending = list(refs)

@@ -240,3 +240,27 @@ def test_scoring_on_gpus_without_cuda_is_a_clear_error():
     model = PuzzleForCausalLM(tiny_config()).eval()
     with pytest.raises(PuzzleError, match="scoring.num_gpus=1"):
         run_scoring(ScoringConfig(num_gpus=1), model, None, [[PARENT]] * 2, [torch.zeros(1, 4, dtype=torch.long)])
+
+
+def test_clock_and_cache_flush_settings():
+    from puzzle.errors import ConfigError
+    from puzzle.profiling.blocks import flush_cache, working_set_bytes
+    from puzzle.profiling.timing import Stopwatch, clock, last_level_cache_bytes
+
+    with pytest.raises(ConfigError, match="clock='cpu' cannot time cuda work"):
+        clock("cpu", torch.device("cuda"))
+    with pytest.raises(ConfigError, match="unknown clock"):
+        clock("sundial", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="profiling.flush='sometimes'"):
+        ProfileSettings(flush="sometimes")
+    cfg = tiny_config()
+    parent = block_shape(cfg, PARENT)
+    expected = (128 * 32 + 32 + 2 * parent.num_params + 2 * 3 * 8 * parent.kv_elements_per_token) * 4
+    assert working_set_bytes(cfg, 3, 8, 4) == expected
+    cpu, f32 = torch.device("cpu"), torch.float32
+    assert not flush_cache(ProfileSettings(flush="auto"), cfg, 1, 8, f32, cpu)  # a tiny parent fits in any cache
+    assert flush_cache(ProfileSettings(flush="always"), cfg, 1, 8, f32, cpu)
+    assert last_level_cache_bytes(cpu) >= 2**20
+    watch = Stopwatch(cpu, "cpu", flush=True)
+    assert watch.buffer is not None and watch.buffer.numel() * 4 == 2 * last_level_cache_bytes(cpu)
+    assert watch(lambda: torch.ones(64, 64) @ torch.ones(64, 64)) >= 0.0

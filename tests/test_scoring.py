@@ -80,8 +80,9 @@ def test_parent_cache_matches_the_model(batches):
     cache = build_parent_cache(model, batches)
     for k, ids in enumerate(batches):
         expected = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
-        torch.testing.assert_close(cache.logp[k], expected, atol=1e-5, rtol=0)
-    assert cache.parent_metrics["kl_div"] == pytest.approx(0.0, abs=1e-9)
+        torch.testing.assert_close(cache.targets[k].probs, expected.exp(), atol=1e-6, rtol=0)
+        assert torch.equal(cache.targets[k].argmax, expected.argmax(-1))
+    assert cache.parent_metrics["kl_div"] == pytest.approx(0.0, abs=1e-7)
     assert cache.parent_metrics["top1"] == 1.0
     assert len(cache.hidden) == 3 and all(len(h) == len(batches) for h in cache.hidden)
 
@@ -123,6 +124,27 @@ def test_score_blocks_covers_every_variant_and_skips_the_parent(batches):
     layer = RandomBlockSource().build_layer(model, 1, VARIANTS[2])
     naive = score_layer_naive(model, cache, 1, layer)
     assert scores["layer_1"][VARIANTS[2].name]["kl_div"] == pytest.approx(naive["kl_div"], abs=1e-5)
+
+
+def test_metrics_match_a_direct_reference(batches):
+    """KL, LM loss and top-1 computed with plain torch from the full models' logits (no shared code)."""
+    model = tiny_puzzle()
+    layer = RandomBlockSource().build_layer(model, 1, VARIANTS[1])
+    cache = build_parent_cache(model, batches)
+    scored = score_layer_cached(model, cache, 1, layer)
+    with torch.no_grad():
+        parent = torch.cat([model(input_ids=ids, use_cache=False).logits for ids in batches]).float()
+        model.model.layers[1], original = layer, model.model.layers[1]
+        child = torch.cat([model(input_ids=ids, use_cache=False).logits for ids in batches]).float()
+        model.model.layers[1] = original
+    ids = torch.cat(batches)
+    p, logq = F.softmax(parent, -1), F.log_softmax(child, -1)
+    kl = (p * (p.log() - logq)).sum(-1).mean().item()
+    lm = F.cross_entropy(child[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)).item()
+    top1 = (child.argmax(-1) == parent.argmax(-1)).double().mean().item()
+    assert scored["kl_div"] == pytest.approx(kl, abs=1e-5)
+    assert scored["lm_loss"] == pytest.approx(lm, abs=1e-5)
+    assert scored["top1"] == pytest.approx(top1, abs=1e-9)
 
 
 def test_score_blocks_rejects_a_layer_count_mismatch(batches):

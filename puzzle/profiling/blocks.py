@@ -6,7 +6,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +16,15 @@ from torch import nn
 from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.errors import ConfigError, PuzzleError
 from puzzle.profiling.timing import (
+    CLOCKS,
     LatencyStats,
+    Stopwatch,
     device_name,
     is_named_gpu,
+    last_level_cache_bytes,
     measure_decode_latency,
     measure_prefill_latency,
     resolve_device,
-    synchronize,
     timed_repeats,
     torch_dtype,
 )
@@ -91,6 +93,9 @@ def memory_stats(shape_params: int, kv_elements: int, batch_size: int, context_l
 # ----------------------------------------------------------------------------------------------- block measurement
 
 
+FLUSH_MODES = ("auto", "always", "never")
+
+
 @dataclass(frozen=True)
 class ProfileSettings:
     """How blocks are timed; part of every cache key."""
@@ -100,13 +105,43 @@ class ProfileSettings:
     decode_steps: int = 8
     stack: int = 4
     """Copies of a block timed together (distinct weights), so it does not run from a warm cache."""
+    clock: str = "wall"
+    """"wall" or "cpu" (process CPU time: repeatable on a shared machine with one thread; see timing.clock)."""
+    flush: str = "auto"
+    """Start each timed step from a cold cache ("always"), a warm one ("never"), or "auto": cold when the parent's
+    per-step working set (weights + KV cache at b, s) exceeds the last-level cache, as it then is inside the model."""
 
     def __post_init__(self) -> None:
         for name in ("repeats", "decode_steps", "stack"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"profiling.{name}={getattr(self, name)} must be at least 1")
+        if self.clock not in CLOCKS:
+            raise ConfigError(f"profiling.clock={self.clock!r}; use one of {', '.join(CLOCKS)}")
+        if self.flush not in FLUSH_MODES:
+            raise ConfigError(f"profiling.flush={self.flush!r}; use one of {', '.join(FLUSH_MODES)}")
         if self.warmup < 0:
             raise ConfigError(f"profiling.warmup={self.warmup} must be >= 0")
+
+
+def working_set_bytes(config: Any, batch_size: int, context_len: int, elem: int) -> int:
+    """Bytes one decode step of the parent reads: layer weights, the LM head, the KV cache at (batch_size, context_len).
+
+    The embedding table is not counted (a step reads only `batch_size` rows of it) unless it is the tied LM head.
+    """
+    total = (config.vocab_size * config.hidden_size + config.hidden_size) * elem
+    for i in range(config.num_hidden_layers):
+        shape = block_shape(config, config.block_config(i))
+        total += shape.num_params * elem + batch_size * context_len * shape.kv_elements_per_token * elem
+    return total
+
+
+def flush_cache(
+    settings: ProfileSettings, config: Any, batch_size: int, context_len: int, dtype: torch.dtype, device: torch.device
+) -> bool:
+    """Whether timed steps start from a cold cache (settings.flush, "auto" resolved against the parent's size)."""
+    if settings.flush != "auto":
+        return settings.flush == "always"
+    return working_set_bytes(config, batch_size, context_len, dtype.itemsize) > last_level_cache_bytes(device)
 
 
 def _block_stack(config: Any, block: BlockConfig, k: int, device: torch.device, dtype: torch.dtype):
@@ -148,6 +183,7 @@ def measure_block(
 
     cfg, layers, rotary, slots = _block_stack(config, block, settings.stack, device, dtype)
     k, b, d = settings.stack, batch_size, config.hidden_size
+    watch = Stopwatch(device, settings.clock, flush_cache(settings, config, b, context_len, dtype, device))
 
     def positions(start: int, n: int) -> tuple[torch.Tensor, Any]:
         ids = torch.arange(start, start + n, device=device).unsqueeze(0).expand(b, -1)
@@ -164,20 +200,14 @@ def measure_block(
     def decode_once() -> float:
         cache = DynamicCache(config=cfg)
         _run_stack(layers, context, ctx_pos, ctx_ids, cache, slots)
-        synchronize(device)
-        start = time.perf_counter()
+        total = 0.0
         for t, (ids, pos) in enumerate(steps):
-            _run_stack(layers, inputs[t], pos, ids, cache, slots)
-        synchronize(device)
-        return (time.perf_counter() - start) * 1e3 / (settings.decode_steps * k)
+            total += watch(lambda t=t, ids=ids, pos=pos: _run_stack(layers, inputs[t], pos, ids, cache, slots))
+        return total / (settings.decode_steps * k)
 
     def prefill_once() -> float:
         cache = DynamicCache(config=cfg)
-        synchronize(device)
-        start = time.perf_counter()
-        _run_stack(layers, prompt, prompt_pos, prompt_ids, cache, slots)
-        synchronize(device)
-        return (time.perf_counter() - start) * 1e3 / k
+        return watch(lambda: _run_stack(layers, prompt, prompt_pos, prompt_ids, cache, slots)) / k
 
     return {
         "decode": timed_repeats(decode_once, settings.warmup, settings.repeats),
@@ -201,7 +231,8 @@ def measure_fixed(
 
     noop = BlockConfig(AttentionConfig(no_op=True), FFNConfig(no_op=True))
     shell = PuzzleForCausalLM(derived_config(config, [noop])).to(device=device, dtype=dtype).eval()
-    kw = {"warmup": settings.warmup, "repeats": settings.repeats}
+    flush = flush_cache(settings, config, batch_size, context_len, dtype, device)
+    kw = {"warmup": settings.warmup, "repeats": settings.repeats, "clock_kind": settings.clock, "flush": flush}
     return {
         "decode": measure_decode_latency(shell, batch_size, context_len, steps=settings.decode_steps, **kw),
         "prefill": measure_prefill_latency(shell, batch_size, prompt_len, **kw),
@@ -334,16 +365,20 @@ def _measure_all(
             "dtype": dtype,
         }
         for block, b in tqdm(work, desc="profile", unit="block", disable=not progress):
-            key = ProfileCache.key(config, block, name, dtype_name, b, context_len, prompt_len, settings)
+            # The cache key holds the flush decision itself, not "auto" (which depends on the parent's depth).
+            flush = flush_cache(settings, config, b, context_len, dtype, device)
+            at_b = replace(settings, flush="always" if flush else "never")
+            key = ProfileCache.key(config, block, name, dtype_name, b, context_len, prompt_len, at_b)
             stats = cache.get(key)
             if stats is None:
                 if block is None:
-                    stats = measure_fixed(config, batch_size=b, settings=settings, **where)
+                    stats = measure_fixed(config, batch_size=b, settings=at_b, **where)
                 else:
-                    stats = measure_block(config, block, batch_size=b, settings=settings, **where)
+                    stats = measure_block(config, block, batch_size=b, settings=at_b, **where)
                 cache.put(key, stats)
             label = "fixed" if block is None else block.name
             results[f"{label}@{b}"] = {phase: s.to_dict() for phase, s in stats.items()}
+            results.setdefault("flush", {})[str(b)] = flush
         return name, results, cache.entries, cache.hits
     finally:
         torch.set_num_threads(previous_threads)
@@ -450,6 +485,7 @@ def profile_blocks(
         torch=torch.__version__,
         parent=_parent_names(config),
         unique_blocks=len(blocks),
+        cold_cache_by_batch=results["flush"],
         cache_hits=hits,
         seconds=time.perf_counter() - start,
     )

@@ -108,7 +108,7 @@ def run_profiling(
         variants,
         device=target.device,
         dtype=target.dtype,
-        settings=ProfileSettings(cfg.warmup, cfg.repeats, cfg.decode_steps, cfg.stack),
+        settings=ProfileSettings(cfg.warmup, cfg.repeats, cfg.decode_steps, cfg.stack, cfg.clock, cfg.flush),
         num_threads=cfg.num_threads or max(1, int(cfg.num_cpus)),
         cache_path=cfg.cache_path or default_cache_path(),
         use_ray=on_ray,

@@ -79,6 +79,23 @@ def device_name(device: torch.device) -> str:
     return f"cpu:{model} ({torch.get_num_threads()} threads)"
 
 
+CLOCKS = ("wall", "cpu")
+
+
+def clock(kind: str, device: torch.device) -> Callable[[], float]:
+    """The timer: "wall" (perf_counter, the default) or "cpu" (this process's CPU time).
+
+    "cpu" excludes time the process spends preempted, which makes one-thread CPU timings repeatable on a machine
+    shared with other work; it equals wall time on an idle machine only with one torch thread, and it cannot see
+    GPU work, so it is refused for CUDA.
+    """
+    if kind not in CLOCKS:
+        raise ConfigError(f"unknown clock {kind!r}; use one of {', '.join(CLOCKS)}")
+    if kind == "cpu" and device.type != "cpu":
+        raise ConfigError(f"clock='cpu' cannot time {device.type} work; use clock='wall'")
+    return time.perf_counter if kind == "wall" else time.process_time
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -128,20 +145,68 @@ def timed_repeats(run_once: Callable[[], float], warmup: int, repeats: int) -> L
     return LatencyStats.of(samples)
 
 
+def last_level_cache_bytes(device: torch.device) -> int:
+    """Size of the largest cache in front of `device`'s memory (CPU L3 from sysfs, GPU L2); 32 MiB if unknown."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or 32 * 2**20
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip().upper()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=32 * 2**20)
+
+
+class Stopwatch:
+    """Times pieces of work on a device in milliseconds: synchronised, optionally starting from a cold cache.
+
+    With `flush`, a buffer twice the last-level cache is rewritten before each piece, so the weights it reads come
+    from memory as they do inside a whole model, where every other layer and the LM head pass through the cache
+    between two uses of the same weights. Without it, a block timed alone would run from a warm cache.
+    """
+
+    def __init__(self, device: torch.device, clock_kind: str = "wall", flush: bool = False) -> None:
+        self.device = device
+        self.now = clock(clock_kind, device)
+        size = 2 * last_level_cache_bytes(device) // 4 if flush else 0
+        self.buffer = torch.zeros(size, device=device) if size else None
+
+    def __call__(self, work: Callable[[], Any]) -> float:
+        if self.buffer is not None:
+            self.buffer.add_(1.0)
+        synchronize(self.device)
+        start = self.now()
+        work()
+        synchronize(self.device)
+        return (self.now() - start) * 1e3
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
 @torch.no_grad()
 def measure_decode_latency(
-    model: nn.Module, batch_size: int, context_len: int, *, steps: int = 8, warmup: int = 2, repeats: int = 5
+    model: nn.Module,
+    batch_size: int,
+    context_len: int,
+    *,
+    steps: int = 8,
+    warmup: int = 2,
+    repeats: int = 5,
+    clock_kind: str = "wall",
+    flush: bool = False,
 ) -> LatencyStats:
     """Milliseconds per generated token (one forward for the whole batch) with a KV cache of `context_len` tokens.
 
     Each run prefills `context_len` random tokens (not timed), then times `steps` single-token forwards through the
-    model's own DynamicCache, as generation does minus sampling: the figure is the time per step.
+    model's own DynamicCache one by one, as generation does minus sampling: the figure is the mean time per step.
+    `clock_kind` and `flush` (cold cache before each step): see `clock` and `Stopwatch`.
     """
     device = _model_device(model)
+    watch = Stopwatch(device, clock_kind, flush)
     model.eval()
     vocab = model.config.vocab_size
     prompt = torch.randint(vocab, (batch_size, context_len), device=device)
@@ -150,30 +215,32 @@ def measure_decode_latency(
 
     def once() -> float:
         cache = model(input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values
-        synchronize(device)
-        start = time.perf_counter()
+        total = 0.0
         for t in range(steps):
-            model(input_ids=tokens[t], position_ids=positions[t], past_key_values=cache, use_cache=True)
-        synchronize(device)
-        return (time.perf_counter() - start) * 1e3 / steps
+            total += watch(
+                lambda t=t: model(input_ids=tokens[t], position_ids=positions[t], past_key_values=cache, use_cache=True)
+            )
+        return total / steps
 
     return timed_repeats(once, warmup, repeats)
 
 
 @torch.no_grad()
 def measure_prefill_latency(
-    model: nn.Module, batch_size: int, prompt_len: int, *, warmup: int = 2, repeats: int = 5
+    model: nn.Module,
+    batch_size: int,
+    prompt_len: int,
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+    clock_kind: str = "wall",
+    flush: bool = False,
 ) -> LatencyStats:
     """Milliseconds to prefill `prompt_len` tokens for the whole batch (KV cache filled, last-token logits only)."""
     device = _model_device(model)
+    watch = Stopwatch(device, clock_kind, flush)
     model.eval()
     prompt = torch.randint(model.config.vocab_size, (batch_size, prompt_len), device=device)
-
-    def once() -> float:
-        synchronize(device)
-        start = time.perf_counter()
-        model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        synchronize(device)
-        return (time.perf_counter() - start) * 1e3
-
-    return timed_repeats(once, warmup, repeats)
+    return timed_repeats(
+        lambda: watch(lambda: model(input_ids=prompt, use_cache=True, logits_to_keep=1)), warmup, repeats
+    )
