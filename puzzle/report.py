@@ -261,7 +261,8 @@ def export_and_report(
         stages=stages,
         objective=objective,
         gkd_history=gkd_history,
-        export_dir=export_dir,
+        # Relative to the report: out_dir may be a temporary stage directory that is renamed (and linked) later.
+        export_dir=os.path.relpath(export_dir, out),
     )
     paths = write_report(out, report, library=library, solutions=solutions, gkd_history=gkd_history)
     return {"export": export_dir, **paths}
@@ -339,7 +340,7 @@ def render_markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:
         for name, s in report["stages"].items()
     ]
     if report.get("export"):
-        lines += ["", f"Exported checkpoint: `{report['export']}`"]
+        lines += ["", f"Exported checkpoint: `{report['export']}` (a relative path is relative to this report)"]
     if figures:
         lines += [""] + [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(lines) + "\n"

@@ -177,5 +177,5 @@ def test_export_and_report_writes_the_checkpoint_and_the_report(tmp_path, evalua
     exported = json.loads((paths["export"] / "config.json").read_text())
     assert exported["block_configs"][0]["attention"]["no_op"] is True
     data = json.loads(paths["report.json"].read_text())
-    assert data["export"] == str(paths["export"])
+    assert data["export"] == "export" and paths["export"] == tmp_path / "run" / "export"
     assert [row["ffn"] for row in data["architecture"]] == ["ffn_16", "ffn_no_op"]
