@@ -264,3 +264,15 @@ def test_clock_and_cache_flush_settings():
     watch = Stopwatch(cpu, "cpu", flush=True)
     assert watch.buffer is not None and watch.buffer.numel() * 4 == 2 * last_level_cache_bytes(cpu)
     assert watch(lambda: torch.ones(64, 64) @ torch.ones(64, 64)) >= 0.0
+
+
+def test_profile_blocks_in_one_ray_task(ray_session, tmp_path):
+    cfg = tiny_config()
+    kw = dict(batch_sizes=[1], context_len=8, prompt_len=8, settings=FAST, progress=False)
+    cache_path = tmp_path / "profiles.json"
+    costs = profile_blocks(cfg, [[PARENT, NOOP]] * 2, use_ray=True, num_threads=1, cache_path=cache_path, **kw)
+    assert costs.metadata["source"] == "measured" and costs.metadata["unique_blocks"] == 2
+    assert costs.blocks["layer_1"][PARENT.name]["1"]["runtime_ms"] > 0
+    # The driver wrote the worker's measurements into the cache: a local rerun measures nothing.
+    again = profile_blocks(cfg, [[PARENT, NOOP]] * 2, cache_path=cache_path, num_threads=1, **kw)
+    assert again.metadata["cache_hits"] == 3
