@@ -178,6 +178,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timing_from_library(metadata: dict[str, Any] | None, batch_size: int) -> dict[str, Any]:
+    """How the library's block latencies were measured (library.json metadata), as measure_* keyword arguments,
+    plus the torch thread count: the end-to-end measurement must use the same to compare with the prediction."""
+    if not metadata or metadata.get("source") != "measured":
+        return {}
+    settings = metadata.get("settings", {})
+    timing: dict[str, Any] = {}
+    if metadata.get("num_threads"):
+        timing["num_threads"] = int(metadata["num_threads"])
+    if "decode_steps" in settings:
+        timing["steps"] = int(settings["decode_steps"])
+    if "clock" in settings:
+        timing["clock_kind"] = settings["clock"]
+    flush = metadata.get("cold_cache_by_batch", {}).get(str(batch_size))
+    if flush is not None:
+        timing["flush"] = bool(flush)
+    for key in ("warmup", "repeats"):
+        if key in settings:
+            timing[key] = int(settings[key])
+    return timing
+
+
 def measure_throughput(
     models: dict[str, nn.Module],
     *,
@@ -186,7 +208,7 @@ def measure_throughput(
     gen_len: int,
     context_len: int,
     rounds: int = 3,
-    repeats: int = 3,
+    timing: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
     """End-to-end throughput of each model with a KV cache, measured the way the profiler predicts it.
 
@@ -194,19 +216,40 @@ def measure_throughput(
     library's runtime_ms, so predicted and measured decode figures compare like for like; prefill:
     measure_prefill_latency at (batch_size, prompt_len); generation: a real greedy loop of gen_len tokens.
     Models are measured in alternation for `rounds` rounds and the median taken, so a change in machine load
-    hits all of them alike.
+    hits all of them alike. `timing` (see timing_from_library): num_threads, steps, warmup, repeats, clock_kind
+    and flush, as the profiler used them; the thread count is restored afterwards.
     """
     from puzzle.profiling import measure_decode_latency, measure_prefill_latency
 
+    timing = dict(timing or {})
+    threads = timing.pop("num_threads", None)
+    decode_kw = {"warmup": 2, "repeats": 3, **timing}
+    prefill_kw = {k: v for k, v in decode_kw.items() if k != "steps"}
+    previous_threads = torch.get_num_threads()
     samples: dict[str, dict[str, list[float]]] = {name: {"decode": [], "prefill": []} for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            samples[name]["decode"].append(
-                measure_decode_latency(model, batch_size, context_len, repeats=repeats).median_ms
-            )
-            samples[name]["prefill"].append(
-                measure_prefill_latency(model, batch_size, prompt_len, repeats=repeats).median_ms
-            )
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        for _ in range(rounds):
+            for name, model in models.items():
+                decode = measure_decode_latency(model, batch_size, context_len, **decode_kw)
+                samples[name]["decode"].append(decode.median_ms)
+                prefill = measure_prefill_latency(model, batch_size, prompt_len, **prefill_kw)
+                samples[name]["prefill"].append(prefill.median_ms)
+        out = _summarise(models, samples, batch_size, prompt_len, gen_len)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return out
+
+
+def _summarise(
+    models: dict[str, nn.Module],
+    samples: dict[str, dict[str, list[float]]],
+    batch_size: int,
+    prompt_len: int,
+    gen_len: int,
+) -> dict[str, dict[str, float]]:
+    """Median latencies -> tokens/s, plus a real generation loop per model (and the CUDA peak memory there)."""
     out = {}
     for name, model in models.items():
         device = next(model.parameters()).device
@@ -239,22 +282,22 @@ def evaluate_models(
     target: TargetConfig,
     *,
     batch_size: int | None = None,
-    num_threads: int | None = None,
+    library_metadata: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Parent and child through the same code path: quality on `test_ids` and throughput at the target.
 
     test_ids: the test split (token rows: a tensor or a datasets.Dataset with "input_ids").
     batch_size: the throughput batch size (the search's chosen one); default target.batch_sizes[0].
+    library_metadata: library.json's "metadata"; when the library was measured, throughput is timed with the same
+    thread count, decode steps, clock and cache flushing as its blocks, so measured and predicted compare.
     Returns {"parent": summary, "child": summary, "speedup_measured", "speedup_generation", "throughput_setup",
     "process_peak_rss_mib"}; a summary is {params, param_mib, kv_cache_mib, memory_mib, test: {lm_loss, ppl, kl,
     top1, top1_agreement, tokens}, throughput: {prefill_tok_s, decode_tok_s, decode_ms, prefill_ms,
     generation_tok_s, ...}}. memory_mib = parameters + KV cache at (batch, context), computed.
     """
-    from puzzle.profiling import device_name, is_named_gpu, resolve_device, torch_dtype
+    from puzzle.profiling import is_named_gpu, resolve_device, torch_dtype
 
-    if num_threads:
-        torch.set_num_threads(num_threads)
     # A named GPU target is costed by roofline estimates; the measurement then runs on this machine's CPU.
     device = torch.device("cpu") if is_named_gpu(target.device) else resolve_device(target.device)
     dtype = torch_dtype(target.dtype)
@@ -267,8 +310,15 @@ def evaluate_models(
     log(f"[evaluate] quality on {min(cfg.tokens, test_ids.numel()):,} test tokens")
     quality = evaluate_quality(models, models["parent"], test_ids, cfg.batch_size, cfg.tokens)
     log(f"[evaluate] throughput at batch {b}, prompt {prompt_len}, context {context_len}, generating {gen_len}")
+    timing = timing_from_library(library_metadata, b)
     throughput = measure_throughput(
-        models, batch_size=b, prompt_len=prompt_len, gen_len=gen_len, context_len=context_len, rounds=cfg.repeats
+        models,
+        batch_size=b,
+        prompt_len=prompt_len,
+        gen_len=gen_len,
+        context_len=context_len,
+        rounds=cfg.repeats,
+        timing=timing,
     )
     report: dict[str, Any] = {}
     for name, model in models.items():
@@ -285,13 +335,15 @@ def evaluate_models(
     report["speedup_measured"] = throughput["child"]["decode_tok_s"] / throughput["parent"]["decode_tok_s"]
     report["speedup_generation"] = throughput["child"]["generation_tok_s"] / throughput["parent"]["generation_tok_s"]
     report["throughput_setup"] = {
-        "device": device_name(device),
+        "device": _device_label(device, timing.get("num_threads")),
         "dtype": target.dtype,
         "batch_size": b,
         "prompt_len": prompt_len,
         "gen_len": gen_len,
         "context_len": context_len,
         "method": "puzzle.profiling.measure_decode_latency / measure_prefill_latency (median of rounds)",
+        "timing": timing or "defaults (no measured library given)",
+        "num_threads": timing.get("num_threads", torch.get_num_threads()),
     }
     report["process_peak_rss_mib"] = peak_memory_mib(torch.device("cpu"))
     return report
@@ -303,3 +355,16 @@ def _on(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module
     if p.device != device or p.dtype != dtype:
         model = copy.deepcopy(model).to(device=device, dtype=dtype)
     return model.eval()
+
+
+def _device_label(device: torch.device, threads: int | None) -> str:
+    """puzzle.profiling's device name, with the thread count the measurement used."""
+    from puzzle.profiling import device_name
+
+    previous = torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        return device_name(device)
+    finally:
+        torch.set_num_threads(previous)

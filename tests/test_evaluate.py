@@ -149,3 +149,38 @@ def test_token_rows_accepts_datasets_tensors_and_batches():
         token_rows(datasets.Dataset.from_dict({"text": ["a"]}))
     with pytest.raises(ConfigError, match=r"\[rows, seq_len\]"):
         token_rows(torch.tensor([1, 2, 3]))
+
+
+def test_throughput_is_timed_like_the_library(monkeypatch, parent, child):
+    """With a measured library, evaluation uses its thread count, decode steps, clock and cache flushing."""
+    import puzzle.profiling as profiling
+
+    seen = []
+    real_decode, real_prefill = profiling.measure_decode_latency, profiling.measure_prefill_latency
+
+    def decode(model, b, s, **kw):
+        seen.append(("decode", torch.get_num_threads(), kw))
+        return real_decode(model, b, s, **kw)
+
+    def prefill(model, b, p, **kw):
+        seen.append(("prefill", torch.get_num_threads(), kw))
+        return real_prefill(model, b, p, **kw)
+
+    monkeypatch.setattr(profiling, "measure_decode_latency", decode)
+    monkeypatch.setattr(profiling, "measure_prefill_latency", prefill)
+    metadata = {
+        "source": "measured",
+        "num_threads": 1,
+        "settings": {"warmup": 1, "repeats": 2, "decode_steps": 3, "clock": "cpu", "flush": "auto"},
+        "cold_cache_by_batch": {"2": True, "1": False},
+    }
+    threads_before = torch.get_num_threads()
+    target = TargetConfig(batch_sizes=[2], prompt_len=8, gen_len=4)
+    cfg = EvaluateConfig(tokens=32, batch_size=2, repeats=1)
+    report = evaluate_models(parent, child, torch.randint(0, VOCAB, (2, 16)), cfg, target, library_metadata=metadata)
+    assert torch.get_num_threads() == threads_before
+    assert {t for _, t, _ in seen} == {1}
+    decode_kw = [kw for kind, _, kw in seen if kind == "decode"]
+    assert decode_kw[0] == {"warmup": 1, "repeats": 2, "steps": 3, "clock_kind": "cpu", "flush": True}
+    assert all("steps" not in kw for kind, _, kw in seen if kind == "prefill")
+    assert report["throughput_setup"]["num_threads"] == 1
