@@ -176,7 +176,10 @@ def test_infeasible_constraint_names_best_reachable_total():
     assert "memory" not in message
 
 
-def test_infeasible_combination_names_all_constraints():
+@pytest.mark.parametrize("solver", ["cbc", "highs"])
+def test_infeasible_combination_names_all_constraints(solver):
+    if solver == "highs":
+        pytest.importorskip("highspy")
     # Two layers, each a trade between runtime and memory: either budget alone is met, both together are not.
     variants = {
         "fast": {"stats": {"runtime_ms": 1.0, "memory_mib": 10.0}, "metrics": {"kl_div": 0.0}},
@@ -185,7 +188,7 @@ def test_infeasible_combination_names_all_constraints():
     library = BlockLibrary.from_dict({"layer_0": variants, "layer_1": variants})
     constraints = [Constraint("stats.runtime_ms", max=5.0), Constraint("stats.memory_mib", max=5.0)]
     with pytest.raises(InfeasibleError, match="together: stats.runtime_ms <= 5, stats.memory_mib <= 5"):
-        solve(library, constraints=constraints)
+        solve(library, constraints=constraints, solver=solver)
 
 
 def test_check_solution_rejects_bad_solutions():
@@ -539,3 +542,13 @@ def test_solution_not_proven_optimal_when_the_solver_stops_early(monkeypatch):
     got = solve(library, constraints=constraints, num_solutions=6, diversity=3)
     assert got and all(check_solution(library, s.layers, constraints) == [] for s in got)
     assert not all(s.optimal for s in got)
+
+
+def test_search_rejects_unprofiled_batch_size_and_serialises():
+    library = sweep_library()
+    with pytest.raises(PuzzleError, match=r"at batch size 4.*profiled batch sizes: \[1, 8\]"):
+        search(library, Budget(throughput_tok_s=10.0), batch_sizes=[4])
+    with pytest.raises(PuzzleError, match=r"no stats at batch size 4 .*profiled batch sizes: \[1, 8\]"):
+        solve(library, constraints=[Constraint("stats.runtime_ms", max=100.0)], batch_size=4)
+    (sol,) = search(library, Budget(decode_latency_ms=100.0), batch_sizes=[1])
+    assert json.loads(json.dumps(sol.to_dict()))["batch_size"] == 1

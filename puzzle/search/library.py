@@ -137,7 +137,10 @@ class BlockLibrary:
             return 0.0
         b = batch_size if batch_size is not None else self.primary_batch_size
         if str(b) not in fixed:
-            raise PuzzleError(f"block library metadata.fixed has no entry for batch size {b}; has {sorted(fixed)}")
+            raise PuzzleError(
+                f"block library has no fixed costs (metadata.fixed) at batch size {b}; "
+                f"profiled batch sizes: {self.batch_sizes}"
+            )
         return float(fixed[str(b)].get(stat, 0.0))
 
     def _validate_metadata(self) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pulp
+from tqdm.auto import tqdm
 
 from puzzle.errors import ConfigError, InfeasibleError, PuzzleError
 from puzzle.search.library import BlockLibrary
@@ -278,7 +279,9 @@ def _solve_terms(
     constraints = [t.constraint for t in terms]
     choices: list[list[int]] = []
     solutions: list[Solution] = []
+    progress = tqdm(total=num_solutions, desc=f"search (D={diversity})", unit="solution", disable=num_solutions < 2)
     for _ in range(num_solutions):
+        progress.update()
         kept = _kept_variants(dominators, choices)
         prob, x = _build_problem(obj, terms, table, maximize, kept, choices, diversity)
         prob.solve(backend)
@@ -303,6 +306,7 @@ def _solve_terms(
                 batch_size=batch_size,
             )
         )
+    progress.close()
     return solutions
 
 
