@@ -62,7 +62,8 @@ class DataConfig:
     text_field: str = "text"
     """Field holding the text in jsonl records and Hugging Face datasets."""
     hf_path: str | None = None
-    """`datasets.load_dataset` path: a builder ("text", "json", "parquet"), a local dataset dir or a hub name."""
+    """`datasets.load_dataset` path: a builder ("text", "json", "parquet"), a local data dir, a hub name, or a
+    directory written by `save_to_disk` (read with `load_from_disk`)."""
     hf_name: str | None = None
     """`datasets.load_dataset` config name."""
     hf_split: str = "train"
@@ -148,7 +149,21 @@ def stdlib_root() -> Path:
 def _stdlib_documents(cfg: DataConfig) -> list[Document]:
     root = stdlib_root()
     paths = sorted(p for p in root.rglob("*.py") if not _STDLIB_EXCLUDED_DIRS.intersection(p.relative_to(root).parts))
-    return [Document(p.relative_to(root).as_posix(), _read_text(p)) for p in paths if p.is_file()]
+    return _read_files([(p.relative_to(root).as_posix(), p) for p in paths if p.is_file()], cfg)
+
+
+def _read_files(named: list[tuple[str, Path]], cfg: DataConfig) -> list[Document]:
+    if cfg.max_documents is None:
+        return [Document(doc_id, _read_text(path)) for doc_id, path in named]
+    # Read only the files the cap keeps (the first non-empty ones in hash order, as load_documents picks).
+    docs = []
+    for doc_id, path in sorted(named, key=lambda item: _doc_hash(item[0], cfg.seed)):
+        text = _read_text(path)
+        if text.strip():
+            docs.append(Document(doc_id, text))
+            if len(docs) == cfg.max_documents:
+                break
+    return sorted(docs, key=lambda d: d.id)
 
 
 def _expand_globs(patterns: str | Sequence[str]) -> list[Path]:
@@ -165,7 +180,7 @@ def _expand_globs(patterns: str | Sequence[str]) -> list[Path]:
 
 
 def _file_documents(cfg: DataConfig) -> list[Document]:
-    return [Document(os.path.normpath(p), _read_text(p)) for p in _expand_globs(cfg.paths)]
+    return _read_files([(os.path.normpath(p), p) for p in _expand_globs(cfg.paths)], cfg)
 
 
 def _jsonl_documents(cfg: DataConfig) -> list[Document]:
@@ -192,9 +207,14 @@ def _hf_documents(cfg: DataConfig) -> list[Document]:
     data_files = cfg.paths
     if isinstance(data_files, str):
         data_files = [os.path.expanduser(data_files)]
+    saved = Path(os.path.expanduser(cfg.hf_path))
     try:
-        ds = datasets.load_dataset(cfg.hf_path, cfg.hf_name, split=cfg.hf_split, data_files=data_files)
-    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
+        if (saved / "state.json").is_file() or (saved / "dataset_dict.json").is_file():
+            ds = datasets.load_from_disk(str(saved))  # a directory written by Dataset(Dict).save_to_disk
+            ds = ds[cfg.hf_split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(cfg.hf_path, cfg.hf_name, split=cfg.hf_split, data_files=data_files)
+    except (FileNotFoundError, ValueError, KeyError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PuzzleError(f"cannot load dataset data.hf_path={cfg.hf_path!r} split={cfg.hf_split!r}: {first}") from None
     if cfg.text_field not in ds.column_names:
