@@ -419,8 +419,8 @@ def _available_cores() -> int:
 def _training_threads() -> int:
     """Cores not already busy: OpenMP threads that outnumber free cores spin-wait on each other.
 
-    Measured on 2 shared cores at load ~12 with this recipe: 1 thread 653 tok/s, 2 threads 113 tok/s;
-    on the same 2 cores idle, 2 threads are ~1.5x faster than 1. OMP_NUM_THREADS, when set, wins.
+    Measured with the default shape on 2 cores shared at load ~12: 1 thread 653 tok/s, 2 threads 113 tok/s.
+    On idle cores every core is used. OMP_NUM_THREADS, when set, wins.
     """
     cores = _available_cores()
     if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
