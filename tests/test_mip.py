@@ -264,6 +264,9 @@ def test_loads_nvlabs_format(tmp_path):
         (lambda d: d.update(layers=[]), r"unexpected top-level key 'layers'"),
         (lambda d: d["layer_0"]["v0"]["stats"].update(memory_mib=math.nan), r"memory_mib is nan"),
         (lambda d: d.update(layer_0={}), r"layer_0 must be a non-empty object"),
+        (lambda d: d.update(metadata={"batch_sizes": [0]}), r"metadata.batch_sizes is \[0\]"),
+        (lambda d: d.update(metadata={"parent": {"layer_0": "v0"}}), r"metadata.parent: layer_1 is None"),
+        (lambda d: d.update(metadata={"fixed": {"1": {"runtime_ms": "x"}}}), r"metadata.fixed\['1'\].runtime_ms"),
     ],
 )
 def test_malformed_library_is_a_clear_error(mutate, pattern):

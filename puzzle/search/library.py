@@ -145,19 +145,20 @@ class BlockLibrary:
 
     def _validate_metadata(self) -> None:
         meta = self.metadata
-        for b in meta.get("batch_sizes") or []:
-            if not isinstance(b, int) or isinstance(b, bool) or b < 1:
-                raise PuzzleError(f"block library metadata.batch_sizes: {b!r} is not a positive integer")
-        parent = meta.get("parent") or {}
+        sizes, parent, fixed = meta.get("batch_sizes") or [], meta.get("parent") or {}, meta.get("fixed") or {}
+        if not isinstance(sizes, list) or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes
+        ):
+            raise PuzzleError(f"block library metadata.batch_sizes is {sizes!r}; expected a list of positive integers")
+        if not isinstance(parent, dict) or not isinstance(fixed, dict):
+            raise PuzzleError("block library metadata.parent and metadata.fixed must be objects")
         for layer in self.layer_names if parent else []:
             if parent.get(layer) not in self.layers[layer]:
                 raise PuzzleError(
                     f"block library metadata.parent: {layer} is {parent.get(layer)!r}, not one of its variants"
                 )
-        for b, stats in (meta.get("fixed") or {}).items():
-            for name, v in stats.items():
-                if not _is_number(v):
-                    raise PuzzleError(f"block library metadata.fixed[{b!r}].{name} is {v!r}, expected a number")
+        for b, stats in fixed.items():
+            _check_numbers(stats, f"block library metadata.fixed[{b!r}]")
 
 
 def _validate_layers(layers: dict[str, Any]) -> None:

@@ -20,7 +20,8 @@ from puzzle.search.library import BlockLibrary
 
 log = logging.getLogger(__name__)
 
-# Relative tolerance of the post-solve check: solvers accept tiny violations of their own (about 1e-7 scaled).
+# Relative tolerance of the post-solve check: solvers accept tiny violations of their own (about 1e-7 of a row's
+# largest coefficient, as rows are scaled to unit magnitude).
 REL_TOL = 1e-6
 
 
@@ -111,16 +112,22 @@ def check_solution(
     if problems:
         return problems
     for c in constraints:
-        total = sum(library.value(name, layers[name], c.key, batch_size) for name in library.layer_names)
-        if c.max is not None and total > c.max + REL_TOL * max(1.0, abs(c.max)):
+        values = [library.value(name, layers[name], c.key, batch_size) for name in library.layer_names]
+        total, largest = sum(values), max(abs(v) for v in values)
+        if c.max is not None and total > c.max + _tolerance(c.max, largest):
             problems.append(f"{c.key} total {total:.6g} is above max {c.max:.6g}")
-        if c.min is not None and total < c.min - REL_TOL * max(1.0, abs(c.min)):
+        if c.min is not None and total < c.min - _tolerance(c.min, largest):
             problems.append(f"{c.key} total {total:.6g} is below min {c.min:.6g}")
     for k, earlier in enumerate(previous):
         differ = sum(earlier.get(name) != layers[name] for name in library.layer_names)
         if differ < diversity:
             problems.append(f"differs from solution {k + 1} in {differ} layers, fewer than diversity {diversity}")
     return problems
+
+
+def _tolerance(bound: float, largest: float) -> float:
+    """REL_TOL relative to the bound or to the largest block value, whichever is larger (solvers scale rows)."""
+    return REL_TOL * max(abs(bound), largest, 1e-12)
 
 
 def _make_solver(
@@ -154,13 +161,14 @@ def _alone_infeasible(terms: Sequence[_Term], table: dict[str, list[list[float]]
     messages = []
     for t in terms:
         c, rows = t.constraint, table[t.constraint.key]
+        largest = max(abs(v) for r in rows for v in r)
         if c.max is not None:
             lowest = sum(min(r) for r in rows)
-            if lowest > c.max + REL_TOL * max(1.0, abs(c.max)):
+            if lowest > c.max + _tolerance(c.max, largest):
                 messages.append(t.best_message(lowest))
         if c.min is not None:
             highest = sum(max(r) for r in rows)
-            if highest < c.min - REL_TOL * max(1.0, abs(c.min)):
+            if highest < c.min - _tolerance(c.min, largest):
                 messages.append(t.best_message(highest))
     return messages
 
