@@ -323,7 +323,11 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = torch.optim.AdamW(child.parameters(), lr=cfg.lr, weight_decay=config["weight_decay"])
     state = _resume(child, optimizer, config["run_id"])
     distributed = world > 1
-    model = ray.train.torch.prepare_model(_DistillForward(child)) if distributed else _DistillForward(child)
+    model = _DistillForward(child)
+    if distributed:
+        # Without a KL or LM term the LM head gets no gradient, which DDP must be told to expect.
+        unused = not (cfg.kl_weight or cfg.lm_weight)
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": unused})
     steps, warmup = config["steps"], config["warmup_steps"]
     stop = steps if config["max_steps"] is None else min(steps, state["step"] + config["max_steps"])
     started, seconds_before = time.perf_counter(), state.get("train_seconds", 0.0)

@@ -193,3 +193,17 @@ def test_gkd_stage_picks_one_of_the_top_k_solutions(ray_session, tmp_path):
     assert out["result"].steps == 4 and out["result"].finished
     chosen = [out["model"].config.block_config(i).name for i in range(2)]
     assert chosen == [solutions[best]["layer_0"], solutions[best]["layer_1"]]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_two_data_parallel_workers_train_one_model(ray_session, tmp_path, parent):
+    """Two gloo workers with gradient accumulation: DDP keeps one model, the step count and tokens add up."""
+    child = PuzzleForCausalLM(tiny_config(CHILD_BLOCKS))
+    train_ids = torch.randint(0, VOCAB, (64, 16))
+    cfg = GKDConfig(
+        tokens=4 * 2 * 2 * 2 * 16, batch_size=2, grad_accum=2, num_workers=2, num_cpus=1, lr=3e-3, warmup_ratio=0.0
+    )
+    result = run_gkd(child, parent, train_ids, cfg, tmp_path)
+    assert result.steps == 4 and result.tokens == 4 * 2 * 2 * 2 * 16
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
