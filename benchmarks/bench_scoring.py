@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_scoring.py [--threads 1] [--variants 4] [--batches 2] [--build-parent]
 
 Prints, on the embedded default parent when it is already built (or with --build-parent), otherwise on a random-init
-model of the demo shape (8 layers, hidden 256, 4 heads, 2 KV heads, head_dim 64, FFN 768, vocab 4096):
+model of the demo shape (puzzle.parent.ParentRecipe's defaults; the shape is printed):
 1. the speed-up of cached-prefix replace-1-block scoring over naive full forwards, on the same blocks and batches;
 2. the predicted end-to-end decode latency of the all-parent model (sum of its blocks + fixed costs, from
    puzzle.profiling) next to its measured end-to-end latency (puzzle.profiling.measure_decode_latency), with the
@@ -161,7 +161,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, what = demo_parent(args.build_parent)
-    print(f"parent: {what}")
+    c = model.config
+    print(
+        f"parent: {what}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads, "
+        f"{c.num_key_value_heads} KV heads, head_dim {c.head_dim}, FFN {c.intermediate_size}, vocab {c.vocab_size}"
+    )
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{args.threads} thread(s), load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"

@@ -357,6 +357,8 @@ def _measure_all(
         cache = ProfileCache(None)
         cache.entries = dict(cached)
         results: dict[str, Any] = {}
+        cold: dict[str, bool] = {}
+        results["flush"] = cold  # per batch size: timed from a cold cache or not
         work = [(block, b) for b in batch_sizes for block in [None, *blocks]]
         where = {
             "context_len": context_len,
@@ -366,7 +368,9 @@ def _measure_all(
         }
         for block, b in tqdm(work, desc="profile", unit="block", disable=not progress):
             # The cache key holds the flush decision itself, not "auto" (which depends on the parent's depth).
-            flush = flush_cache(settings, config, b, context_len, dtype, device)
+            if str(b) not in cold:
+                cold[str(b)] = flush_cache(settings, config, b, context_len, dtype, device)
+            flush = cold[str(b)]
             at_b = replace(settings, flush="always" if flush else "never")
             key = ProfileCache.key(config, block, name, dtype_name, b, context_len, prompt_len, at_b)
             stats = cache.get(key)
@@ -378,7 +382,6 @@ def _measure_all(
                 cache.put(key, stats)
             label = "fixed" if block is None else block.name
             results[f"{label}@{b}"] = {phase: s.to_dict() for phase, s in stats.items()}
-            results.setdefault("flush", {})[str(b)] = flush
         return name, results, cache.entries, cache.hits
     finally:
         torch.set_num_threads(previous_threads)
