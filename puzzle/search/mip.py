@@ -289,7 +289,6 @@ def _solve_terms(
     solutions: list[Solution] = []
     progress = tqdm(total=num_solutions, desc=f"search (D={diversity})", unit="solution", disable=num_solutions < 2)
     for _ in range(num_solutions):
-        progress.update()
         kept = _kept_variants(dominators, choices)
         prob, x = _build_problem(obj, terms, table, maximize, kept, choices, diversity)
         prob.solve(backend)
@@ -305,6 +304,7 @@ def _solve_terms(
         if problems:  # a solver bug or a tolerance far looser than ours: never hand such an architecture on
             raise RuntimeError(f"{solver} returned an architecture that fails the re-check: {'; '.join(problems)}")
         choices.append(choice)
+        progress.update()
         solutions.append(
             Solution(
                 layers=layers,
