@@ -1,7 +1,8 @@
 """Predicted (sum of per-block latencies + fixed costs) vs measured end-to-end decode speed-up of children of the
 demo-shaped parent, on this machine, at several batch sizes.
 
-    .venv/bin/python benchmarks/bench_evaluate.py [--batch-sizes 1 4 16] [--context 128] [--prompt 64] [--threads 2]
+    .venv/bin/python benchmarks/bench_evaluate.py [--batch-sizes 1 8] [--context 128] [--prompt 64] [--threads 1]
+        [--clock wall|cpu]   (cpu: process CPU time, repeatable on a shared machine with one thread)
 
 The parent is a random-init model of the demo shape (8 layers, hidden 256, 4 heads, 2 KV heads, head_dim 64,
 intermediate 768, vocab 4096): latency does not depend on the weights' values. Children are fixed architectures
@@ -18,7 +19,7 @@ import platform
 import torch
 
 from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.evaluate import measure_throughput
+from puzzle.evaluate import measure_throughput, timing_from_library
 from puzzle.modeling_puzzle import PuzzleConfig, PuzzleForCausalLM
 from puzzle.profiling import ProfileSettings, profile_blocks
 
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time (1 thread)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -67,7 +69,7 @@ def main() -> None:
         batch_sizes=args.batch_sizes,
         context_len=args.context,
         prompt_len=args.prompt,
-        settings=ProfileSettings(),
+        settings=ProfileSettings(clock=args.clock),
         num_threads=args.threads,
         progress=False,
     )
@@ -76,10 +78,15 @@ def main() -> None:
         cfg = PuzzleConfig(**{**config.to_dict(), "block_configs": [b.to_dict() for b in blocks]})
         models[name] = PuzzleForCausalLM(cfg).eval()
     cpu = platform.processor() or platform.machine()
-    print(f"machine: {cpu}, {args.threads} threads, load average {os.getloadavg()[0]:.2f}; torch {torch.__version__}")
+    print(
+        f"machine: {cpu}, {args.threads} threads, {args.clock} clock, load average {os.getloadavg()[0]:.2f}; "
+        f"torch {torch.__version__}"
+    )
     for b in args.batch_sizes:
+        # Time end to end exactly as the blocks were timed (threads, steps, clock, cache flushing).
+        timing = timing_from_library(costs.metadata, b)
         measured = measure_throughput(
-            models, batch_size=b, prompt_len=args.prompt, gen_len=16, context_len=args.context, rounds=3
+            models, batch_size=b, prompt_len=args.prompt, gen_len=16, context_len=args.context, rounds=3, timing=timing
         )
         predicted = {
             name: costs.predict({f"layer_{i}": blk.name for i, blk in enumerate(blocks)}, b)["runtime_ms"]

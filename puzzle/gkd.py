@@ -414,9 +414,10 @@ def run_gkd(
     """Distil `child` against `parent` on `train_ids` (token rows: a [rows, seq_len] tensor or a datasets.Dataset
     with "input_ids") with Ray Train; needs Ray started.
 
-    Checkpoints go to `work_dir/gkd-<input hash>/`; a second call with the same inputs resumes from the latest
-    checkpoint (and returns at once if the run had finished). `max_steps` caps the optimiser steps of this call
-    (the schedule still spans the whole budget), for runs sliced across preemptible allocations.
+    Checkpoints go to `work_dir/gkd-<input hash>/` (Ray Train's storage_path: on a multi-node cluster it must be a
+    file system every node can reach); a second call with the same inputs resumes from the latest checkpoint, or
+    returns the finished run's child without starting Ray Train. `max_steps` caps the optimiser steps of this
+    call (the schedule still spans the whole budget), for runs sliced across preemptible allocations.
     Returns the trained child (a new model on CPU; `child` is not modified) and the loss history, which is also
     sent to `logger` (puzzle.progress.RunLogger, e.g. wandb) from the driver once training ends.
     """
@@ -440,6 +441,10 @@ def run_gkd(
     run_name = f"gkd-{run_id}"
     storage = Path(work_dir).resolve()
     storage.mkdir(parents=True, exist_ok=True)
+    finished = _finished_checkpoint(storage / run_name, schedule["steps"])
+    if finished is not None:
+        log(f"[gkd] run {run_name} already finished: loading {finished}")
+        return _result(packed_child, finished, schedule, run_name, 0.0, logger)
     loop_config = {
         "cfg": vars(cfg).copy(),
         "parent_ref": ray.put(pack_model(parent)),
@@ -474,9 +479,27 @@ def run_gkd(
     result = trainer.fit()
     if result.checkpoint is None:
         raise ConfigError(f"GKD run {run_name} produced no checkpoint; see the worker logs under {storage}")
-    trained = unpack_model(packed_child)
     with result.checkpoint.as_directory() as directory:
-        state = load_checkpoint(Path(directory), trained)
+        return _result(packed_child, Path(directory), schedule, run_name, time.perf_counter() - started, logger)
+
+
+def _finished_checkpoint(run_dir: Path, steps: int) -> Path | None:
+    """The checkpoint of a run that already reached `steps`, if run_dir holds one."""
+    for state_file in sorted(run_dir.glob(f"step_*/{CHECKPOINT_STATE}"), reverse=True):
+        try:
+            if json.loads(state_file.read_text()).get("step") == steps:
+                return state_file.parent
+        except (OSError, json.JSONDecodeError):
+            continue  # a checkpoint being written or damaged: Ray Train's own bookkeeping decides then
+    return None
+
+
+def _result(
+    packed_child: dict[str, Any], directory: Path, schedule: dict[str, int], run_name: str, seconds: float, logger: Any
+) -> GKDResult:
+    """Load a checkpoint into a fresh copy of the child and send its loss history to the logger."""
+    trained = unpack_model(packed_child)
+    state = load_checkpoint(directory, trained)
     if logger is not None:
         for entry in state["history"]:
             logger.log({f"gkd/{k}": v for k, v in entry.items() if k != "step"}, step=int(entry["step"]))
@@ -486,7 +509,7 @@ def run_gkd(
         steps=state["step"],
         total_steps=schedule["steps"],
         tokens=state["step"] * schedule["tokens_per_step"],
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
         resumed_from_step=state.get("resumed_from_step", 0),
         run_name=run_name,
     )

@@ -162,6 +162,11 @@ def test_ray_train_gkd_lowers_the_loss_and_resumes(ray_session, tmp_path, parent
     assert second.history[:3] == first.history
     losses = [h["loss"] for h in second.history]
     assert losses[-1] < 0.9 * losses[0]
+    # A third call finds the finished run and returns its child without training.
+    third = run_gkd(child, parent, train_ids, cfg, tmp_path)
+    assert third.history == second.history and third.seconds == 0.0
+    for a, b in zip(third.model.parameters(), second.model.parameters(), strict=True):
+        assert torch.equal(a, b)
     # The returned child carries the trained weights: its loss is the last step's neighbourhood, below the start.
     with torch.no_grad():
         before, _ = compute_gkd_loss(child, parent, train_ids[:16], cfg)
