@@ -555,3 +555,18 @@ def test_search_rejects_unprofiled_batch_size_and_serialises():
         solve(library, constraints=[Constraint("stats.runtime_ms", max=100.0)], batch_size=4)
     (sol,) = search(library, Budget(decode_latency_ms=100.0), batch_sizes=[1])
     assert json.loads(json.dumps(sol.to_dict()))["batch_size"] == 1
+
+
+def test_read_choice_insists_on_one_variant_per_layer():
+    import pulp
+
+    from puzzle.search.mip import _read_choice
+
+    x = {(i, j): pulp.LpVariable(f"x_{i}_{j}", cat=pulp.LpBinary) for i in range(2) for j in range(3)}
+    assert _read_choice(x, 2) is None  # nothing solved yet
+    for (i, j), var in x.items():
+        var.varValue = 1.0 if j == i else 0.0
+    assert _read_choice(x, 2) == [0, 1]
+    x[1, 2].varValue = 1.0
+    with pytest.raises(RuntimeError, match="chose 2 variants for layer 1"):
+        _read_choice(x, 2)

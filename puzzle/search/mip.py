@@ -248,14 +248,17 @@ def _build_problem(
 
 
 def _read_choice(x: dict[tuple[int, int], pulp.LpVariable], num_layers: int) -> list[int] | None:
-    best: dict[int, tuple[float, int]] = {}
+    """The variant chosen at each layer, None when the solver returned no values; exactly one per layer."""
+    chosen: dict[int, list[int]] = {}
     for (i, j), var in x.items():
-        value = var.varValue or 0.0
-        if value > best.get(i, (-1.0, -1))[0]:
-            best[i] = (value, j)
-    if len(best) < num_layers or any(value < 0.5 for value, _ in best.values()):
+        if var.varValue is not None and var.varValue > 0.5:
+            chosen.setdefault(i, []).append(j)
+    if not chosen:
         return None
-    return [best[i][1] for i in range(num_layers)]
+    wrong = [i for i in range(num_layers) if len(chosen.get(i, [])) != 1]
+    if wrong:  # the one-variant rows forbid this; never pass such an architecture on
+        raise RuntimeError(f"the solver chose {len(chosen.get(wrong[0], []))} variants for layer {wrong[0]}")
+    return [chosen[i][0] for i in range(num_layers)]
 
 
 def _solve_terms(
