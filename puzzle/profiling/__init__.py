@@ -5,10 +5,12 @@ Measured (device "cpu", "cuda" or "cuda:N"), for each batch size b of the target
   forwards; prefill latency of a prompt of length p; both the median of `repeats` runs after `warmup` runs, with the
   interquartile range recorded;
 - parameter memory and KV-cache bytes per token (computed from the block's shapes).
-A block is timed as a stack of `stack` copies with distinct random weights (weights do not change latency), called
-exactly as the model calls its layers, so its weights do not sit in a cache that the real model would have evicted.
-The fixed costs (embeddings, rotary tables, mask, final norm, LM head and the per-forward framework overhead) are
-measured once, end to end, on a model whose only layer is a no-op block.
+The fixed costs (embeddings, rotary tables, mask, final norm, LM head, the per-forward framework overhead) are the
+end-to-end latency of a model whose only layer is a no-op block. A block's cost is its marginal cost inside a real
+model forward: a model of `stack` copies of it (distinct random weights; values do not change latency) is timed end
+to end, the fixed costs are subtracted and the rest is divided by `stack`. When the parent's per-step working set
+(weights + KV cache) exceeds the last-level cache, every timed step starts from a cold cache, as it does in the
+whole model (`flush`).
 Measurements are cached in a JSON file keyed by (block shape, device name, dtype, b, s, p, settings), so identical
 shapes are measured once across layers and runs.
 
@@ -33,6 +35,7 @@ from puzzle.profiling.blocks import (
     measure_fixed,
     memory_stats,
     profile_blocks,
+    random_model,
 )
 from puzzle.profiling.estimate import block_work, estimate_blocks, fixed_work
 from puzzle.profiling.library import (
@@ -74,6 +77,7 @@ __all__ = [
     "measure_prefill_latency",
     "memory_stats",
     "profile_blocks",
+    "random_model",
     "resolve_device",
     "run_profiling",
     "torch_dtype",

@@ -18,14 +18,12 @@ from puzzle.errors import ConfigError, PuzzleError
 from puzzle.profiling.timing import (
     CLOCKS,
     LatencyStats,
-    Stopwatch,
     device_name,
     is_named_gpu,
     last_level_cache_bytes,
     measure_decode_latency,
     measure_prefill_latency,
     resolve_device,
-    timed_repeats,
     torch_dtype,
 )
 
@@ -104,7 +102,7 @@ class ProfileSettings:
     repeats: int = 7
     decode_steps: int = 8
     stack: int = 4
-    """Copies of a block timed together (distinct weights), so it does not run from a warm cache."""
+    """Layers of a block in the model it is timed in (distinct weights): its cost is (model - fixed) / stack."""
     clock: str = "wall"
     """"wall" or "cpu" (process CPU time: repeatable on a shared machine with one thread; see timing.clock)."""
     flush: str = "auto"
@@ -144,26 +142,18 @@ def flush_cache(
     return working_set_bytes(config, batch_size, context_len, dtype.itemsize) > last_level_cache_bytes(device)
 
 
-def _block_stack(config: Any, block: BlockConfig, k: int, device: torch.device, dtype: torch.dtype):
-    """k layers of `block` with random weights, their rotary embedding and the compact cache slot of each."""
-    from puzzle.modeling_puzzle import PuzzleDecoderLayer, PuzzleRotaryEmbedding
+def random_model(config: Any, blocks: Sequence[BlockConfig], device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A PuzzleForCausalLM with these blocks and random weights (latency does not depend on the values)."""
+    from puzzle.modeling_puzzle import PuzzleForCausalLM
 
-    cfg = derived_config(config, [block] * k)
-    layers = [PuzzleDecoderLayer.from_block(cfg, block, j) for j in range(k)]
-    for layer in layers:
-        for p in layer.parameters():
-            nn.init.normal_(p, std=0.02)
-    layers = [layer.to(device=device, dtype=dtype).eval() for layer in layers]
-    rotary = PuzzleRotaryEmbedding(cfg).to(device)
-    slots = [j if layer.has_kv_cache else None for j, layer in enumerate(layers)]
-    return cfg, layers, rotary, slots
+    with torch.device(device):
+        model = PuzzleForCausalLM(derived_config(config, blocks))
+    return model.to(dtype=dtype).eval()
 
 
-def _run_stack(layers, h, pos, position_ids, cache, slots) -> torch.Tensor:
-    # Called with the same arguments as PuzzleModel.forward passes (its causal mask is None for SDPA here).
-    for layer, slot in zip(layers, slots, strict=True):
-        h = layer(h, pos, attention_mask=None, past_key_values=cache, position_ids=position_ids, cache_index=slot)
-    return h
+def _marginal(stack: LatencyStats, shell: LatencyStats, k: int) -> LatencyStats:
+    # Per-sample marginal cost of one layer; a no-op block's true cost is a Python call, so noise may dip below 0.
+    return LatencyStats.of([max(0.0, (x - shell.median_ms) / k) for x in stack.samples_ms])
 
 
 @torch.no_grad()
@@ -177,41 +167,29 @@ def measure_block(
     device: torch.device,
     dtype: torch.dtype,
     settings: ProfileSettings,
+    fixed: dict[str, LatencyStats] | None = None,
 ) -> dict[str, LatencyStats]:
-    """Decode (ms per token at `context_len`) and prefill (ms for `prompt_len`) latency of one block."""
-    from transformers.cache_utils import DynamicCache
+    """Decode (ms per token at `context_len`) and prefill (ms for `prompt_len`) latency of one block.
 
-    cfg, layers, rotary, slots = _block_stack(config, block, settings.stack, device, dtype)
-    k, b, d = settings.stack, batch_size, config.hidden_size
-    watch = Stopwatch(device, settings.clock, flush_cache(settings, config, b, context_len, dtype, device))
+    Measured inside a real model forward, so the model's per-layer overhead counts: a model of `settings.stack`
+    copies of the block (distinct random weights) is timed end to end and the fixed costs (`fixed`, the model with
+    one no-op layer, measured here when not given) are subtracted; the rest divided by the number of copies is the
+    block's cost.
+    """
+    where = {"batch_size": batch_size, "context_len": context_len, "prompt_len": prompt_len}
+    if fixed is None:
+        fixed = measure_fixed(config, device=device, dtype=dtype, settings=settings, **where)
+    model = random_model(config, [block] * settings.stack, device, dtype)
+    stack = _time_model(model, config, settings, device, dtype, **where)
+    return {phase: _marginal(stack[phase], fixed[phase], settings.stack) for phase in ("decode", "prefill")}
 
-    def positions(start: int, n: int) -> tuple[torch.Tensor, Any]:
-        ids = torch.arange(start, start + n, device=device).unsqueeze(0).expand(b, -1)
-        x = torch.empty(b, n, d, device=device, dtype=dtype)
-        return ids, rotary(x, ids)
 
-    ctx_ids, ctx_pos = positions(0, context_len)
-    steps = [positions(context_len + t, 1) for t in range(settings.decode_steps)]
-    prompt_ids, prompt_pos = positions(0, prompt_len)
-    context = torch.randn(b, context_len, d, device=device, dtype=dtype)
-    prompt = torch.randn(b, prompt_len, d, device=device, dtype=dtype)
-    inputs = torch.randn(settings.decode_steps, b, 1, d, device=device, dtype=dtype)
-
-    def decode_once() -> float:
-        cache = DynamicCache(config=cfg)
-        _run_stack(layers, context, ctx_pos, ctx_ids, cache, slots)
-        total = 0.0
-        for t, (ids, pos) in enumerate(steps):
-            total += watch(lambda t=t, ids=ids, pos=pos: _run_stack(layers, inputs[t], pos, ids, cache, slots))
-        return total / (settings.decode_steps * k)
-
-    def prefill_once() -> float:
-        cache = DynamicCache(config=cfg)
-        return watch(lambda: _run_stack(layers, prompt, prompt_pos, prompt_ids, cache, slots)) / k
-
+def _time_model(model, config, settings, device, dtype, *, batch_size, context_len, prompt_len):
+    flush = flush_cache(settings, config, batch_size, context_len, dtype, device)
+    kw = {"warmup": settings.warmup, "repeats": settings.repeats, "clock_kind": settings.clock, "flush": flush}
     return {
-        "decode": timed_repeats(decode_once, settings.warmup, settings.repeats),
-        "prefill": timed_repeats(prefill_once, settings.warmup, settings.repeats),
+        "decode": measure_decode_latency(model, batch_size, context_len, steps=settings.decode_steps, **kw),
+        "prefill": measure_prefill_latency(model, batch_size, prompt_len, **kw),
     }
 
 
@@ -227,16 +205,10 @@ def measure_fixed(
     settings: ProfileSettings,
 ) -> dict[str, LatencyStats]:
     """End-to-end latency of a model whose only layer is a no-op block: embeddings, rotary, mask, norm, LM head."""
-    from puzzle.modeling_puzzle import PuzzleForCausalLM
-
     noop = BlockConfig(AttentionConfig(no_op=True), FFNConfig(no_op=True))
-    shell = PuzzleForCausalLM(derived_config(config, [noop])).to(device=device, dtype=dtype).eval()
-    flush = flush_cache(settings, config, batch_size, context_len, dtype, device)
-    kw = {"warmup": settings.warmup, "repeats": settings.repeats, "clock_kind": settings.clock, "flush": flush}
-    return {
-        "decode": measure_decode_latency(shell, batch_size, context_len, steps=settings.decode_steps, **kw),
-        "prefill": measure_prefill_latency(shell, batch_size, prompt_len, **kw),
-    }
+    shell = random_model(config, [noop], device, dtype)
+    where = {"batch_size": batch_size, "context_len": context_len, "prompt_len": prompt_len}
+    return _time_model(shell, config, settings, device, dtype, **where)
 
 
 # ------------------------------------------------------------------------------------------------------ the cache
@@ -358,6 +330,7 @@ def _measure_all(
         cache.entries = dict(cached)
         results: dict[str, Any] = {}
         cold: dict[str, bool] = {}
+        fixed: dict[int, dict[str, LatencyStats]] = {}
         results["flush"] = cold  # per batch size: timed from a cold cache or not
         work = [(block, b) for b in batch_sizes for block in [None, *blocks]]
         where = {
@@ -378,8 +351,10 @@ def _measure_all(
                 if block is None:
                     stats = measure_fixed(config, batch_size=b, settings=at_b, **where)
                 else:
-                    stats = measure_block(config, block, batch_size=b, settings=at_b, **where)
+                    stats = measure_block(config, block, batch_size=b, settings=at_b, fixed=fixed[b], **where)
                 cache.put(key, stats)
+            if block is None:
+                fixed[b] = stats  # first in each batch size's work list: the blocks' baseline
             label = "fixed" if block is None else block.name
             results[f"{label}@{b}"] = {phase: s.to_dict() for phase, s in stats.items()}
         return name, results, cache.entries, cache.hits
