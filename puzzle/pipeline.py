@@ -427,6 +427,9 @@ def run_evaluate_stage(ctx: StageContext) -> StageResult:
         ctx.job.evaluate,
         ctx.job.target,
         batch_size=chosen_solution(ctx).get("batch_size"),
+        # Time the models exactly as profiling timed the blocks (threads, clock, decode steps), so the search's
+        # predicted speed-up and the measured one are comparable.
+        library_metadata=read_json(ctx.upstream["profile"] / "library.json")["metadata"],
         log=say,
     )
     write_json(ctx.out_dir / "evaluation.json", _jsonable(evaluation))
@@ -526,7 +529,7 @@ def build_stages() -> list[Stage]:
             "puzzle.evaluate",
             run_evaluate_stage,
             sections=("evaluate", "target"),
-            after=("parent", "data", "search", "gkd"),
+            after=("parent", "data", "profile", "search", "gkd"),
         ),
         _stage(
             "export",
