@@ -276,3 +276,15 @@ def test_profile_blocks_in_one_ray_task(ray_session, tmp_path):
     # The driver wrote the worker's measurements into the cache: a local rerun measures nothing.
     again = profile_blocks(cfg, [[PARENT, NOOP]] * 2, cache_path=cache_path, num_threads=1, **kw)
     assert again.metadata["cache_hits"] == 3
+
+
+def test_interleaved_rounds_and_paired_marginal_costs():
+    from puzzle.profiling.blocks import _paired
+    from puzzle.profiling.timing import interleaved_repeats
+
+    calls = []
+    samples = interleaved_repeats([lambda: calls.append("a") or 1.0, lambda: calls.append("b") or 2.0], 1, 3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-ups first, then round-robin
+    assert samples == [[1.0] * 3, [2.0] * 3]
+    stats = _paired([9.0, 5.0, 1.0], [1.0, 1.0, 2.0], 4)  # (block model - fixed model of the same round) / 4
+    assert stats.samples_ms == [2.0, 1.0, 0.0]  # a negative difference (noise) is clamped to 0

@@ -18,11 +18,13 @@ from puzzle.errors import ConfigError, PuzzleError
 from puzzle.profiling.timing import (
     CLOCKS,
     LatencyStats,
+    Stopwatch,
+    decode_runner,
     device_name,
+    interleaved_repeats,
     is_named_gpu,
     last_level_cache_bytes,
-    measure_decode_latency,
-    measure_prefill_latency,
+    prefill_runner,
     resolve_device,
     torch_dtype,
 )
@@ -151,15 +153,25 @@ def random_model(config: Any, blocks: Sequence[BlockConfig], device: torch.devic
     return model.to(dtype=dtype).eval()
 
 
-def _marginal(stack: LatencyStats, shell: LatencyStats, k: int) -> LatencyStats:
-    # Per-sample marginal cost of one layer; a no-op block's true cost is a Python call, so noise may dip below 0.
-    return LatencyStats.of([max(0.0, (x - shell.median_ms) / k) for x in stack.samples_ms])
+def _paired(stack: list[float], shell: list[float], k: int) -> LatencyStats:
+    # One marginal-cost sample per round: (k-block model - fixed-cost model of the same round) / k. A no-op block's
+    # true cost is about a Python call, so noise may dip below 0: clamp.
+    return LatencyStats.of([max(0.0, (x - y) / k) for x, y in zip(stack, shell, strict=True)])
+
+
+def _models_per_round(config: Any, k: int, device: torch.device, dtype: torch.dtype) -> int:
+    """How many block models to keep alive and time round-robin (2 GiB on CPU, 30% of free GPU memory)."""
+    elem = dtype.itemsize
+    parent = block_shape(config, config.block_config(0)).num_params
+    model_bytes = (k * parent + fixed_num_params(config)) * elem
+    budget = 2 * 2**30 if device.type != "cuda" else 0.3 * torch.cuda.mem_get_info(device)[0]
+    return max(1, int(budget // max(model_bytes, 1)))
 
 
 @torch.no_grad()
-def measure_block(
+def measure_batch(
     config: Any,
-    block: BlockConfig,
+    blocks: Sequence[BlockConfig],
     *,
     batch_size: int,
     context_len: int,
@@ -167,48 +179,53 @@ def measure_block(
     device: torch.device,
     dtype: torch.dtype,
     settings: ProfileSettings,
-    fixed: dict[str, LatencyStats] | None = None,
-) -> dict[str, LatencyStats]:
-    """Decode (ms per token at `context_len`) and prefill (ms for `prompt_len`) latency of one block.
+) -> tuple[dict[str, LatencyStats], dict[str, dict[str, LatencyStats]]]:
+    """Fixed costs and each block's cost at one batch size: ({phase: stats}, {block name: {phase: stats}}).
 
-    Measured inside a real model forward, so the model's per-layer overhead counts: a model of `settings.stack`
-    copies of the block (distinct random weights) is timed end to end and the fixed costs (`fixed`, the model with
-    one no-op layer, measured here when not given) are subtracted; the rest divided by the number of copies is the
-    block's cost.
+    Fixed costs: a model whose only layer is a no-op block (embeddings, rotary, mask, final norm, LM head, framework
+    overhead). A block's cost is its marginal cost inside a real model forward, so the model loop's per-layer
+    overhead counts: a model of `settings.stack` copies of it (distinct random weights) minus the fixed-cost model,
+    divided by the copies. All models are timed round-robin (`interleaved_repeats`) and each block's sample is paired
+    with the fixed-cost sample of the same round, so drifting load from other processes cancels out.
     """
-    where = {"batch_size": batch_size, "context_len": context_len, "prompt_len": prompt_len}
-    if fixed is None:
-        fixed = measure_fixed(config, device=device, dtype=dtype, settings=settings, **where)
-    model = random_model(config, [block] * settings.stack, device, dtype)
-    stack = _time_model(model, config, settings, device, dtype, **where)
-    return {phase: _marginal(stack[phase], fixed[phase], settings.stack) for phase in ("decode", "prefill")}
-
-
-def _time_model(model, config, settings, device, dtype, *, batch_size, context_len, prompt_len):
+    k = settings.stack
     flush = flush_cache(settings, config, batch_size, context_len, dtype, device)
-    kw = {"warmup": settings.warmup, "repeats": settings.repeats, "clock_kind": settings.clock, "flush": flush}
-    return {
-        "decode": measure_decode_latency(model, batch_size, context_len, steps=settings.decode_steps, **kw),
-        "prefill": measure_prefill_latency(model, batch_size, prompt_len, **kw),
-    }
-
-
-@torch.no_grad()
-def measure_fixed(
-    config: Any,
-    *,
-    batch_size: int,
-    context_len: int,
-    prompt_len: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    settings: ProfileSettings,
-) -> dict[str, LatencyStats]:
-    """End-to-end latency of a model whose only layer is a no-op block: embeddings, rotary, mask, norm, LM head."""
+    watch = Stopwatch(device, settings.clock, flush)
     noop = BlockConfig(AttentionConfig(no_op=True), FFNConfig(no_op=True))
     shell = random_model(config, [noop], device, dtype)
-    where = {"batch_size": batch_size, "context_len": context_len, "prompt_len": prompt_len}
-    return _time_model(shell, config, settings, device, dtype, **where)
+    fixed: dict[str, list[float]] = {"decode": [], "prefill": []}
+    out: dict[str, dict[str, LatencyStats]] = {}
+    per_round = _models_per_round(config, k, device, dtype)
+    chunks = [list(blocks[i : i + per_round]) for i in range(0, len(blocks), per_round)] or [[]]
+    for chunk in chunks:
+        models = [shell] + [random_model(config, [block] * k, device, dtype) for block in chunk]
+        decode = interleaved_repeats(
+            [decode_runner(m, batch_size, context_len, settings.decode_steps, watch) for m in models],
+            settings.warmup,
+            settings.repeats,
+        )
+        prefill = interleaved_repeats(
+            [prefill_runner(m, batch_size, prompt_len, watch) for m in models], settings.warmup, settings.repeats
+        )
+        fixed["decode"] += decode[0]
+        fixed["prefill"] += prefill[0]
+        for j, block in enumerate(chunk, start=1):
+            out[block.name] = {
+                "decode": _paired(decode[j], decode[0], k),
+                "prefill": _paired(prefill[j], prefill[0], k),
+            }
+        del models
+    return {phase: LatencyStats.of(samples) for phase, samples in fixed.items()}, out
+
+
+def measure_block(config: Any, block: BlockConfig, **where: Any) -> dict[str, LatencyStats]:
+    """Decode (ms per token at context_len) and prefill (ms for prompt_len) latency of one block (see measure_batch)."""
+    return measure_batch(config, [block], **where)[1][block.name]
+
+
+def measure_fixed(config: Any, **where: Any) -> dict[str, LatencyStats]:
+    """End-to-end latency of a model whose only layer is a no-op block (see measure_batch)."""
+    return measure_batch(config, [], **where)[0]
 
 
 # ------------------------------------------------------------------------------------------------------ the cache
@@ -328,35 +345,27 @@ def _measure_all(
         name = device_name(device)
         cache = ProfileCache(None)
         cache.entries = dict(cached)
-        results: dict[str, Any] = {}
-        cold: dict[str, bool] = {}
-        fixed: dict[int, dict[str, LatencyStats]] = {}
-        results["flush"] = cold  # per batch size: timed from a cold cache or not
-        work = [(block, b) for b in batch_sizes for block in [None, *blocks]]
-        where = {
-            "context_len": context_len,
-            "prompt_len": prompt_len,
-            "device": device,
-            "dtype": dtype,
-        }
-        for block, b in tqdm(work, desc="profile", unit="block", disable=not progress):
+        results: dict[str, Any] = {"flush": {}}  # per batch size: whether steps were timed from a cold cache
+        where = {"context_len": context_len, "prompt_len": prompt_len, "device": device, "dtype": dtype}
+        for b in tqdm(batch_sizes, desc="profile", unit="batch size", disable=not progress):
             # The cache key holds the flush decision itself, not "auto" (which depends on the parent's depth).
-            if str(b) not in cold:
-                cold[str(b)] = flush_cache(settings, config, b, context_len, dtype, device)
-            flush = cold[str(b)]
+            flush = flush_cache(settings, config, b, context_len, dtype, device)
             at_b = replace(settings, flush="always" if flush else "never")
-            key = ProfileCache.key(config, block, name, dtype_name, b, context_len, prompt_len, at_b)
-            stats = cache.get(key)
-            if stats is None:
-                if block is None:
-                    stats = measure_fixed(config, batch_size=b, settings=at_b, **where)
-                else:
-                    stats = measure_block(config, block, batch_size=b, settings=at_b, fixed=fixed[b], **where)
-                cache.put(key, stats)
-            if block is None:
-                fixed[b] = stats  # first in each batch size's work list: the blocks' baseline
-            label = "fixed" if block is None else block.name
-            results[f"{label}@{b}"] = {phase: s.to_dict() for phase, s in stats.items()}
+            results["flush"][str(b)] = flush
+            keys = {
+                label: ProfileCache.key(config, block, name, dtype_name, b, context_len, prompt_len, at_b)
+                for label, block in [("fixed", None), *((blk.name, blk) for blk in blocks)]
+            }
+            stats = {label: cache.get(key) for label, key in keys.items()}
+            todo = [blk for blk in blocks if stats[blk.name] is None]
+            if todo or stats["fixed"] is None:
+                # The fixed costs are re-measured with any block: each block sample pairs with one of the same round.
+                fixed, measured = measure_batch(config, todo, batch_size=b, settings=at_b, **where)
+                stats.update(measured, fixed=fixed)
+                for label, value in [("fixed", fixed), *measured.items()]:
+                    cache.put(keys[label], value)
+            for label, value in stats.items():
+                results[f"{label}@{b}"] = {phase: st.to_dict() for phase, st in value.items()}
         return name, results, cache.entries, cache.hits
     finally:
         torch.set_num_threads(previous_threads)

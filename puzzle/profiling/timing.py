@@ -132,17 +132,28 @@ class LatencyStats:
 
 def timed_repeats(run_once: Callable[[], float], warmup: int, repeats: int) -> LatencyStats:
     """Call `run_once` (which times itself and returns ms) warmup + repeats times; the GC stays off while timing."""
-    for _ in range(warmup):
-        run_once()
-    samples = []
+    return LatencyStats.of(interleaved_repeats([run_once], warmup, repeats)[0])
+
+
+def interleaved_repeats(runners: Sequence[Callable[[], float]], warmup: int, repeats: int) -> list[list[float]]:
+    """Samples (ms) of several self-timing runners, taken round-robin: round r runs every runner once.
+
+    Interleaving spreads a burst of load from other processes over all runners instead of inflating one of them,
+    and lets a caller pair samples of the same round (a block's model minus the fixed-cost model).
+    """
+    for run in runners:
+        for _ in range(warmup):
+            run()
+    samples: list[list[float]] = [[] for _ in runners]
     # A full collection can take most of a second in a big process, so none is forced; the GC just pauses.
     gc.disable()
     try:
         for _ in range(repeats):
-            samples.append(run_once())
+            for out, run in zip(samples, runners, strict=True):
+                out.append(run())
     finally:
         gc.enable()
-    return LatencyStats.of(samples)
+    return samples
 
 
 def last_level_cache_bytes(device: torch.device) -> int:
@@ -187,7 +198,39 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
+def decode_runner(model: nn.Module, batch_size: int, context_len: int, steps: int, watch: Stopwatch):
+    """A self-timing run: prefill `context_len` random tokens (not timed), then `steps` timed single-token forwards
+    through the model's own DynamicCache, as generation does minus sampling; returns the mean ms per step."""
+    device = watch.device
+    vocab = model.config.vocab_size
+    prompt = torch.randint(vocab, (batch_size, context_len), device=device)
+    tokens = torch.randint(vocab, (steps, batch_size, 1), device=device)
+    positions = [torch.full((batch_size, 1), context_len + t, device=device) for t in range(steps)]
+
+    @torch.no_grad()
+    def once() -> float:
+        cache = model(input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values
+        total = 0.0
+        for t in range(steps):
+            total += watch(
+                lambda t=t: model(input_ids=tokens[t], position_ids=positions[t], past_key_values=cache, use_cache=True)
+            )
+        return total / steps
+
+    return once
+
+
+def prefill_runner(model: nn.Module, batch_size: int, prompt_len: int, watch: Stopwatch):
+    """A self-timing run: prefill `prompt_len` random tokens (KV cache filled, last-token logits only); ms."""
+    prompt = torch.randint(model.config.vocab_size, (batch_size, prompt_len), device=watch.device)
+
+    @torch.no_grad()
+    def once() -> float:
+        return watch(lambda: model(input_ids=prompt, use_cache=True, logits_to_keep=1))
+
+    return once
+
+
 def measure_decode_latency(
     model: nn.Module,
     batch_size: int,
@@ -205,27 +248,10 @@ def measure_decode_latency(
     model's own DynamicCache one by one, as generation does minus sampling: the figure is the mean time per step.
     `clock_kind` and `flush` (cold cache before each step): see `clock` and `Stopwatch`.
     """
-    device = _model_device(model)
-    watch = Stopwatch(device, clock_kind, flush)
-    model.eval()
-    vocab = model.config.vocab_size
-    prompt = torch.randint(vocab, (batch_size, context_len), device=device)
-    tokens = torch.randint(vocab, (steps, batch_size, 1), device=device)
-    positions = [torch.full((batch_size, 1), context_len + t, device=device) for t in range(steps)]
-
-    def once() -> float:
-        cache = model(input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values
-        total = 0.0
-        for t in range(steps):
-            total += watch(
-                lambda t=t: model(input_ids=tokens[t], position_ids=positions[t], past_key_values=cache, use_cache=True)
-            )
-        return total / steps
-
-    return timed_repeats(once, warmup, repeats)
+    watch = Stopwatch(_model_device(model), clock_kind, flush)
+    return timed_repeats(decode_runner(model.eval(), batch_size, context_len, steps, watch), warmup, repeats)
 
 
-@torch.no_grad()
 def measure_prefill_latency(
     model: nn.Module,
     batch_size: int,
@@ -237,10 +263,5 @@ def measure_prefill_latency(
     flush: bool = False,
 ) -> LatencyStats:
     """Milliseconds to prefill `prompt_len` tokens for the whole batch (KV cache filled, last-token logits only)."""
-    device = _model_device(model)
-    watch = Stopwatch(device, clock_kind, flush)
-    model.eval()
-    prompt = torch.randint(model.config.vocab_size, (batch_size, prompt_len), device=device)
-    return timed_repeats(
-        lambda: watch(lambda: model(input_ids=prompt, use_cache=True, logits_to_keep=1)), warmup, repeats
-    )
+    watch = Stopwatch(_model_device(model), clock_kind, flush)
+    return timed_repeats(prefill_runner(model.eval(), batch_size, prompt_len, watch), warmup, repeats)
