@@ -18,13 +18,15 @@ import os
 import platform
 import time
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from puzzle.block_config import BlockConfig
 from puzzle.modeling_puzzle import PuzzleConfig, PuzzleDecoderLayer, PuzzleForCausalLM
-from puzzle.profiling import ProfileSettings, measure_decode_latency, measure_prefill_latency, profile_blocks
+from puzzle.profiling import ProfileSettings, measure_batch, measure_decode_latency, measure_prefill_latency
+from puzzle.profiling.blocks import flush_cache
 from puzzle.scoring import build_parent_cache, score_layer_cached, score_layer_naive
 from puzzle.search_space import ParentShape, SearchSpace
 
@@ -107,41 +109,39 @@ def bench_scoring(model, variants_per_layer: int, num_batches: int, batch: int, 
 
 
 def bench_latency(model, batch: int, context: int, prompt: int, settings: ProfileSettings) -> None:
+    """Predicted (fixed + sum of the parent's blocks) vs measured end-to-end latency of the all-parent model.
+
+    The parent is timed end to end in the same round-robin rounds as the block and fixed-cost models (so a burst of
+    load from other processes hits both sides alike), and once more on its own with measure_decode_latency /
+    measure_prefill_latency, exactly as the evaluation stage does.
+    """
     cfg = model.config
-    parent_blocks = [[cfg.block_config(i)] for i in range(cfg.num_hidden_layers)]
+    device, dtype = torch.device("cpu"), torch.float32
+    blocks = [cfg.block_config(i) for i in range(cfg.num_hidden_layers)]
+    unique = list({b.name: b for b in blocks}.values())
+    cold = flush_cache(settings, cfg, batch, context, dtype, device)
+    at_b = replace(settings, flush="always" if cold else "never")
+    where = {"batch_size": batch, "context_len": context, "prompt_len": prompt, "device": device, "dtype": dtype}
+    fixed, timed = measure_batch(cfg, unique, settings=at_b, references=[model], **where)
     kw = {"warmup": settings.warmup, "repeats": settings.repeats, "clock_kind": settings.clock}
-    before = measure_decode_latency(model, batch, context, steps=settings.decode_steps, **kw)
-    prefill_before = measure_prefill_latency(model, batch, prompt, **kw)
-    costs = profile_blocks(
-        cfg,
-        parent_blocks,
-        batch_sizes=[batch],
-        context_len=context,
-        prompt_len=prompt,
-        settings=settings,
-        progress=False,
-    )
-    after = measure_decode_latency(model, batch, context, steps=settings.decode_steps, **kw)
-    prefill_after = measure_prefill_latency(model, batch, prompt, **kw)
-    arch = {f"layer_{i}": blocks[0].name for i, blocks in enumerate(parent_blocks)}
-    predicted = costs.predict(arch, batch)
-    fixed = costs.fixed[str(batch)]
-    block = costs.blocks["layer_0"][arch["layer_0"]][str(batch)]
-    cold = costs.metadata["cold_cache_by_batch"][str(batch)]
+    alone = {
+        "decode": measure_decode_latency(model, batch, context, steps=settings.decode_steps, **kw),
+        "prefill": measure_prefill_latency(model, batch, prompt, **kw),
+    }
     print(
         f"latency at batch {batch}, context {context}, prompt {prompt} "
-        f"(fixed {fixed['runtime_ms']:.3f} ms + {cfg.num_hidden_layers} x block {block['runtime_ms']:.3f} ms "
-        f"[IQR {block['runtime_ms_iqr']:.3f}]; blocks timed from a {'cold' if cold else 'warm'} cache):"
+        f"({'cold' if cold else 'warm'} cache per step; {settings.repeats} rounds):"
     )
-    for label, pred, m1, m2 in (
-        ("decode ms/token", predicted["runtime_ms"], before, after),
-        ("prefill ms", predicted["prefill_runtime_ms"], prefill_before, prefill_after),
-    ):
-        measured = (m1.median_ms + m2.median_ms) / 2
+    for phase, label in (("decode", "decode ms/token"), ("prefill", "prefill ms")):
+        per_block = [timed[b.name][phase].median_ms for b in blocks]
+        predicted = fixed[phase].median_ms + sum(per_block)
+        same = timed["reference_0"][phase]
+        alone_ms = alone[phase].median_ms
         print(
-            f"  {label:16s} predicted {pred:8.3f}  measured {measured:8.3f} "
-            f"(before {m1.median_ms:.3f} IQR {m1.iqr_ms:.3f}, after {m2.median_ms:.3f} IQR {m2.iqr_ms:.3f})  "
-            f"ratio {pred / measured:.3f}"
+            f"  {label:16s} predicted {predicted:8.3f} (fixed {fixed[phase].median_ms:.3f} + "
+            f"{len(blocks)} x {per_block[0]:.3f})  measured in the same rounds {same.median_ms:8.3f} "
+            f"(IQR {same.iqr_ms:.3f}) ratio {predicted / same.median_ms:.3f};  measured alone "
+            f"{alone_ms:8.3f} (IQR {alone[phase].iqr_ms:.3f}) ratio {predicted / alone_ms:.3f}"
         )
 
 

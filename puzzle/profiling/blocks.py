@@ -179,8 +179,12 @@ def measure_batch(
     device: torch.device,
     dtype: torch.dtype,
     settings: ProfileSettings,
+    references: Sequence[nn.Module] = (),
 ) -> tuple[dict[str, LatencyStats], dict[str, dict[str, LatencyStats]]]:
     """Fixed costs and each block's cost at one batch size: ({phase: stats}, {block name: {phase: stats}}).
+
+    `references` (whole models, e.g. the parent whose cost the blocks should add up to) are timed end to end in the
+    same rounds and reported under the names "reference_0", "reference_1", ... of the second dict.
 
     Fixed costs: a model whose only layer is a no-op block (embeddings, rotary, mask, final norm, LM head, framework
     overhead). A block's cost is its marginal cost inside a real model forward, so the model loop's per-layer
@@ -197,8 +201,9 @@ def measure_batch(
     out: dict[str, dict[str, LatencyStats]] = {}
     per_round = _models_per_round(config, k, device, dtype)
     chunks = [list(blocks[i : i + per_round]) for i in range(0, len(blocks), per_round)] or [[]]
-    for chunk in chunks:
-        models = [shell] + [random_model(config, [block] * k, device, dtype) for block in chunk]
+    for n, chunk in enumerate(chunks):
+        refs = list(references) if n == 0 else []
+        models = [shell, *refs] + [random_model(config, [block] * k, device, dtype) for block in chunk]
         decode = interleaved_repeats(
             [decode_runner(m, batch_size, context_len, settings.decode_steps, watch) for m in models],
             settings.warmup,
@@ -209,7 +214,9 @@ def measure_batch(
         )
         fixed["decode"] += decode[0]
         fixed["prefill"] += prefill[0]
-        for j, block in enumerate(chunk, start=1):
+        for j, _ in enumerate(refs, start=1):
+            out[f"reference_{j - 1}"] = {"decode": LatencyStats.of(decode[j]), "prefill": LatencyStats.of(prefill[j])}
+        for j, block in enumerate(chunk, start=1 + len(refs)):
             out[block.name] = {
                 "decode": _paired(decode[j], decode[0], k),
                 "prefill": _paired(prefill[j], prefill[0], k),
