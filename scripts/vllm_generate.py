@@ -4,11 +4,11 @@ Run by the interpreter of the separate vLLM environment (`make vllm-env`), never
 
     .venv-vllm/bin/python scripts/vllm_generate.py runs/x/export --prompts '[[5, 6, 7], [9, 10]]' --max-new-tokens 8
 
-Prompts are token-id lists (no tokenizer round trip, so the comparison with transformers is exact). The last line on
-stdout is `{"vllm_version": ..., "tokens": [[...], ...], "logprobs": [[{id: logprob, ...}, ...], ...]}`; with `--out`
-the same JSON also goes to that file (vLLM logs to stdout too). `logprobs` holds the top-2 candidates of every step, so
-a caller can tell a real disagreement from a near tie. vLLM's engine spawns worker processes, which is why this is a
-script file (a `__main__` guard) rather than code piped to stdin.
+Prompts are token-id lists (no tokenizer round trip, so the comparison with transformers is exact). The last line
+on stdout is one JSON object: `vllm_version`, `load_s` (engine start-up), `generate_s`, `tokens` (one list per prompt)
+and `logprobs` (per prompt, per step, the top-2 candidates as {token id: logprob}, so a caller can tell a real
+disagreement from a near tie); `--out` also writes it to a file (vLLM logs to stdout too). vLLM's engine spawns worker
+processes, which is why this is a script file (a `__main__` guard) rather than code piped to stdin.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 
@@ -44,9 +45,13 @@ def generate(args: argparse.Namespace) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    # An export saved without a tokenizer still serves token ids: vLLM then skips tokenizer set-up and detokenizing.
+    has_tokenizer = any((Path(args.export) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    start = time.perf_counter()
     llm = LLM(
         model=args.export,
         tokenizer=args.export,
+        skip_tokenizer_init=not has_tokenizer,
         trust_remote_code=True,  # the export's config class ships as code next to the weights
         dtype=args.dtype,
         gpu_memory_utilization=args.gpu_memory_utilization,
@@ -55,11 +60,18 @@ def generate(args: argparse.Namespace) -> dict:
         seed=0,
     )
     # ignore_eos: random weights may emit EOS early, and we compare a fixed number of steps.
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens, ignore_eos=True, logprobs=2)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in load_prompts(args.prompts)], params)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=args.max_new_tokens, ignore_eos=True, logprobs=2, detokenize=has_tokenizer
+    )
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in load_prompts(args.prompts)]
+    loaded = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    done = time.perf_counter()
     completions = [out.outputs[0] for out in outputs]
     return {
         "vllm_version": vllm.__version__,
+        "load_s": round(loaded - start, 3),
+        "generate_s": round(done - loaded, 3),
         "tokens": [list(c.token_ids) for c in completions],
         "logprobs": [
             [{str(tok): lp.logprob for tok, lp in step.items()} for step in (c.logprobs or [])] for c in completions
