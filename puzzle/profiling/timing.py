@@ -179,6 +179,8 @@ class Stopwatch:
     """
 
     def __init__(self, device: torch.device, clock_kind: str = "wall", flush: bool = False) -> None:
+        if not isinstance(flush, bool):
+            raise ConfigError(f"flush={flush!r} must be True or False here (resolve 'auto' with blocks.flush_cache)")
         self.device = device
         self.now = clock(clock_kind, device)
         size = 2 * last_level_cache_bytes(device) // 4 if flush else 0
