@@ -390,6 +390,18 @@ def _parent_names(config: Any) -> dict[str, str]:
     return {f"layer_{i}": config.block_config(i).name for i in range(config.num_hidden_layers)}
 
 
+def _run_measurements(args: tuple, cached: dict, progress: bool, use_ray: bool, num_cpus: float, num_gpus: float):
+    """`_measure_all` here, or inside one Ray task holding the resources (so timings never overlap)."""
+    if not use_ray:
+        return _measure_all(*args, cached, progress)
+    import ray
+
+    if num_gpus > 0 and ray.cluster_resources().get("GPU", 0) < num_gpus:
+        raise PuzzleError(f"profiling.num_gpus={num_gpus} but the Ray cluster has no GPU; set it to 0")
+    task = ray.remote(_measure_all).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=2)
+    return ray.get(task.remote(*args, cached, progress))
+
+
 def profile_blocks(
     config: Any,
     variants: Sequence[Sequence[BlockConfig]],
@@ -441,28 +453,8 @@ def profile_blocks(
     start = time.perf_counter()
     cache = ProfileCache(cache_path)
     blocks = _unique_blocks(variants)
-    args = (
-        config,
-        blocks,
-        list(batch_sizes),
-        context_len,
-        prompt_len,
-        device,
-        dtype,
-        settings,
-        num_threads,
-        cache.entries,
-        progress,
-    )
-    if use_ray:
-        import ray
-
-        if num_gpus > 0 and ray.cluster_resources().get("GPU", 0) < num_gpus:
-            raise PuzzleError(f"profiling.num_gpus={num_gpus} but the Ray cluster has no GPU; set it to 0")
-        task = ray.remote(_measure_all).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=2)
-        name, results, entries, hits = ray.get(task.remote(*args))
-    else:
-        name, results, entries, hits = _measure_all(*args)
+    args = (config, blocks, list(batch_sizes), context_len, prompt_len, device, dtype, settings, num_threads)
+    name, results, entries, hits = _run_measurements(args, cache.entries, progress, use_ray, num_cpus, num_gpus)
     cache.entries = entries
     cache.save()
     costs = _assemble_costs(config, variants, results, batch_sizes, context_len, dtype)
