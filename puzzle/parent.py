@@ -238,6 +238,10 @@ def build_parent(recipe: ParentRecipe, out_dir: str | os.PathLike, log: Callable
     metrics["unigram"] = unigram_baseline(
         splits["train"], splits["test"], recipe.vocab_size, max_tokens=recipe.eval_max_tokens
     )
+    # Bits per byte compare models across tokenizers (per-token loss and top-1 depend on the vocabulary).
+    metrics["test_bytes_per_token"] = round(bytes_per_token(parts["test"], tokenizer), 4)
+    for name in ("test", "unigram"):
+        metrics[name]["bits_per_byte"] = round(metrics[name]["loss"] / math.log(2) / metrics["test_bytes_per_token"], 4)
     metrics["build_seconds"] = round(time.perf_counter() - started, 2)
     log(format_metrics(metrics))
 
@@ -387,13 +391,22 @@ def unigram_baseline(train: Any, test: Any, vocab_size: int, *, max_tokens: int 
     return {"loss": round(loss, 4), "ppl": round(math.exp(loss), 3), "top1": round(correct / count, 4), "tokens": count}
 
 
+def bytes_per_token(docs: Sequence[Document], tokenizer: Any) -> float:
+    """UTF-8 bytes per token of `docs` (one separator per document counted, as packing adds it)."""
+    texts = [doc.text for doc in docs]
+    tokens = sum(len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    return sum(len(text.encode("utf-8")) for text in texts) / max(1, tokens)
+
+
 def format_metrics(metrics: dict) -> str:
     """Held-out metrics of the parent beside the unigram baseline, as a few printable lines."""
-    lines = ["default parent, held-out test split:", f"  {'':8} {'loss':>8} {'ppl':>10} {'top1':>7} {'tokens':>8}"]
+    head = f"  {'':8} {'loss':>8} {'ppl':>10} {'top1':>7} {'bits/B':>7} {'tokens':>8}"
+    lines = ["default parent, held-out test split:", head]
     for name in ("test", "unigram"):
         m = metrics[name]
         label = "parent" if name == "test" else "unigram"
-        lines.append(f"  {label:8} {m['loss']:8.3f} {m['ppl']:10.2f} {m['top1']:7.1%} {m['tokens']:8d}")
+        bpb = f"{m['bits_per_byte']:7.3f}" if "bits_per_byte" in m else f"{'-':>7}"
+        lines.append(f"  {label:8} {m['loss']:8.3f} {m['ppl']:10.2f} {m['top1']:7.1%} {bpb} {m['tokens']:8d}")
     train = metrics.get("train")
     if train:
         lines.append(

@@ -155,7 +155,11 @@ def test_tiny_parent_builds_loads_without_puzzle_and_is_cached(tmp_path, monkeyp
 
     metrics = json.loads((path / "metrics.json").read_text())
     for name in ("test", "unigram"):
-        assert set(metrics[name]) == {"loss", "ppl", "top1", "tokens"} and metrics[name]["tokens"] > 0
+        assert set(metrics[name]) == {"loss", "ppl", "top1", "tokens", "bits_per_byte"} and metrics[name]["tokens"] > 0
+    assert metrics["test_bytes_per_token"] > 1.0  # BPE merges bytes
+    assert metrics["test"]["bits_per_byte"] == pytest.approx(
+        metrics["test"]["loss"] / math.log(2) / metrics["test_bytes_per_token"], rel=1e-3
+    )
     assert metrics["train"]["steps"] == 6 and metrics["train"]["tokens_per_s"] > 0
     assert any("held-out test split" in line for line in lines)
 
