@@ -1,4 +1,4 @@
-"""The `puzzle` command line: `puzzle run|submit|status|logs|stop|search|estimate ...`.
+"""The `puzzle` command line: `puzzle run|submit|status|logs|stop|search ...`.
 
 Each subcommand lives in its stage's module, which exposes `register(subparsers)`; the parser it adds
 sets `func=callable(args) -> int`. A `PuzzleError` (a problem the user can fix) becomes one line on
@@ -14,20 +14,14 @@ import sys
 from puzzle.errors import PuzzleError
 
 # Modules that contribute subcommands, in the order they appear in --help.
-COMMAND_MODULES = ("puzzle.runner", "puzzle.jobs", "puzzle.mip", "puzzle.estimate")
+COMMAND_MODULES = ("puzzle.runner", "puzzle.jobs", "puzzle.mip")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="puzzle", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name == name:  # a stage not present in this build
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 
