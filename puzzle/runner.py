@@ -252,7 +252,7 @@ def connect_ray(job: JobConfig) -> bool:
                     num_cpus=job.cluster.num_cpus,
                     num_gpus=job.cluster.num_gpus,
                     object_store_memory=store * 2**20 if store else None,
-                    include_dashboard=False,
+                    include_dashboard=True,
                 )
         except ConnectionError as err:
             raise PuzzleError(f"cannot connect to Ray at {address or 'a new local cluster'}: {err}") from None
@@ -356,12 +356,19 @@ def run_job(
         )
         manifests: dict[str, dict[str, Any]] = {}
         try:
-            for stage in selected:
+            for i, stage in enumerate(selected):
                 upstream = {name: manifests[name]["output_hash"] for name in stage.after}
                 manifests[stage.name] = run_stage(stage, job, run_dir, upstream, logger, ensure_ray)
                 if stage.name == "parent" and validate:
                     # With the embedded default, the parent's shape is known only now.
                     check_search_space(job, _parent_config(run_dir))
+                if ray_state["started"] and not any(s.uses_ray for s in selected[i + 1 :]):
+                    # A local cluster we started is not needed any more: stop it, so its daemons and idle
+                    # workers do not share the CPU with the end-to-end throughput measurement that follows.
+                    import ray
+
+                    ray.shutdown()
+                    ray_state.update(started=False, connected=False)
         finally:
             logger.finish()
             if ray_state["started"]:
