@@ -98,7 +98,7 @@ def test_group_choice_changes_section():
         ("budget.speedup=0", r"budget.speedup=0.0 must be > 0"),
         ("target.batch_sizes=[]", "target.batch_sizes is empty"),
         ("run.name=a/b", "plain directory name"),
-        ("search.topk_gkd=3", "search.topk_gkd=3 exceeds search.num_solutions=1"),
+        ("search.topk_gkd=9", "search.topk_gkd=9 exceeds search.num_solutions=8"),
         ("logger.mode=loud", "logger.mode='loud'"),
         ("data.nope=1", "data"),
     ],
