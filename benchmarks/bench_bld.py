@@ -53,20 +53,9 @@ def demo_parent(build: bool):
     if build or parent_mod._is_complete(cached):
         path = parent_mod.ensure_default_parent(recipe, log=lambda _: None)
         return load_parent(path), f"default parent (trained, cached at {path})"
-    from transformers import LlamaConfig
-
     from puzzle.modeling_puzzle import PuzzleForCausalLM
 
-    hf = LlamaConfig(
-        vocab_size=recipe.vocab_size,
-        hidden_size=recipe.hidden_size,
-        intermediate_size=recipe.intermediate_size,
-        num_hidden_layers=recipe.num_hidden_layers,
-        num_attention_heads=recipe.num_attention_heads,
-        num_key_value_heads=recipe.num_key_value_heads,
-        head_dim=recipe.head_dim,
-        max_position_embeddings=recipe.max_position_embeddings,
-    )
+    hf = recipe.llama_config()
     torch.manual_seed(0)
     return PuzzleForCausalLM(puzzle_config_from_hf(hf)).eval(), "random-init model of the demo shape (not trained)"
 

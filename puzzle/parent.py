@@ -125,6 +125,23 @@ class ParentRecipe:
             raise ConfigError(f"unknown parent recipe keys {sorted(unknown)}")
         return cls(**data)
 
+    def llama_config(self, **extra: Any) -> Any:
+        """The parent's `transformers.LlamaConfig` (the shape this recipe trains), with `extra` fields set."""
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            max_position_embeddings=self.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            **extra,
+        )
+
     def key(self) -> str:
         """Cache key: the recipe, the Python version (the stdlib corpus changes with it) and the build code."""
         payload = json.dumps(
@@ -193,7 +210,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def build_parent(recipe: ParentRecipe, out_dir: str | os.PathLike, log: Callable[[str], Any] = print) -> dict:
     """Train tokenizer and model for `recipe`, evaluate them, and save the checkpoint into `out_dir`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     out_dir = Path(out_dir)
     metrics: dict[str, Any] = {"recipe": recipe.to_dict(), "machine": _machine()}
@@ -213,16 +230,7 @@ def build_parent(recipe: ParentRecipe, out_dir: str | os.PathLike, log: Callable
     log(f"default parent: packed tokens {metrics['split_tokens']}")
 
     sep = tokenizer.convert_tokens_to_ids(SPECIAL_TOKEN)
-    config = LlamaConfig(
-        vocab_size=recipe.vocab_size,
-        hidden_size=recipe.hidden_size,
-        intermediate_size=recipe.intermediate_size,
-        num_hidden_layers=recipe.num_hidden_layers,
-        num_attention_heads=recipe.num_attention_heads,
-        num_key_value_heads=recipe.num_key_value_heads,
-        head_dim=recipe.head_dim,
-        max_position_embeddings=recipe.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": recipe.rope_theta},
+    config = recipe.llama_config(
         bos_token_id=sep,
         eos_token_id=sep,
         tie_word_embeddings=False,
