@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--variants", type=int, default=4, help="non-parent variants per layer to score")
     parser.add_argument("--batches", type=int, default=2, help="validation batches of 8 x 128 tokens")
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--stack", type=int, default=4, help="copies of a block timed together")
+    parser.add_argument("--stack", type=int, default=8, help="copies of a block timed together (the demo uses 8)")
     parser.add_argument(
         "--clock", choices=("wall", "cpu"), default="wall", help="cpu: process CPU time (shared machine)"
     )
