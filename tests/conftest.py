@@ -29,6 +29,17 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Run the test with one intra-op torch thread, then restore the previous count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray cluster for the whole test session (start-up is ~10 s on 2 cores)."""

@@ -29,13 +29,8 @@ from puzzle.profiling import (
 FAST = ProfileSettings(warmup=0, repeats=2, decode_steps=2, stack=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Intra-op threads only slow tiny matmuls down (and badly so on a shared machine).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Intra-op threads only slow tiny matmuls down (and badly so on a shared machine).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 PARENT = BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(intermediate_size=64))

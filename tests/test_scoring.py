@@ -17,13 +17,8 @@ from puzzle.scoring import build_parent_cache, score_blocks, score_layer_cached,
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Intra-op threads only slow tiny matmuls down (and badly so on a shared machine).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Intra-op threads only slow tiny matmuls down (and badly so on a shared machine).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_puzzle(num_layers: int = 3, seed: int = 0) -> PuzzleForCausalLM:
