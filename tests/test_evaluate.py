@@ -8,32 +8,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import CHILD_BLOCKS, tiny_puzzle_config
+from tiny import TINY_VOCAB as VOCAB
 
 from puzzle.config import EvaluateConfig, TargetConfig
 from puzzle.evaluate import evaluate_models, evaluate_quality, iter_batches, kv_cache_bytes, param_bytes
 from puzzle.export import save_child
-from puzzle.modeling_puzzle import PuzzleConfig, PuzzleForCausalLM
-
-VOCAB = 128
-CHILD_BLOCKS = [
-    {"attention": {"no_op": True}, "ffn": {"intermediate_size": 32}},
-    {"attention": {"n_heads_in_group": 4}, "ffn": {"replace_with_linear": True}},
-    {"attention": {"replace_with_linear": True}, "ffn": {"no_op": True}},
-]
+from puzzle.modeling_puzzle import PuzzleForCausalLM
 
 
 def tiny(block_configs=None, seed=0) -> PuzzleForCausalLM:
     torch.manual_seed(seed)
-    config = PuzzleConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        block_configs=block_configs,
-    )
+    config = tiny_puzzle_config(block_configs)
     model = PuzzleForCausalLM(config).eval()
     with torch.no_grad():
         for p in model.parameters():

@@ -7,6 +7,8 @@ import copy
 
 import pytest
 import torch
+from tiny import CHILD_BLOCKS, tiny_puzzle_config
+from tiny import TINY_VOCAB as VOCAB
 
 from puzzle.config import GKDConfig
 from puzzle.gkd import (
@@ -22,35 +24,12 @@ from puzzle.gkd import (
     save_checkpoint,
     unpack_model,
 )
-from puzzle.modeling_puzzle import PuzzleConfig, PuzzleForCausalLM
-
-VOCAB = 128
-
-CHILD_BLOCKS = [
-    {"attention": {"no_op": True}, "ffn": {"intermediate_size": 32}},
-    {"attention": {"n_heads_in_group": 4}, "ffn": {"replace_with_linear": True}},
-    {"attention": {"replace_with_linear": True}, "ffn": {"no_op": True}},
-]
-
-
-def tiny_config(block_configs=None, **overrides) -> PuzzleConfig:
-    values = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        block_configs=block_configs,
-    )
-    values.update(overrides)
-    return PuzzleConfig(**values)
+from puzzle.modeling_puzzle import PuzzleForCausalLM
 
 
 @pytest.fixture
 def parent() -> PuzzleForCausalLM:
-    return PuzzleForCausalLM(tiny_config()).eval()
+    return PuzzleForCausalLM(tiny_puzzle_config()).eval()
 
 
 @pytest.fixture
@@ -59,7 +38,7 @@ def ids() -> torch.Tensor:
 
 
 def test_layer_outputs_are_the_models_forward(parent, ids):
-    child = PuzzleForCausalLM(tiny_config(CHILD_BLOCKS)).eval()
+    child = PuzzleForCausalLM(tiny_puzzle_config(CHILD_BLOCKS)).eval()
     for model in (parent, child):
         hidden, logits = layer_outputs(model, ids)
         assert len(hidden) == 3 and hidden[0].shape == (4, 16, 32)
@@ -74,7 +53,7 @@ def test_loss_is_zero_when_child_equals_parent(parent, ids):
 
 
 def test_gradient_reaches_only_the_child(parent, ids):
-    child = PuzzleForCausalLM(tiny_config(CHILD_BLOCKS))
+    child = PuzzleForCausalLM(tiny_puzzle_config(CHILD_BLOCKS))
     loss, parts = compute_gkd_loss(child, parent, ids, GKDConfig())
     assert parts["cosine"] > 0 and parts["kl"] > 0
     loss.backward()
@@ -86,7 +65,7 @@ def test_gradient_reaches_only_the_child(parent, ids):
 
 
 def test_loss_parts_match_their_definitions(parent, ids):
-    child = PuzzleForCausalLM(tiny_config(CHILD_BLOCKS)).eval()
+    child = PuzzleForCausalLM(tiny_puzzle_config(CHILD_BLOCKS)).eval()
     with torch.no_grad():
         hc, lc = layer_outputs(child, ids)
         hp, lp = layer_outputs(parent, ids)
@@ -129,7 +108,7 @@ def test_data_order_is_a_function_of_step_and_rank():
 
 
 def test_pack_unpack_and_checkpoint_round_trip(tmp_path, parent, ids):
-    child = PuzzleForCausalLM(tiny_config(CHILD_BLOCKS, tie_word_embeddings=True))
+    child = PuzzleForCausalLM(tiny_puzzle_config(CHILD_BLOCKS, tie_word_embeddings=True))
     restored = unpack_model(pack_model(child))
     torch.testing.assert_close(restored(input_ids=ids).logits, child(input_ids=ids).logits)
 
@@ -138,7 +117,7 @@ def test_pack_unpack_and_checkpoint_round_trip(tmp_path, parent, ids):
     loss.backward()
     optimizer.step()
     save_checkpoint(tmp_path, child, optimizer, {"step": 1, "history": [{"step": 1, "loss": 0.5}]})
-    fresh = unpack_model(pack_model(PuzzleForCausalLM(tiny_config(CHILD_BLOCKS, tie_word_embeddings=True))))
+    fresh = unpack_model(pack_model(PuzzleForCausalLM(tiny_puzzle_config(CHILD_BLOCKS, tie_word_embeddings=True))))
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
     state = load_checkpoint(tmp_path, fresh, fresh_opt)
     assert state["step"] == 1 and state["history"][0]["loss"] == 0.5
@@ -150,7 +129,7 @@ def test_pack_unpack_and_checkpoint_round_trip(tmp_path, parent, ids):
 
 @pytest.mark.integration
 def test_ray_train_gkd_lowers_the_loss_and_resumes(ray_session, tmp_path, parent):
-    child = PuzzleForCausalLM(tiny_config(CHILD_BLOCKS))
+    child = PuzzleForCausalLM(tiny_puzzle_config(CHILD_BLOCKS))
     train_ids = torch.randint(0, VOCAB, (64, 16))
     cfg = GKDConfig(tokens=8 * 4 * 16, batch_size=4, lr=3e-3, warmup_ratio=0.0, checkpoint_every=2)
     first = run_gkd(child, parent, train_ids, cfg, tmp_path, max_steps=3)
@@ -204,7 +183,7 @@ def test_gkd_stage_picks_one_of_the_top_k_solutions(ray_session, tmp_path):
 @pytest.mark.integration
 def test_two_data_parallel_workers_train_one_model(ray_session, tmp_path, parent):
     """Two gloo workers with gradient accumulation: DDP keeps one model, the step count and tokens add up."""
-    child = PuzzleForCausalLM(tiny_config(CHILD_BLOCKS))
+    child = PuzzleForCausalLM(tiny_puzzle_config(CHILD_BLOCKS))
     train_ids = torch.randint(0, VOCAB, (64, 16))
     cfg = GKDConfig(
         tokens=4 * 2 * 2 * 2 * 16, batch_size=2, grad_accum=2, num_workers=2, num_cpus=1, lr=3e-3, warmup_ratio=0.0

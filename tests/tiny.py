@@ -57,6 +57,32 @@ def tiny_config(kind: str = "llama", **overrides: Any):
     return classes[kind](**{**_BASE, **extra, **overrides})
 
 
+# A 3-layer heterogeneous child for tiny_puzzle_config: no-op attention, a 1-KV-head attention with a linear FFN,
+# and a linear attention with a no-op FFN.
+CHILD_BLOCKS = [
+    {"attention": {"no_op": True}, "ffn": {"intermediate_size": 32}},
+    {"attention": {"n_heads_in_group": 4}, "ffn": {"replace_with_linear": True}},
+    {"attention": {"replace_with_linear": True}, "ffn": {"no_op": True}},
+]
+
+
+def tiny_puzzle_config(block_configs: list[dict] | None = None, **overrides: Any):
+    """A 3-layer PuzzleConfig (hidden 32, FFN 64, 4 heads, 2 KV heads, vocab TINY_VOCAB); keyword overrides win."""
+    from puzzle.modeling_puzzle import PuzzleConfig
+
+    values = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        block_configs=block_configs,
+    )
+    return PuzzleConfig(**{**values, **overrides})
+
+
 def tiny_parent(kind: str = "llama", seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """A randomly initialised tiny HF causal LM of `kind` in eval mode (weights scaled up so logits differ)."""
     from transformers import AutoModelForCausalLM
