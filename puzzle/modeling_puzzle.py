@@ -475,6 +475,13 @@ def register_auto_classes() -> None:
     AutoModelForCausalLM.register(PuzzleConfig, PuzzleForCausalLM, exist_ok=True)
 
 
+# Every puzzle code path that loads a model imports this module first, so registering here covers them all
+# (`import puzzle` itself stays free of torch). Not in an export's shipped copy, which transformers imports
+# as remote code under another name: that must not re-map "nemotron-nas" in the user's process.
+if __name__ == "puzzle.modeling_puzzle":
+    register_auto_classes()
+
+
 __all__ = [
     "PuzzleAttention",
     "PuzzleConfig",
