@@ -5,7 +5,9 @@
 
 Raw `--max/--min KEY=V` bound sums of per-block values; the budget flags (`--throughput`, `--speedup`,
 `--decode-latency-ms`, `--prefill-latency-ms`, `--memory-gib`, `--num-params`) are in human terms, include the fixed
-costs, and sweep the library's batch sizes. The search itself lives in `puzzle.search`; its API is re-exported here.
+costs, and sweep the library's batch sizes (or those given with `--batch-size`). A speed-up is over the parent's
+best throughput at those batch sizes within the memory and latency budgets; each solution names its own batch size
+and the parent baseline's. The search itself lives in `puzzle.search`; its API is re-exported here.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from puzzle.search import (
     BlockLibrary,
     Budget,
     Constraint,
+    ParentBaseline,
     Solution,
     budget_to_constraints,
     check_solution,
+    parent_baseline,
     predict,
     search,
     solve,
@@ -32,9 +36,11 @@ __all__ = [
     "BlockLibrary",
     "Budget",
     "Constraint",
+    "ParentBaseline",
     "Solution",
     "budget_to_constraints",
     "check_solution",
+    "parent_baseline",
     "predict",
     "register",
     "search",
@@ -71,7 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document")
     budget = p.add_argument_group("budget in human terms (fixed costs included; sweeps the batch sizes)")
     budget.add_argument("--throughput", type=float, metavar="TOK_S", help="minimum decode tokens/s")
-    budget.add_argument("--speedup", type=float, metavar="X", help="minimum speed-up over the parent")
+    budget.add_argument(
+        "--speedup", type=float, metavar="X", help="minimum speed-up over the parent's best within the budget"
+    )
     budget.add_argument("--decode-latency-ms", type=float, metavar="MS", help="maximum decode step latency")
     budget.add_argument("--prefill-latency-ms", type=float, metavar="MS", help="maximum time to first token")
     budget.add_argument("--memory-gib", type=float, metavar="GIB", help="maximum parameters + KV cache")
@@ -133,7 +141,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _json_solution(s: Solution, with_budget: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"layers": s.layers, "objective": s.objective, "totals": s.totals, "optimal": s.optimal}
     if with_budget:
-        out.update(batch_size=s.batch_size, predicted=s.predicted)
+        out.update(batch_size=s.batch_size, parent_batch_size=s.parent_batch_size, predicted=s.predicted)
     return out
 
 
@@ -143,6 +151,8 @@ def _format(solutions: list[Solution], objective: str, constraints: list[Constra
     for n, s in enumerate(solutions, 1):
         status = "optimal" if s.optimal else "not proven optimal"
         batch = f", batch size {s.batch_size}" if s.batch_size is not None else ""
+        if s.parent_batch_size is not None:
+            batch += f"; speed-up over the parent at batch size {s.parent_batch_size}"
         lines.append(f"solution {n} of {len(solutions)} ({status}{batch}): {objective} = {s.objective:.6g}")
         width = max(len(name) for name in s.layers)
         lines += [f"  {name:<{width}}  {variant}" for name, variant in s.layers.items()]

@@ -20,6 +20,7 @@ from puzzle.mip import (
     Constraint,
     budget_to_constraints,
     check_solution,
+    parent_baseline,
     predict,
     search,
     solve,
@@ -339,8 +340,13 @@ def test_budget_to_constraints_subtracts_fixed_costs():
     c = budget_to_constraints(Budget(throughput_tok_s=500.0), library, batch_size=8)
     # 8 tokens / (sum + 4 ms fixed) >= 500 tok/s  <=>  sum <= 16 - 4.
     assert c == [Constraint("stats.runtime_ms", max=pytest.approx(12.0))]
-    # Parent at the primary batch (1): 4 + 4 + 2 = 10 ms -> 100 tok/s; 2x -> 200 tok/s at batch 1 -> sum <= 3.
-    (c,) = budget_to_constraints(Budget(speedup=2.0), library)
+    # A speed-up is over the parent's best: with no memory budget, at batch 8 (4 + 10 + 10 = 24 ms -> 333 tok/s; at
+    # batch 1 it makes 100 tok/s). 2x -> 667 tok/s at batch 8 -> sum + 4 ms <= 12 ms.
+    (c,) = budget_to_constraints(Budget(speedup=2.0), library, batch_size=8)
+    assert c.max == pytest.approx(8.0)
+    # Within 0.5 GiB the parent fits at batch 1 only (224 MiB; 924 MiB at batch 8): 2 + 4 + 4 = 10 ms -> 100 tok/s
+    # is the baseline; 2x -> 200 tok/s at batch 1 -> sum <= 3.
+    c, _ = budget_to_constraints(Budget(speedup=2.0, memory_gib=0.5), library)
     assert c.max == pytest.approx(3.0)
     (c,) = budget_to_constraints(Budget(memory_gib=1.0), library, batch_size=8)
     assert (c.key, c.max) == ("stats.memory_mib", pytest.approx(1024.0 - 124.0))
@@ -363,12 +369,17 @@ def test_batch_sweep_keeps_best_feasible_batch_size():
     assert sol.batch_size == 8
     assert sol.layers == {"layer_0": "big", "layer_1": "big"} and sol.objective == 0.0
     assert sol.predicted["throughput_tok_s"] == pytest.approx(8000 / 24)
-    assert sol.predicted["speedup"] == pytest.approx((8000 / 24) / 100)
+    # The parent at batch 8 is the parent's best, so its speed-up is 1 (not 3.33x over itself at batch 1: the
+    # larger batch alone is no speed-up).
+    assert sol.parent_batch_size == 8 and sol.predicted["speedup"] == pytest.approx(1.0)
     assert sol.predicted["memory_gib"] == pytest.approx((800 + 124) / 1024)
     # Add a memory cap that the batch-8 parent breaks: batch 8 needs one small layer (kl 1.0).
     (sol,) = search(library, Budget(throughput_tok_s=250.0, memory_gib=800 / 1024))
     assert sol.batch_size == 8 and sol.objective == 1.0
     assert sol.predicted["memory_gib"] <= 800 / 1024 and sol.predicted["throughput_tok_s"] >= 250.0
+    # Within that memory the parent serves batch 1 only (100 tok/s); the child serves batch 8 in it (4 + 10 + 4 ms
+    # -> 444 tok/s): that gain is real, 4.44x.
+    assert sol.parent_batch_size == 1 and sol.predicted["speedup"] == pytest.approx((8000 / 18) / 100)
 
 
 def test_speedup_infeasible_message_names_best_speedup():
@@ -377,13 +388,16 @@ def test_speedup_infeasible_message_names_best_speedup():
     with pytest.raises(InfeasibleError) as err:
         search(library, Budget(speedup=3.0), batch_sizes=[1])
     assert str(err.value) == (
-        "at batch 1: speed-up >= 3.0x is infeasible: the fastest architecture in this library reaches 1.67x"
+        "at batch 1: speed-up >= 3.0x over the parent at batch 1 is infeasible: "
+        "the fastest architecture in this library reaches 1.67x"
     )
-    # Batch 8 is fast enough (small+small: 8 / 12 ms = 6.67x) but then needs (300 + 124) MiB = 0.4141 GiB.
+    # Within 0.3 GiB the parent fits at batch 1 only (224 MiB), so it stays the baseline (100 tok/s). Batch 8 is fast
+    # enough (small+small: 8 / 12 ms = 6.67x that) but then needs (300 + 124) MiB = 0.4141 GiB.
     with pytest.raises(InfeasibleError) as err:
         search(library, Budget(speedup=5.0, memory_gib=0.3))
     assert str(err.value) == (
-        "at batch 1: speed-up >= 5.0x is infeasible: the fastest architecture in this library reaches 1.67x; "
+        "at batch 1: speed-up >= 5.0x over the parent at batch 1 is infeasible: "
+        "the fastest architecture in this library reaches 1.67x; "
         "at batch 8: memory <= 0.3 GiB is infeasible: the smallest architecture in this library needs 0.4141 GiB"
     )
 
@@ -510,11 +524,20 @@ def test_python_m_puzzle_search_subprocess(library_file):
     assert sorted(sol["layers"]) == [f"layer_{i}" for i in range(4)]
 
 
-def test_predict_all_parent_is_speedup_one():
+def test_predict_all_parent_is_speedup_one_at_its_baseline():
     library = sweep_library()
+    # With no budget the baseline is the parent's best, at batch 8 (333 tok/s); at batch 1 it makes 100 tok/s.
+    assert predict(library, library.parent, batch_size=8)["speedup"] == pytest.approx(1.0)
     figures = predict(library, library.parent, batch_size=1)
-    assert figures["speedup"] == pytest.approx(1.0) and figures["decode_latency_ms"] == pytest.approx(10.0)
+    assert figures["speedup"] == pytest.approx(100 / (8000 / 24)) and figures["decode_latency_ms"] == pytest.approx(
+        10.0
+    )
+    assert figures["parent_throughput_tok_s"] == pytest.approx(8000 / 24)
     assert figures["prefill_latency_ms"] == pytest.approx(85.0) and figures["num_params"] == 2200
+    # Within 0.5 GiB the parent serves batch 1 only: there it is the baseline.
+    baseline = parent_baseline(library, Budget(memory_gib=0.5))
+    assert (baseline.batch_size, baseline.fits_budget) == (1, True)
+    assert predict(library, library.parent, 1, baseline)["speedup"] == pytest.approx(1.0)
 
 
 def test_dominated_variant_is_used_when_diversity_needs_it():

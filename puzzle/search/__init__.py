@@ -3,7 +3,15 @@
 `puzzle search LIBRARY.json ...` (puzzle/mip.py) is its command line.
 """
 
-from puzzle.search.budget import Budget, budget_to_constraints, predict, search
+from puzzle.search.budget import (
+    Budget,
+    ParentBaseline,
+    block_totals,
+    budget_to_constraints,
+    parent_baseline,
+    predict,
+    search,
+)
 from puzzle.search.library import BlockLibrary
 from puzzle.search.mip import Constraint, Solution, check_solution, solve
 
@@ -11,9 +19,12 @@ __all__ = [
     "BlockLibrary",
     "Budget",
     "Constraint",
+    "ParentBaseline",
     "Solution",
+    "block_totals",
     "budget_to_constraints",
     "check_solution",
+    "parent_baseline",
     "predict",
     "search",
     "solve",

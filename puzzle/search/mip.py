@@ -54,8 +54,12 @@ class Solution:
     totals: dict[str, float]
     optimal: bool
     batch_size: int | None = None
-    # Budget-level predictions incl. fixed costs (throughput_tok_s, speedup, memory_gib, ...), filled by `search`.
+    # Budget-level predictions incl. fixed costs (throughput_tok_s, speedup, memory_gib, ...) at batch_size, filled
+    # by `search`.
     predicted: dict[str, float] = field(default_factory=dict)
+    # The batch size of the parent baseline that predicted["speedup"] is relative to (`search.parent_baseline`): the
+    # parent's best within the budget, not necessarily at this solution's batch size. Filled by `search`.
+    parent_batch_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
