@@ -240,7 +240,7 @@ def build_parent(recipe: ParentRecipe, out_dir: str | os.PathLike, log: Callable
     _scale_residual_init(model, config.initializer_range)
     metrics["params"] = sum(p.numel() for p in model.parameters())
 
-    with _torch_threads(_training_threads()):
+    with _torch_threads(available_cores()):
         metrics["train"] = train_lm(model, splits["train"], recipe, log=log)
         metrics["test"] = evaluate_lm(model, splits["test"], batch_size=32, max_tokens=recipe.eval_max_tokens)
     metrics["unigram"] = unigram_baseline(
@@ -427,29 +427,17 @@ def format_metrics(metrics: dict) -> str:
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _available_cores() -> int:
-    """OMP_NUM_THREADS when set (Ray sets it to a task's CPUs), else the cores this process may run on."""
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
-        return int(os.environ["OMP_NUM_THREADS"])
+def available_cores() -> int:
+    """Threads for CPU work: OMP_NUM_THREADS when set (Ray sets it to a task's CPUs), else the cores this process
+    may run on. Not a guess from the load average: that 1-minute mean lags, and a demo started while it was above 1
+    trained its parent on one of two cores for the whole 16-minute build."""
+    threads = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if threads.isdigit() and int(threads) > 0:
+        return int(threads)
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def _training_threads() -> int:
-    """Cores not already busy: OpenMP threads that outnumber free cores spin-wait on each other.
-
-    Measured with the default shape on 2 cores shared at load ~12: 1 thread 653 tok/s, 2 threads 113 tok/s.
-    On idle cores every core is used. OMP_NUM_THREADS, when set, wins.
-    """
-    cores = _available_cores()
-    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
-        return cores
-    # +1: the 1-minute load average lags, and one busy core shared by two threads is still a net gain
-    # (measured at load ~1.3: 2 threads 5,722 tok/s, 1 thread 3,309).
-    busy = os.getloadavg()[0]
-    return max(1, min(cores, round(cores - busy + 1)))
 
 
 @contextlib.contextmanager
@@ -467,7 +455,7 @@ def _machine() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
-        "cores": _available_cores(),
+        "cores": available_cores(),
         "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
