@@ -311,16 +311,28 @@ class BlockCosts:
         return cls(blocks=d["blocks"], fixed=d["fixed"], metadata=d["metadata"])
 
     def predict(self, layers: dict[str, str], batch_size: int | None = None) -> dict[str, float]:
-        """Predicted totals of an architecture ({"layer_i": variant name}): sum of its blocks plus the fixed costs."""
-        b = str(batch_size if batch_size is not None else self.metadata["batch_sizes"][0])
-        totals = {k: float(v) for k, v in self.fixed[b].items() if not k.endswith("_iqr")}
+        """Predicted totals of an architecture ({"layer_i": variant name}): sum of its blocks plus the fixed costs.
+
+        The search's own sum (`puzzle.search.block_totals`) over these costs, so what profiling predicts and what the
+        search and the report predict cannot drift apart. Default batch size: the first profiled.
+        """
+        from puzzle.search import BlockLibrary, block_totals  # here: importing profiling need not load the solver
+
         for layer, name in layers.items():
             if name not in self.blocks.get(layer, {}):
                 raise PuzzleError(f"no cost for variant {name!r} of {layer}; profile it first")
-            for k, v in self.blocks[layer][name][b].items():
-                if not k.endswith("_iqr"):
-                    totals[k] = totals.get(k, 0.0) + float(v)
-        return totals
+        primary = str(self.metadata["batch_sizes"][0])
+        library = BlockLibrary(
+            {
+                layer: {
+                    name: {"stats": by_batch[primary], "stats_by_batch": by_batch, "metrics": {}}
+                    for name, by_batch in variants.items()
+                }
+                for layer, variants in self.blocks.items()
+            },
+            {"batch_sizes": self.metadata["batch_sizes"], "fixed": self.fixed},
+        )
+        return block_totals(library, layers, batch_size)
 
 
 def _measure_all(
