@@ -1,8 +1,12 @@
 """The run's report: report.json, report.md and PNG plots, parent vs child, measured beside predicted.
 
 report.json holds the parent and the child ({params, memory_mib, test: {lm_loss, ppl, kl, top1, top1_agreement},
-throughput: {prefill_tok_s, decode_tok_s, ...}}), the child's predicted figures from the block library,
-speedup_measured / speedup_predicted, the per-layer architecture, target, budget and per-stage seconds and tokens.
+throughput: {prefill_tok_s, decode_tok_s, ...}}), their predicted figures from the block library, the per-layer
+architecture, target, budget and per-stage seconds and tokens, and three speed-ups:
+- speedup_predicted: the budget's speed-up, the child at its batch over the parent's best within the budget
+  (`puzzle.search.parent_baseline`), at search.batch_size and search.parent_batch_size;
+- speedup_measured: child over parent, both measured at the same batch (throughput_setup.batch_size);
+- speedup_predicted_same_batch: the same comparison predicted, so speedup_prediction_error is like for like.
 Plots (matplotlib, Agg): architecture.png (attention and FFN variant per layer), solutions.png (predicted quality
 vs predicted throughput of every search solution, the chosen one marked), gkd_loss.png (the GKD loss curve).
 Every file is written to a temporary name and renamed, so a report never looks finished half-written.
@@ -20,57 +24,51 @@ from pathlib import Path
 from typing import Any
 
 from puzzle.errors import PuzzleError
+from puzzle.search import BlockLibrary, Budget, ParentBaseline, block_totals, parent_baseline, predict
 
 REQUIRED_MODEL_KEYS = ("params", "memory_mib", "test", "throughput")
 REQUIRED_TEST_KEYS = ("lm_loss", "ppl", "kl", "top1", "top1_agreement")
 REQUIRED_THROUGHPUT_KEYS = ("prefill_tok_s", "decode_tok_s")
-COST_KEYS = ("runtime_ms", "prefill_runtime_ms", "memory_mib", "kv_cache_mib", "num_params")
 
 
 # ----------------------------------------------------------------------------- predictions from the library
 
 
-def _batch_key(library: dict[str, Any], batch_size: int | None) -> str:
-    if batch_size is not None:
-        return str(batch_size)
-    sizes = library.get("metadata", {}).get("batch_sizes") or [1]
-    return str(sizes[0])
+def _as_library(library: dict[str, Any] | BlockLibrary) -> BlockLibrary:
+    return library if isinstance(library, BlockLibrary) else BlockLibrary.from_dict(library)
 
 
 def predict_from_library(
-    library: dict[str, Any], layers: dict[str, str], batch_size: int | None = None, prompt_len: int | None = None
+    library: dict[str, Any] | BlockLibrary,
+    layers: dict[str, str],
+    batch_size: int | None = None,
+    prompt_len: int | None = None,
 ) -> dict[str, float]:
-    """Predicted costs of an architecture ({"layer_i": variant}): sum of its blocks' stats plus the fixed costs.
+    """Predicted costs of an architecture ({"layer_i": variant}) at `batch_size` (default: the library's first).
 
-    Reads library.json as written by puzzle.profiling (stats_by_batch per variant, metadata.fixed per batch size);
-    decode_tok_s = batch / decode runtime, prefill_tok_s = batch * prompt_len / prefill runtime.
+    The search's own prediction (`puzzle.search.block_totals` / `predict`: the blocks' stats plus the fixed costs)
+    in the report's units; decode_tok_s = batch / decode runtime, prefill_tok_s = batch * prompt_len / prefill
+    runtime. `library` is library.json as loaded (or a BlockLibrary).
     """
-    b = _batch_key(library, batch_size)
-    metadata = library.get("metadata", {})
-    fixed = metadata.get("fixed", {}).get(b, {})
-    totals = {k: float(fixed.get(k, 0.0)) for k in COST_KEYS}
+    lib = _as_library(library)
     for layer, name in layers.items():
-        try:
-            entry = library[layer][name]
-        except KeyError:
-            raise PuzzleError(
-                f"library has no variant {name!r} for {layer}; was the search run on this library?"
-            ) from None
-        stats = entry.get("stats_by_batch", {}).get(b, entry.get("stats", {}))
-        for k in COST_KEYS:
-            totals[k] += float(stats.get(k, 0.0))
+        if name not in lib.layers.get(layer, {}):
+            raise PuzzleError(f"library has no variant {name!r} for {layer}; was the search run on this library?")
+    b = batch_size if batch_size is not None else (lib.primary_batch_size or 1)
+    totals = block_totals(lib, layers, b)
+    figures = predict(lib, layers, b)
     out = {
         "batch_size": int(b),
-        "decode_ms": totals["runtime_ms"],
-        "prefill_ms": totals["prefill_runtime_ms"],
-        "memory_mib": totals["memory_mib"],
-        "kv_cache_mib": totals["kv_cache_mib"],
-        "num_params": totals["num_params"],
-        "decode_tok_s": int(b) / (totals["runtime_ms"] / 1e3) if totals["runtime_ms"] > 0 else math.nan,
+        "decode_ms": totals.get("runtime_ms", 0.0),
+        "prefill_ms": totals.get("prefill_runtime_ms", 0.0),
+        "memory_mib": totals.get("memory_mib", 0.0),
+        "kv_cache_mib": totals.get("kv_cache_mib", 0.0),
+        "num_params": totals.get("num_params", 0.0),
+        "decode_tok_s": figures.get("throughput_tok_s", math.nan),
     }
-    prompt = prompt_len or metadata.get("prefill_len")
-    if prompt and totals["prefill_runtime_ms"] > 0:
-        out["prefill_tok_s"] = int(b) * prompt / (totals["prefill_runtime_ms"] / 1e3)
+    prompt = prompt_len or lib.metadata.get("prefill_len")
+    if prompt and out["prefill_ms"] > 0:
+        out["prefill_tok_s"] = int(b) * prompt / (out["prefill_ms"] / 1e3)
     return out
 
 
@@ -108,25 +106,32 @@ def build_report(
     """Assemble report.json's content.
 
     evaluation: puzzle.evaluate.evaluate_models' output. solutions: the search's solutions as dicts with "layers"
-    (and optionally "objective", "batch_size"); `chosen` indexes the exported one. stages: {name: {seconds,
-    tokens}}. The child's prediction uses the chosen solution's batch size (the measured throughput should too).
+    (and optionally "objective", "batch_size", "parent_batch_size"); `chosen` indexes the exported one. stages:
+    {name: {seconds, tokens}}. The child's prediction uses the chosen solution's batch size (the measured throughput
+    should too); parent.predicted is at that batch as well, parent.predicted_baseline at the baseline's batch.
     """
     solution = solutions[chosen]
     batch_size = solution.get("batch_size") or evaluation["throughput_setup"]["batch_size"]
     prompt_len = evaluation["throughput_setup"]["prompt_len"]
-    child_pred = predict_from_library(library, solution["layers"], batch_size, prompt_len)
-    parent_pred = predict_from_library(library, parent_layers(library), batch_size, prompt_len)
+    lib = _as_library(library)
+    parent_arch = parent_layers(library)
+    baseline = _baseline(lib, target, budget, solution)
+    child_pred = predict_from_library(lib, solution["layers"], batch_size, prompt_len)
+    parent_pred = predict_from_library(lib, parent_arch, batch_size, prompt_len)
     parent, child = dict(evaluation["parent"]), dict(evaluation["child"])
     parent["predicted"], child["predicted"] = parent_pred, child_pred
-    speedup_predicted = parent_pred["decode_ms"] / child_pred["decode_ms"]
+    parent["predicted_baseline"] = predict_from_library(lib, parent_arch, baseline.batch_size, prompt_len)
+    speedup_same_batch = parent_pred["decode_ms"] / child_pred["decode_ms"]
     speedup_measured = evaluation["speedup_measured"]
     report = {
         "parent": parent,
         "child": child,
         "speedup_measured": speedup_measured,
-        "speedup_predicted": speedup_predicted,
-        # measured / predicted - 1: how far the block-sum cost model was from the end-to-end measurement.
-        "speedup_prediction_error": speedup_measured / speedup_predicted - 1.0,
+        "speedup_predicted": child_pred["decode_tok_s"] / baseline.throughput_tok_s,
+        "speedup_predicted_same_batch": speedup_same_batch,
+        # measured / predicted - 1 at the same batch for both models: how far the block-sum cost model was from the
+        # end-to-end measurement (the baseline's batch may differ from the one measured).
+        "speedup_prediction_error": speedup_measured / speedup_same_batch - 1.0,
         "speedup_generation": evaluation.get("speedup_generation"),
         "top1_retained": child["test"]["top1"] / parent["test"]["top1"] if parent["test"]["top1"] else math.nan,
         "architecture": architecture,
@@ -137,6 +142,8 @@ def build_report(
             "objective": objective,
             "chosen": chosen,
             "batch_size": int(batch_size),
+            "parent_batch_size": baseline.batch_size,
+            "parent_fits_budget": baseline.fits_budget,
             "num_solutions": len(solutions),
             "predicted_quality": predicted_quality(library, solution["layers"], objective),
             "library_source": library.get("metadata", {}).get("source"),
@@ -149,6 +156,20 @@ def build_report(
     }
     check_report(report)
     return report
+
+
+def _baseline(
+    library: BlockLibrary, target: dict[str, Any], budget: dict[str, Any], solution: dict[str, Any]
+) -> ParentBaseline:
+    """The parent baseline the search used: the parent's best at the target's batch sizes within the budget."""
+    baseline = parent_baseline(library, Budget.from_dict(budget), target.get("batch_sizes") or library.batch_sizes)
+    recorded = solution.get("parent_batch_size")
+    if recorded is not None and recorded != baseline.batch_size:
+        raise PuzzleError(
+            f"the search measured speed-ups against the parent at batch {recorded}, but this library, target and "
+            f"budget give batch {baseline.batch_size}: were the solutions searched with this target and budget?"
+        )
+    return baseline
 
 
 def _gkd_summary(history: Sequence[dict[str, float]]) -> dict[str, Any]:
@@ -215,6 +236,7 @@ def write_report(
             report["search"]["chosen"],
             report["search"]["objective"],
             report["search"]["batch_size"],
+            report["search"].get("parent_batch_size"),
         )
     if gkd_history:
         paths["gkd_loss.png"] = plot_gkd_loss(out / "gkd_loss.png", gkd_history)
@@ -288,6 +310,8 @@ def render_markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:
     """report.md: the headline table, the architecture per layer, stage timings and the figures."""
     parent, child = report["parent"], report["child"]
     setup = report.get("throughput_setup") or {}
+    search = report.get("search") or {}
+    same = report.get("speedup_predicted_same_batch", report["speedup_predicted"])
     rows = [
         ("parameters", parent["params"], child["params"], ",d"),
         ("memory (params + KV), MiB", parent["memory_mib"], child["memory_mib"], ".1f"),
@@ -320,13 +344,16 @@ def render_markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:
         "# puzzle report",
         "",
         f"Decode speed-up: **{_fmt(report['speedup_measured'], '.2f')}x measured**, "
-        f"{_fmt(report['speedup_predicted'], '.2f')}x predicted "
+        f"{_fmt(same, '.2f')}x predicted, parent and child both at batch {setup.get('batch_size', '?')} "
         f"(error {_fmt(100 * report.get('speedup_prediction_error', math.nan), '+.1f')}%); "
         f"child keeps {_fmt(100 * report.get('top1_retained', math.nan), '.1f')}% of the parent's top-1 accuracy.",
         "",
+        _baseline_sentence(report),
+        "",
         f"Target: {json.dumps(report['target'])}. Budget: {json.dumps(report['budget'])}.",
-        f"Throughput measured on {setup.get('device', '?')} at batch {setup.get('batch_size', '?')}, "
-        f"prompt {setup.get('prompt_len', '?')}, decode context {setup.get('context_len', '?')}.",
+        f"Throughput measured on {setup.get('device', '?')} at batch {setup.get('batch_size', '?')} "
+        f"(parent and child), prompt {setup.get('prompt_len', '?')}, decode context {setup.get('context_len', '?')}; "
+        f"predictions in the table at batch {search.get('batch_size', '?')}.",
         "",
         "| | parent | child |",
         "|---|---:|---:|",
@@ -344,6 +371,22 @@ def render_markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:
     if figures:
         lines += [""] + [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
+
+
+def _baseline_sentence(report: dict[str, Any]) -> str:
+    """Which batch each side of the budget's speed-up is predicted at, and why the parent's is that one."""
+    search = report.get("search") or {}
+    child_b, parent_b = search.get("batch_size", "?"), search.get("parent_batch_size", "?")
+    base = report["parent"].get("predicted_baseline", {}).get("decode_tok_s")
+    why = (
+        "its best predicted throughput among the target's batch sizes within the budget's memory and latency limits"
+        if search.get("parent_fits_budget", True)
+        else "it fits the budget's memory and latency limits at none of the target's batch sizes, so its best at any"
+    )
+    return (
+        f"Budget speed-up: **{_fmt(report['speedup_predicted'], '.2f')}x predicted**, the child at batch {child_b} "
+        f"over the parent at batch {parent_b} ({_fmt(base, ',.0f')} tokens/s predicted: {why})."
+    )
 
 
 # ----------------------------------------------------------------------------- plots
@@ -408,24 +451,26 @@ def plot_solutions(
     chosen: int,
     objective: str,
     batch_size: int | None,
+    parent_batch_size: int | None = None,
 ) -> Path:
-    """Predicted quality (the search objective) vs predicted decode throughput of each solution and the parent."""
+    """Predicted quality (the search objective) vs predicted decode throughput of each solution at its batch size,
+    and of the parent at `parent_batch_size` (its speed-up baseline; default `batch_size`)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    xs = [
-        predict_from_library(library, s["layers"], s.get("batch_size") or batch_size)["decode_tok_s"] for s in solutions
-    ]
+    lib = _as_library(library)
+    xs = [predict_from_library(lib, s["layers"], s.get("batch_size") or batch_size)["decode_tok_s"] for s in solutions]
     ys = [predicted_quality(library, s["layers"], objective) for s in solutions]
     ax.scatter(xs, ys, color="tab:blue", label="solutions")
     ax.scatter([xs[chosen]], [ys[chosen]], marker="*", s=250, color="tab:red", label="chosen", zorder=3)
     try:
         parent = parent_layers(library)
+        parent_b = parent_batch_size or batch_size
         ax.scatter(
-            [predict_from_library(library, parent, batch_size)["decode_tok_s"]],
+            [predict_from_library(lib, parent, parent_b)["decode_tok_s"]],
             [predicted_quality(library, parent, objective)],
             marker="s",
             color="black",
-            label="parent",
+            label=f"parent (batch {parent_b})" if parent_b is not None else "parent",
         )
     except PuzzleError:
         pass  # a library without metadata.parent still plots its solutions

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from puzzle.errors import PuzzleError
-from puzzle.report import build_report, check_report, predict_from_library, write_report
+from puzzle.report import build_report, check_report, predict_from_library, render_markdown, write_report
+from puzzle.search import BlockLibrary, predict
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -104,6 +105,10 @@ def test_predictions_sum_blocks_and_fixed_costs(library):
     assert by_two["decode_ms"] == pytest.approx(1.5 + 2 * (1.0 + 4.0))
     with pytest.raises(PuzzleError, match="no variant 'X' for layer_0"):
         predict_from_library(library, {"layer_0": "X"})
+    # The search's prediction is the same one (one source of predictions).
+    figures = predict(BlockLibrary.from_dict(library), {"layer_0": "S", "layer_1": "P"}, 2)
+    assert by_two["decode_tok_s"] == pytest.approx(figures["throughput_tok_s"])
+    assert by_two["memory_mib"] == pytest.approx(1024 * figures["memory_gib"])
 
 
 def test_report_json_has_every_required_field(tmp_path, evaluation, library):
@@ -123,8 +128,12 @@ def test_report_json_has_every_required_field(tmp_path, evaluation, library):
     assert data["child"]["predicted"]["decode_tok_s"] == pytest.approx(1 / 0.006)
     assert data["child"]["predicted"]["memory_mib"] == pytest.approx(17.0)
     assert data["speedup_predicted"] == pytest.approx(9.0 / 6.0)
+    assert data["speedup_predicted_same_batch"] == pytest.approx(9.0 / 6.0)
     assert data["speedup_measured"] == 2.5
     assert data["speedup_prediction_error"] == pytest.approx(2.5 / 1.5 - 1)
+    # The target names batch 1 only, so that is where both sides are predicted.
+    assert (data["search"]["batch_size"], data["search"]["parent_batch_size"]) == (1, 1)
+    assert data["parent"]["predicted_baseline"]["batch_size"] == 1
     assert data["top1_retained"] == pytest.approx(0.98)
     assert data["architecture"][0]["attention"] == "attn_no_op"
     assert data["target"]["prompt_len"] == 8 and data["budget"] == {"speedup": 2.0}
@@ -138,6 +147,36 @@ def test_report_json_has_every_required_field(tmp_path, evaluation, library):
     assert "| 1 | attn_group2 | ffn_linear |" in markdown and "![gkd_loss](gkd_loss.png)" in markdown
     # Nothing half-written is left beside the finished files.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(paths)
+
+
+def test_speedup_baseline_is_the_parents_best_batch_within_the_budget(evaluation, library):
+    # Batch 2 costs double per block: the parent makes 1 / 9 ms = 111 tok/s at batch 1 and 2 / 17.5 ms = 114 tok/s at
+    # batch 2, but needs 3 + 2 * 20 = 43 MiB there; within 30 MiB it serves batch 1 only (23 MiB). The child S + S
+    # serves batch 2 in 19 MiB at 5.5 ms: 364 tok/s, 3.27x the parent's 111 within the budget, and 17.5 / 5.5 = 3.18x
+    # the parent measured beside it at batch 2.
+    measured_at_2 = dict(evaluation, throughput_setup={**evaluation["throughput_setup"], "batch_size": 2})
+    solutions = [{"layers": {"layer_0": "S", "layer_1": "S"}, "objective": 1.2, "batch_size": 2}]
+    budget = {"speedup": 1.2, "memory_gib": 30 / 1024}
+    target = {"device": "cpu", "batch_sizes": [1, 2], "prompt_len": 8, "gen_len": 8}
+    report, _ = _report(measured_at_2, library, solutions=solutions, chosen=0, budget=budget, target=target)
+    assert report["search"]["batch_size"] == 2 and report["child"]["predicted"]["batch_size"] == 2
+    assert report["search"]["parent_batch_size"] == 1 and report["search"]["parent_fits_budget"] is True
+    assert report["parent"]["predicted"]["batch_size"] == 2  # beside the parent measured at batch 2
+    assert report["parent"]["predicted_baseline"]["batch_size"] == 1
+    assert report["speedup_predicted"] == pytest.approx((2 / 5.5) / (1 / 9.0))
+    assert report["speedup_predicted_same_batch"] == pytest.approx(17.5 / 5.5)
+    assert report["speedup_prediction_error"] == pytest.approx(2.5 / (17.5 / 5.5) - 1)
+    markdown = render_markdown(report)
+    assert "3.27x predicted**, the child at batch 2 over the parent at batch 1" in markdown
+    assert "2.50x measured**, 3.18x predicted, parent and child both at batch 2" in markdown
+    # Without the memory budget the parent's best is at batch 2: the baseline follows the budget.
+    report, _ = _report(measured_at_2, library, solutions=solutions, chosen=0, budget={"speedup": 1.2}, target=target)
+    assert report["search"]["parent_batch_size"] == 2
+    assert report["speedup_predicted"] == pytest.approx(17.5 / 5.5)
+    # Solutions searched against another baseline are not silently reported against this one.
+    stale = [dict(solutions[0], parent_batch_size=2)]
+    with pytest.raises(PuzzleError, match="against the parent at batch 2, but .* give batch 1"):
+        _report(measured_at_2, library, solutions=stale, chosen=0, budget=budget, target=target)
 
 
 def test_missing_fields_are_named(evaluation, library):
