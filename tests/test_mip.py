@@ -593,3 +593,129 @@ def test_read_choice_insists_on_one_variant_per_layer():
     x[1, 2].varValue = 1.0
     with pytest.raises(RuntimeError, match="chose 2 variants for layer 1"):
         _read_choice(x, 2)
+
+
+def llama_h100_library(num_layers: int = 4) -> BlockLibrary:
+    """Shaped like jobs/llama3_8b_h100.yaml's search: batch sizes 1 / 16 / 64, memory = weights + KV cache per sequence.
+
+    Per layer, at batch b: runtime = weights_ms + kv_ms * b, memory = weights_mib + kv_mib * b. 'gqa' keeps a quarter
+    of the KV cache (cheap at batch 64), 'ffn_half' halves the FFN, 'noop' drops the layer.
+    """
+
+    def variant(weights_ms, kv_ms, weights_mib, kv_mib, kl):
+        by_batch = {
+            str(b): {
+                "runtime_ms": weights_ms + kv_ms * b,
+                "prefill_runtime_ms": 20 * (weights_ms + kv_ms * b),
+                "memory_mib": weights_mib + kv_mib * b,
+                "num_params": weights_mib * 2**19,
+            }
+            for b in (1, 16, 64)
+        }
+        return {"stats": by_batch["1"], "stats_by_batch": by_batch, "metrics": {"kl_div": kl}}
+
+    layer = {
+        "parent": variant(1.0, 0.01, 400.0, 8.0, 0.0),
+        "gqa": variant(0.9, 0.0025, 350.0, 2.0, 0.05),
+        "ffn_half": variant(0.6, 0.01, 250.0, 8.0, 0.1),
+        "noop": variant(0.0, 0.0, 0.0, 0.0, 1.0),
+    }
+    fixed = {
+        str(b): {"runtime_ms": 0.5 + 0.001 * b, "prefill_runtime_ms": 10.0, "memory_mib": 1000.0, "num_params": 5e8}
+        for b in (1, 16, 64)
+    }
+    data = {f"layer_{i}": json.loads(json.dumps(layer)) for i in range(num_layers)}
+    data["metadata"] = {
+        "batch_sizes": [1, 16, 64],
+        "parent": {f"layer_{i}": "parent" for i in range(num_layers)},
+        "fixed": fixed,
+    }
+    return BlockLibrary.from_dict(data)
+
+
+def test_speedup_over_the_parents_best_batch_within_the_memory_budget():
+    library = llama_h100_library()
+    # The parent needs 1000 + 4 * (400 + 8 b) MiB: 2632 at batch 1, 3112 at 16, 4648 at 64, so within 4 GiB it serves
+    # batch 16 at most, where it makes 16 / (0.516 + 4 * 1.16) ms = 3103 tok/s (220 at batch 1, 8984 at 64).
+    budget = Budget(speedup=1.5, memory_gib=4.0)
+    baseline = parent_baseline(library, budget, [1, 16, 64])
+    assert (baseline.batch_size, baseline.fits_budget) == (16, True)
+    assert baseline.throughput_tok_s == pytest.approx(16000 / 5.156)
+    # Over the parent at batch 1 (the old baseline) the parent itself at batch 16 "met" 1.5x with KL 0; over its best,
+    # the parent is 1x at batch 16 and does not fit at 64. The child serves batch 64 in the same memory with two
+    # quarter-KV layers (1000 + 2 * 912 + 2 * 478 = 3780 MiB) at 0.564 + 2 * 1.64 + 2 * 1.06 = 5.964 ms: 3.46x.
+    (sol,) = search(library, budget, batch_sizes=[1, 16, 64])
+    assert sol.layers != library.parent and sol.objective == pytest.approx(0.1)
+    assert sorted(sol.layers.values()) == ["gqa", "gqa", "parent", "parent"]
+    assert (sol.batch_size, sol.parent_batch_size) == (64, 16)
+    assert sol.predicted["speedup"] == pytest.approx((64000 / 5.964) / (16000 / 5.156))
+    assert sol.predicted["parent_throughput_tok_s"] == pytest.approx(baseline.throughput_tok_s)
+    assert sol.predicted["memory_gib"] <= 4.0
+    # With no memory budget the baseline is the parent at batch 64 and the child must beat that.
+    (sol,) = search(library, Budget(speedup=1.5), batch_sizes=[1, 16, 64])
+    assert sol.parent_batch_size == 64 and sol.layers != library.parent
+    assert sol.predicted["throughput_tok_s"] >= 1.5 * 64000 / (0.564 + 4 * 1.64) * (1 - 1e-9)
+
+
+def test_all_parent_is_never_a_speedup_over_itself():
+    # Whatever the memory budget, the all-parent model is at most 1x at every batch size where it fits (elsewhere
+    # the memory budget rules it out), so it never meets 1.5x.
+    library = llama_h100_library()
+    for gib in (None, 2.0, 2.9, 3.5, 4.0, 4.6, 8.0):
+        baseline = parent_baseline(library, Budget(memory_gib=gib), [1, 16, 64])
+        for b in (1, 16, 64):
+            figures = predict(library, library.parent, b, baseline)
+            if gib is None or figures["memory_gib"] <= gib:
+                assert figures["speedup"] <= 1.0 + 1e-12
+        try:
+            (sol,) = search(library, Budget(speedup=1.5, memory_gib=gib), batch_sizes=[1, 16, 64])
+        except InfeasibleError:
+            continue
+        assert sol.layers != library.parent and sol.predicted["speedup"] >= 1.5 * (1 - 1e-9)
+
+
+def test_parent_that_fits_nowhere_is_measured_at_its_best(caplog):
+    library = llama_h100_library()
+    # 2.5 GiB = 2560 MiB: the parent needs 2632 even at batch 1. The baseline ignores the memory budget (its best at
+    # any batch size, 64), which keeps the speed-up at least as demanding as without a memory budget.
+    with caplog.at_level("WARNING", logger="puzzle.search.budget"):
+        baseline = parent_baseline(library, Budget(speedup=1.5, memory_gib=2.5), [1, 16, 64])
+    assert (baseline.batch_size, baseline.fits_budget) == (64, False)
+    assert "at none of the batch sizes" in caplog.text
+    (sol,) = search(library, Budget(speedup=1.5, memory_gib=2.5), batch_sizes=[1, 16, 64])
+    assert sol.parent_batch_size == 64 and sol.predicted["speedup"] >= 1.5 * (1 - 1e-9)
+
+
+def test_latency_and_memory_hold_at_the_batch_served():
+    library = llama_h100_library()
+    # The parent's decode step takes 4.541 ms at batch 1, 5.156 at 16, 7.124 at 64: within 5 ms it serves batch 1 only
+    # (220 tok/s), and a speed-up is over that. Every solution meets the latency, memory and speed-up at its own batch.
+    budget = Budget(speedup=1.5, decode_latency_ms=5.0, prefill_latency_ms=100.0, memory_gib=4.0)
+    baseline = parent_baseline(library, budget, [1, 16, 64])
+    assert baseline.batch_size == 1 and baseline.throughput_tok_s == pytest.approx(1000 / 4.541)
+    solutions = search(library, budget, batch_sizes=[1, 16, 64], num_solutions=3, diversity=1)
+    for sol in solutions:
+        figures = predict(library, sol.layers, sol.batch_size, baseline)
+        assert sol.predicted == pytest.approx(figures)
+        assert figures["decode_latency_ms"] <= 5.0 and figures["prefill_latency_ms"] <= 100.0
+        assert figures["memory_gib"] <= 4.0 and figures["speedup"] >= 1.5 * (1 - 1e-9)
+    # Batch 16 with one quarter-KV layer: 4.936 ms decode, 98.4 ms prefill, 14.7x the parent's 220 tok/s at batch 1
+    # (KL 0.05). Batch 64 would need four of them to stay within 5 ms (4.804 ms, KL 0.2).
+    assert (solutions[0].batch_size, solutions[0].parent_batch_size) == (16, 1)
+    assert solutions[0].objective == pytest.approx(0.05)
+    assert solutions[0].predicted["decode_latency_ms"] == pytest.approx(4.936)
+    # The target's batch sizes are the baseline's too: with batch 16 alone the parent meets 5 ms nowhere, so the
+    # baseline is the parent at 16 (3103 tok/s) and 1.5x of that within 5 ms needs a no-op layer.
+    (sol,) = search(library, budget, batch_sizes=[16])
+    assert sol.parent_batch_size == 16 and sol.objective >= 1.0
+
+
+def test_cli_names_the_parent_baseline_batch(tmp_path, capsys):
+    path = tmp_path / "library.json"
+    path.write_text(json.dumps(llama_h100_library().to_dict()))
+    assert main(["search", str(path), "--speedup", "1.5", "--memory-gib", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("solution 1 of 1 (optimal, batch size 64; speed-up over the parent at batch size 16): ")
+    assert main(["search", str(path), "--speedup", "1.5", "--memory-gib", "4", "--json"]) == 0
+    (sol,) = json.loads(capsys.readouterr().out)["solutions"]
+    assert (sol["batch_size"], sol["parent_batch_size"]) == (64, 16)
