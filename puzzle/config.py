@@ -30,6 +30,11 @@ WANDB_MODES = ("disabled", "offline", "online")
 BLD_MODES = ("decoupled", "coupled")
 SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("float32", "bfloat16", "float16")
+# What replace-1-block scoring records for every block (puzzle.scoring.METRICS, kept equal by a test): the
+# library's metrics.* keys, one of which search.objective optimises.
+SCORING_METRICS = ("kl_div", "lm_loss", "top1")
+# Metrics where higher is better; the others are losses.
+_MAXIMIZED_METRICS = ("top1",)
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
@@ -43,6 +48,11 @@ def _check_positive(name: str, value: float | None, allow_zero: bool = False) ->
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name}={value} must be {bound}")
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name}={value} must lie in [0, 1]")
 
 
 @dataclass
@@ -178,7 +188,10 @@ class BLDConfig:
         _check_positive("bld.grad_clip", self.grad_clip, allow_zero=True)
         _check_positive("bld.weight_decay", self.weight_decay, allow_zero=True)
         _check_choice("bld.schedule", self.schedule, SCHEDULES)
-        _check_positive("bld.tokens", self.tokens, allow_zero=True)
+        # Zero tokens trains nothing, yet the stage would still start its Ray trainers.
+        _check_positive("bld.tokens", self.tokens)
+        _check_positive("bld.calibration_tokens", self.calibration_tokens)
+        _check_fraction("bld.warmup_ratio", self.warmup_ratio)
         _check_positive("bld.lr", self.lr)
         _check_positive("bld.batch_size", self.batch_size)
         _check_positive("bld.num_workers", self.num_workers)
@@ -192,10 +205,9 @@ LibraryConfig = BLDConfig
 
 @dataclass
 class ScoringConfig:
-    """Replace-1-block quality scoring on the validation split."""
+    """Replace-1-block quality scoring on the validation split: kl_div, lm_loss and top1 of every block are recorded
+    (as the library's metrics.*); search.objective picks the one the search optimises."""
 
-    metric: str = "kl_div"
-    """Primary metric: kl_div, lm_loss or top1 (all three are recorded)."""
     num_batches: int | None = None
     """Validation batches to score on; None uses `tokens`."""
     tokens: int = 16_384
@@ -209,8 +221,9 @@ class ScoringConfig:
     """Variants of one layer scored by one Ray task (the parent's cached activations are shared within it)."""
 
     def __post_init__(self) -> None:
-        _check_choice("scoring.metric", self.metric, ("kl_div", "lm_loss", "top1"))
+        _check_positive("scoring.tokens", self.tokens)
         _check_positive("scoring.batch_size", self.batch_size)
+        _check_positive("scoring.num_cpus", self.num_cpus, allow_zero=True)
         _check_positive("scoring.num_batches", self.num_batches)
         _check_positive("scoring.num_gpus", self.num_gpus, allow_zero=True)
         _check_positive("scoring.group_size", self.group_size)
@@ -245,6 +258,7 @@ class ProfilingConfig:
     def __post_init__(self) -> None:
         _check_positive("profiling.warmup", self.warmup, allow_zero=True)
         _check_positive("profiling.repeats", self.repeats)
+        _check_positive("profiling.num_cpus", self.num_cpus, allow_zero=True)
         _check_positive("profiling.num_gpus", self.num_gpus, allow_zero=True)
         _check_positive("profiling.decode_steps", self.decode_steps)
         _check_positive("profiling.stack", self.stack)
@@ -258,7 +272,7 @@ class SearchConfig:
     """The mixed-integer program over the block library."""
 
     objective: str = "metrics.kl_div"
-    """Dotted library key to optimise."""
+    """Library key to optimise: metrics.kl_div, metrics.lm_loss, metrics.top1 (with maximize) or a stats.* key."""
     maximize: bool = False
     """Maximise the objective (e.g. metrics.top1) instead of minimising it."""
     num_solutions: int = 1
@@ -279,6 +293,8 @@ class SearchConfig:
         _check_positive("search.num_solutions", self.num_solutions)
         _check_positive("search.diversity", self.diversity, allow_zero=True)
         _check_positive("search.time_limit", self.time_limit)
+        _check_positive("search.gap_rel", self.gap_rel, allow_zero=True)
+        _check_objective(self.objective, self.maximize)
         _check_positive("search.topk_gkd", self.topk_gkd)
         if self.topk_gkd > self.num_solutions:
             raise ConfigError(
@@ -286,12 +302,30 @@ class SearchConfig:
             )
 
 
+def _check_objective(objective: str, maximize: bool) -> None:
+    """search.objective names a key the block library has, optimised in the direction that makes sense."""
+    section, _, name = objective.partition(".")
+    choices = ", ".join(f"metrics.{m}" for m in SCORING_METRICS)
+    if section == "stats" and name:
+        return  # profiling's measurements (runtime_ms, memory_mib, ...): either direction is a choice
+    if section != "metrics" or name not in SCORING_METRICS:
+        raise ConfigError(
+            f"search.objective={objective!r} is not a score the library records; use {choices} or a stats.* key"
+        )
+    if (name in _MAXIMIZED_METRICS) != maximize:
+        better = "higher" if name in _MAXIMIZED_METRICS else "lower"
+        raise ConfigError(
+            f"search.objective={objective} is better {better}, but search.maximize={str(maximize).lower()} would "
+            f"pick the worst blocks; set search.maximize={str(not maximize).lower()}"
+        )
+
+
 @dataclass
 class GKDConfig:
     """Global knowledge distillation of the assembled child against the parent."""
 
     tokens: int = 200_000
-    """Training tokens."""
+    """Training tokens; 0 skips distillation (the assembled child goes on as it is)."""
     lr: float = 1e-4
     schedule: str = "cosine"
     warmup_ratio: float = 0.05
@@ -314,11 +348,23 @@ class GKDConfig:
     """Optimiser steps between resumable checkpoints."""
     topk_tokens: int | None = None
     """Tokens for each candidate's short GKD when search.topk_gkd > 1; None uses tokens / 10."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (0 disables)."""
+    min_lr_ratio: float = 0.1
+    """Floor of the cosine / linear decay as a fraction of lr (the rate the schedule ends at)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("gkd.schedule", self.schedule, SCHEDULES)
-        _check_positive("gkd.tokens", self.tokens, allow_zero=True)
+        _check_positive("gkd.tokens", self.tokens, allow_zero=True)  # 0: the assembled child, undistilled
+        _check_positive("gkd.topk_tokens", self.topk_tokens)
+        _check_fraction("gkd.warmup_ratio", self.warmup_ratio)
+        _check_positive("gkd.num_cpus", self.num_cpus, allow_zero=True)
+        _check_positive("gkd.weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive("gkd.grad_clip", self.grad_clip, allow_zero=True)
+        _check_fraction("gkd.min_lr_ratio", self.min_lr_ratio)
         _check_positive("gkd.lr", self.lr)
         _check_positive("gkd.batch_size", self.batch_size)
         _check_positive("gkd.grad_accum", self.grad_accum)
@@ -468,6 +514,12 @@ def to_job_config(cfg: Any) -> JobConfig:
 
     # ??? must be caught before merging: merging "???" onto a schema default keeps the default silently.
     container = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    if OmegaConf.select(container, "scoring.metric", default=None) is not None:
+        raise ConfigError(
+            "scoring.metric is not a setting: scoring records kl_div, lm_loss and top1 for every block and "
+            "search.objective picks the one to optimise (e.g. search.objective=metrics.top1 search.maximize=true); "
+            "remove scoring.metric"
+        )
     missing = sorted(OmegaConf.missing_keys(container))
     if missing:
         raise ConfigError(
@@ -558,12 +610,39 @@ def load_job(job_yaml: str | os.PathLike[str], overrides: Sequence[str] = ()) ->
             cfg = compose(config_name=path.stem, overrides=[searchpath, *_hydra_overrides(overrides, groups)])
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"job {path.name}: {_one_line(err)}") from None
+    except yaml.YAMLError as err:  # Hydra lets a syntax error in the job or a group option through, unwrapped
+        raise _yaml_syntax_error(err, path) from None
     finally:
         GlobalHydra.instance().clear()
     job = to_job_config(cfg)
     if job.run.name is None:
         job.run.name = path.stem
     return job
+
+
+def _yaml_syntax_error(err: yaml.YAMLError, job: Path) -> ConfigError:
+    """`FILE:LINE:COLUMN: invalid YAML: what` for a YAML error while composing `job`.
+
+    Hydra parses from a stream, so the error does not name its file: the job file is checked first, then the group
+    options beside it and in conf/, and the first that fails to parse is the one reported.
+    """
+    candidates = [job, *sorted(job.parent.glob("*/*.yaml")), *sorted(CONF_DIR.glob("*/*.yaml"))]
+    for candidate in candidates:
+        try:
+            yaml.safe_load(candidate.read_text())
+        except yaml.YAMLError as found:
+            err = found
+            break
+        except OSError:
+            continue
+    else:
+        candidate = job
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"{candidate}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(candidate)
+    problem = getattr(err, "problem", None) or str(err)
+    context = getattr(err, "context", None)
+    detail = f"{problem} ({context})" if context else problem
+    return ConfigError(f"{where}: invalid YAML: {' '.join(detail.split())}")
 
 
 def job_to_dict(job: JobConfig) -> dict[str, Any]:

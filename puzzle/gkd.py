@@ -320,7 +320,7 @@ def train_loop_per_worker(config: dict) -> None:
     parent = unpack_model(ray.get(config["parent_ref"]), device).eval().requires_grad_(False)
     child = unpack_model(ray.get(config["child_ref"]), device).train()
     train_ids: torch.Tensor = ray.get(config["data_ref"])
-    optimizer = torch.optim.AdamW(child.parameters(), lr=cfg.lr, weight_decay=config["weight_decay"])
+    optimizer = torch.optim.AdamW(child.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = _resume(child, optimizer, config["run_id"])
     distributed = world > 1
     model = _DistillForward(child)
@@ -332,7 +332,7 @@ def train_loop_per_worker(config: dict) -> None:
     stop = steps if config["max_steps"] is None else min(steps, state["step"] + config["max_steps"])
     started, seconds_before = time.perf_counter(), state.get("train_seconds", 0.0)
     for step in range(state["step"], stop):
-        lr = cfg.lr * lr_factor(step, steps, warmup, cfg.schedule, config["min_lr_ratio"])
+        lr = cfg.lr * lr_factor(step, steps, warmup, cfg.schedule, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [
@@ -340,7 +340,8 @@ def train_loop_per_worker(config: dict) -> None:
             for m in range(cfg.grad_accum)
         ]
         parts = _train_step(model, parent, micro, cfg, distributed)
-        grad_norm = torch.nn.utils.clip_grad_norm_(child.parameters(), config["max_grad_norm"]).item()
+        # gkd.grad_clip=0 disables clipping; an infinite bound still returns the norm for the log.
+        grad_norm = torch.nn.utils.clip_grad_norm_(child.parameters(), cfg.grad_clip or math.inf).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         parts = _mean_across_workers(parts, distributed)
@@ -403,9 +404,6 @@ def run_gkd(
     work_dir: str | Path,
     *,
     max_steps: int | None = None,
-    weight_decay: float = 0.0,
-    min_lr_ratio: float = 0.1,
-    max_grad_norm: float = 1.0,
     log_every: int = 10,
     max_failures: int = 1,
     log: Callable[[str], None] = print,
@@ -452,9 +450,6 @@ def run_gkd(
         "data_ref": ray.put(train_ids.contiguous().cpu()),
         "run_id": run_id,
         "max_steps": max_steps,
-        "weight_decay": weight_decay,
-        "min_lr_ratio": min_lr_ratio,
-        "max_grad_norm": max_grad_norm,
         "log_every": log_every,
         **schedule,
     }

@@ -372,7 +372,6 @@ def run_scoring(
         device=device,
         log=log,
     )
-    info["metric"] = cfg.metric
     if out_dir is not None:
         from puzzle.profiling import write_json_atomic
 

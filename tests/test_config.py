@@ -165,3 +165,172 @@ def test_data_section_becomes_the_data_layers_config():
 def test_target_context_len():
     assert TargetConfig(prompt_len=10, gen_len=5).context_len == 15
     assert TargetConfig(prompt_len=10, gen_len=5, seq_len=100).context_len == 100
+
+
+# ------------------------------------------------------------------------------- counts and budgets
+
+
+# Words that make a field a count or a token budget, where 0 (or less) means nothing would run.
+_COUNT_WORDS = ("tokens", "batch_size", "_len", "repeats", "steps", "num_solutions", "num_workers", "num_batches")
+_COUNT_WORDS += (
+    "stack",
+    "group_size",
+    "grad_accum",
+    "topk",
+    "inflight",
+    "max_documents",
+    "num_proc",
+    "time_limit",
+    "threads",
+)
+# Counts where zero is meaningful, documented in the field: gkd.tokens=0 exports the assembled child undistilled.
+_ZERO_ALLOWED = {"gkd.tokens"}
+
+
+def _count_fields() -> list[tuple[str, type, str]]:
+    import dataclasses
+
+    from puzzle.config import EvaluateConfig, GKDConfig, ProfilingConfig, ScoringConfig, SearchConfig
+    from puzzle.data import DataConfig
+
+    sections = {"bld": BLDConfig, "scoring": ScoringConfig, "profiling": ProfilingConfig, "search": SearchConfig}
+    sections |= {"gkd": GKDConfig, "evaluate": EvaluateConfig, "target": TargetConfig, "data": DataConfig}
+    out = []
+    for section, cls in sections.items():
+        for f in dataclasses.fields(cls):
+            if any(word in f.name for word in _COUNT_WORDS) and f"{section}.{f.name}" not in _ZERO_ALLOWED:
+                out.append((section, cls, f.name))
+    return out
+
+
+@pytest.mark.parametrize("section, cls, name", _count_fields(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("value", [0, -1])
+def test_every_count_and_token_budget_must_be_positive(section, cls, name, value):
+    given = [value] if name == "batch_sizes" else value
+    with pytest.raises(ConfigError, match=rf"{section}\.{name}") as info:
+        cls(**{name: given})
+    assert "\n" not in str(info.value)
+
+
+def test_count_fields_cover_the_budgets_named_in_the_issue():
+    names = {f"{section}.{name}" for section, _, name in _count_fields()}
+    assert {"bld.tokens", "bld.calibration_tokens", "scoring.tokens", "gkd.topk_tokens", "evaluate.tokens"} <= names
+    assert {"data.seq_len", "target.prompt_len", "bld.batch_size", "profiling.repeats", "search.num_solutions"} <= names
+
+
+def test_bld_tokens_zero_is_refused_when_the_job_is_loaded():
+    with pytest.raises(ConfigError, match=r"^bld\.tokens=0 must be > 0$"):
+        load_job(PROJECT_ROOT / "jobs/demo.yaml", ["bld.tokens=0"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("bld.warmup_ratio=1.5", r"bld.warmup_ratio=1.5 must lie in \[0, 1\]"),
+        ("gkd.warmup_ratio=-0.1", r"gkd.warmup_ratio=-0.1 must lie in \[0, 1\]"),
+        ("search.gap_rel=-0.5", "search.gap_rel=-0.5 must be >= 0"),
+        ("scoring.num_cpus=-1", "scoring.num_cpus=-1.0 must be >= 0"),
+    ],
+)
+def test_ratios_and_resources_are_range_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_job(PROJECT_ROOT / "jobs/demo.yaml", [override])
+
+
+# ---------------------------------------------------------------------------------- YAML syntax
+
+
+def test_job_file_with_a_yaml_syntax_error_names_file_line_and_column(tmp_path: Path):
+    job = tmp_path / "broken.yaml"
+    job.write_text("# broken\ndefaults:\n  - budget: speedup2x\n  - _self_\nbld:\n  tokens: [1, 2\n  lr: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_job(job)
+    message = str(info.value)
+    assert message.startswith(f"{job}:7:5: invalid YAML: expected ',' or ']'"), message
+    assert "\n" not in message
+
+
+def test_group_option_with_a_yaml_syntax_error_is_the_file_reported(tmp_path: Path):
+    (tmp_path / "bld").mkdir()
+    option = tmp_path / "bld" / "mine.yaml"
+    option.write_text("tokens: 5\nlr: {0.1\n")
+    job = tmp_path / "job.yaml"
+    job.write_text("# uses a broken bld option\ndefaults:\n  - budget: speedup2x\n  - bld: mine\n  - _self_\n")
+    with pytest.raises(ConfigError, match=rf"^{option}:3:1: invalid YAML: "):
+        load_job(job)
+
+
+# ------------------------------------------------------------------------------ scoring and search
+
+
+def test_scoring_metrics_are_the_ones_scoring_records():
+    from puzzle.config import SCORING_METRICS
+    from puzzle.scoring import METRICS
+
+    assert SCORING_METRICS == METRICS
+
+
+def test_scoring_metric_is_refused_with_the_search_objective_as_the_way():
+    with pytest.raises(ConfigError, match=r"scoring.metric is not a setting.*search.objective=metrics.top1"):
+        load_job(PROJECT_ROOT / "jobs/demo.yaml", ["scoring.metric=top1"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["search.objective=metrics.accuracy"], "search.objective='metrics.accuracy' is not a score the library"),
+        (["search.objective=kl_div"], "use metrics.kl_div, metrics.lm_loss, metrics.top1 or a stats"),
+        (["search.objective=metrics.top1"], "better higher, but search.maximize=false would pick the worst"),
+        (["search.objective=metrics.kl_div", "search.maximize=true"], "set search.maximize=false"),
+    ],
+)
+def test_search_objective_must_be_a_recorded_score_in_its_direction(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_job(PROJECT_ROOT / "jobs/demo.yaml", overrides)
+
+
+def test_search_objective_accepts_every_recorded_score():
+    for overrides in (["search.objective=metrics.top1", "search.maximize=true"], ["search.objective=metrics.lm_loss"]):
+        assert load_job(PROJECT_ROOT / "jobs/demo.yaml", overrides).search.objective.startswith("metrics.")
+    assert load_job(PROJECT_ROOT / "jobs/demo.yaml", ["search.objective=stats.num_params"])
+
+
+# ------------------------------------------------------------------------------------------- GKD
+
+
+def test_gkd_optimiser_keys_default_to_the_former_constants_and_are_settable():
+    from puzzle.config import GKDConfig
+
+    cfg = GKDConfig()
+    assert (cfg.weight_decay, cfg.grad_clip, cfg.min_lr_ratio) == (0.0, 1.0, 0.1)
+    job = load_job(
+        PROJECT_ROOT / "jobs/demo.yaml", ["gkd.weight_decay=0.05", "gkd.grad_clip=0", "gkd.min_lr_ratio=0.0"]
+    )
+    assert (job.gkd.weight_decay, job.gkd.grad_clip, job.gkd.min_lr_ratio) == (0.05, 0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("gkd.weight_decay=-0.1", "gkd.weight_decay=-0.1 must be >= 0"),
+        ("gkd.grad_clip=-1", "gkd.grad_clip=-1.0 must be >= 0"),
+        ("gkd.min_lr_ratio=1.5", r"gkd.min_lr_ratio=1.5 must lie in \[0, 1\]"),
+    ],
+)
+def test_gkd_optimiser_keys_are_validated(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_job(PROJECT_ROOT / "jobs/demo.yaml", [override])
+
+
+def test_gkd_optimiser_keys_change_the_run_fingerprint():
+    """A changed setting starts a new GKD run instead of resuming one trained with the old value."""
+    import torch
+
+    from puzzle.config import GKDConfig
+    from puzzle.gkd import fingerprint
+
+    packed = {"config": {}, "state": {"w": torch.zeros(2)}}
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    base = fingerprint(packed, ids, GKDConfig())
+    for change in ({"weight_decay": 0.1}, {"grad_clip": 0.5}, {"min_lr_ratio": 0.0}):
+        assert fingerprint(packed, ids, GKDConfig(**change)) != base
