@@ -1,9 +1,9 @@
 """Checks a job before any compute: every problem a user can cause becomes one PuzzleError line.
 
-`validate_job(job)` runs the static checks (run directory, parent checkpoint, search space, budget,
-target device, Ray address); `check_cluster_resources(job, resources)` runs after connecting to Ray
-and before submitting work, because a task asking for a GPU (or more CPUs than any node has) on a
-cluster without them waits forever instead of failing. `puzzle run` and `puzzle submit` call both.
+`validate_job(job)` runs the static checks (run directory, parent checkpoint and tokenizer, search space,
+budget, target device, GPU requests, Ray address); `check_cluster_resources(job, resources)` runs after
+connecting to Ray and before submitting work, because a task asking for a GPU (or more CPUs than any node
+has) on a cluster without them waits forever instead of failing. `puzzle run` and `puzzle submit` call both.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from puzzle.errors import ConfigError, InfeasibleError, PuzzleError, Unsupported
 _FALLBACK_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 _STAGE_GPU_KEYS = ("bld", "scoring", "profiling", "gkd")
+# Any one of these makes a directory a tokenizer AutoTokenizer loads without sentencepiece or remote code.
+_TOKENIZER_FILE_SETS = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
 
 
 def supported_model_types() -> tuple[str, ...]:
@@ -60,7 +62,19 @@ def check_parent_checkpoint(path: str | os.PathLike[str], cfg: ParentConfig) -> 
             f"parent {path} ships its own modeling code (auto_map); set parent.trust_remote_code=true to run it"
         )
     _check_weight_files(path, cfg)
+    _check_tokenizer_files(path)
     return hf_config
+
+
+def _check_tokenizer_files(path: Path) -> None:
+    """The data stage tokenises with the parent's own tokenizer; without its files transformers fails deep inside
+    a slow-tokenizer conversion (a sentencepiece traceback), after the run has started."""
+    if any(all((path / name).is_file() for name in names) for names in _TOKENIZER_FILE_SETS):
+        return
+    expected = ", ".join(" + ".join(names) for names in _TOKENIZER_FILE_SETS)
+    raise UnsupportedModelError(
+        f"parent {path} has no tokenizer (expected one of: {expected}); copy the parent's tokenizer files into it"
+    )
 
 
 def _check_weight_files(path: Path, cfg: ParentConfig) -> None:
@@ -159,9 +173,7 @@ def check_target(target: TargetConfig, estimate_device: str | None = None, *, lo
         if index and not index.isdigit():
             raise ConfigError(f"target.device={target.device!r}: expected cuda or cuda:N with N a GPU index")
         if local:
-            import torch
-
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            count = cuda_device_count()
             if count == 0:
                 raise ConfigError(
                     f"target.device={target.device!r} but CUDA is not available here; use target=cpu, "
@@ -173,6 +185,32 @@ def check_target(target: TargetConfig, estimate_device: str | None = None, *, lo
         check_device_name(target.device, "target.device")
     if estimate_device is not None:
         check_device_name(estimate_device, "profiling.estimate_device")
+
+
+def cuda_device_count() -> int:
+    """CUDA devices this process can use (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_local_gpus(job: JobConfig) -> None:
+    """GPU requests of a job whose Ray cluster starts on this machine need CUDA here.
+
+    Without it, a local cluster told it has GPUs (cluster.num_gpus) schedules the GPU tasks anyway and they train on
+    the CPU, slowly and without a word; and this check needs no Ray start, so it fails before anything else.
+    """
+    requests = gpu_requests(job)
+    if job.cluster.num_gpus:
+        requests["cluster.num_gpus"] = float(job.cluster.num_gpus)
+    if not requests or cuda_device_count() > 0:
+        return
+    asked = ", ".join(f"{key}={value:g}" for key, value in requests.items())
+    first = next(iter(requests))
+    raise ConfigError(
+        f"{asked} but CUDA is not available on this machine; set {first}=0 (the demo options run on CPU, "
+        "e.g. bld=demo scoring=demo profiling=demo gkd=demo) or join a cluster with GPUs (cluster.address)"
+    )
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -274,6 +312,8 @@ def validate_job(job: JobConfig, *, local: bool = True, check_address: bool = Tr
     address = ray_address(job)
     # Joining a cluster, CUDA is the workers' business: check_cluster_resources checks it after connecting.
     check_target(job.target, job.profiling.estimate_device, local=local and not address)
+    if local and not address:
+        check_local_gpus(job)
     if local and check_address and address:
         check_run_address(address, job.cluster.connect_timeout_s)
     return hf_config

@@ -96,6 +96,29 @@ def test_parent_with_remote_code(tmp_path, capsys, parent):
     assert "parent.trust_remote_code=true" in run_cli(tmp_path, capsys, f"parent.path={remote}")
 
 
+def test_parent_without_tokenizer_files(tmp_path, capsys, parent):
+    """Without them the data stage would fail inside transformers with a sentencepiece traceback."""
+    bare = tmp_path / "bare"
+    shutil.copytree(parent, bare)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bare / name).unlink(missing_ok=True)
+    err = run_cli(tmp_path, capsys, f"parent.path={bare}")
+    assert f"parent {bare} has no tokenizer (expected one of: tokenizer.json, tokenizer.model, " in err
+    assert "vocab.json + merges.txt" in err
+    assert not (tmp_path / "runs" / "job" / "stages").exists()
+
+
+def test_parent_with_a_bpe_vocabulary_pair_is_accepted(tmp_path, parent):
+    from puzzle.config import ParentConfig
+
+    bpe = tmp_path / "bpe"
+    shutil.copytree(parent, bpe)
+    (bpe / "tokenizer.json").unlink()
+    (bpe / "vocab.json").write_text("{}")
+    (bpe / "merges.txt").write_text("")
+    check_parent_checkpoint(bpe, ParentConfig())
+
+
 # ------------------------------------------------------------------------------------ search space
 
 
@@ -179,6 +202,38 @@ def test_cuda_requested_without_cuda(tmp_path, capsys):
     assert "target.device='cuda' but CUDA is not available here" in err
 
 
+def _no_cuda() -> None:
+    from puzzle.validate import cuda_device_count
+
+    if cuda_device_count():
+        pytest.skip("this machine has CUDA")
+
+
+@pytest.mark.parametrize("override", ["bld.num_gpus=1", "gkd.num_gpus=0.5", "cluster.num_gpus=1"])
+def test_gpus_requested_on_a_machine_without_cuda(tmp_path, capsys, override):
+    """A local cluster told it has GPUs would run the GPU tasks on the CPU without a word: refused before compute."""
+    _no_cuda()
+    err = run_cli(tmp_path, capsys, override)
+    key, _, value = override.partition("=")
+    assert f"{key}={float(value):g} but CUDA is not available on this machine; set {key}=0" in err
+    assert not (tmp_path / "runs" / "job" / "stages").exists()
+
+
+def test_every_gpu_request_is_named(tmp_path, capsys):
+    _no_cuda()
+    err = run_cli(tmp_path, capsys, "bld.num_gpus=1", "scoring.num_gpus=1")
+    assert "bld.num_gpus=1, scoring.num_gpus=1 but CUDA is not available" in err
+
+
+def test_gpus_for_a_submitted_job_are_the_clusters_business():
+    """`puzzle submit` validates with local=False: the cluster's GPUs count, not this machine's."""
+    from puzzle.validate import validate_job
+
+    job = JobConfig(budget=BudgetConfig(speedup=2.0))
+    job.bld.num_gpus = 1
+    validate_job(job, local=False)
+
+
 # ------------------------------------------------------------------------------------------ cluster
 
 
@@ -202,7 +257,9 @@ def test_gpu_check_runs_against_the_real_cluster_before_any_ray_stage(tmp_path, 
     fake = [Stage("parent", ("parent",), (), lambda ctx: calls.append("ran"), uses_ray=True)]
     monkeypatch.setattr(runner, "build_stages", lambda: fake)
     assert ray_session.cluster_resources().get("GPU", 0) == 0
-    err = run_cli(tmp_path, capsys, "scoring.num_gpus=1")
+    # Joining the cluster by address: its GPUs, not this machine's CUDA, decide (check_local_gpus stays out).
+    address = ray_session.get_runtime_context().gcs_address
+    err = run_cli(tmp_path, capsys, "scoring.num_gpus=1", f"cluster.address={address}")
     assert "scoring.num_gpus=1 but the Ray cluster has no GPUs" in err
     assert calls == []
     assert ray_session.is_initialized()  # the session it joined is left running
@@ -238,6 +295,23 @@ def test_run_directory_not_writable(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("puzzle: error: run directory") and "is a file" in err
     assert "\n" not in err
+
+
+def test_zero_token_budget_is_refused_before_compute(tmp_path, capsys):
+    assert run_cli(tmp_path, capsys, "bld.tokens=0") == "puzzle: error: bld.tokens=0 must be > 0"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_yaml_syntax_error_in_the_job_is_one_line_in_a_subprocess(tmp_path):
+    import subprocess
+    import sys
+
+    job = tmp_path / "broken.yaml"
+    job.write_text("# broken\ndefaults:\n  - budget: speedup2x\n\tbld: 1\n")
+    proc = subprocess.run([sys.executable, "-m", "puzzle", "run", str(job)], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"puzzle: error: {job}:4:1: invalid YAML: ") and proc.stderr.count("\n") == 1
+    assert "Traceback" not in proc.stderr
 
 
 def test_validation_errors_name_the_value_in_a_subprocess(tmp_path):
