@@ -57,7 +57,7 @@ class PuzzleConfig(PreTrainedConfig):
     """
 
     model_type = "nemotron-nas"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     vocab_size: int = 32000
     hidden_size: int = 4096

@@ -8,7 +8,9 @@ attention through `ALL_ATTENTION_FUNCTIONS`, outputs recorded with `_can_record_
 
 KV cache: only GQA layers hold one. They use *compact* cache slots (the k-th GQA layer writes slot k, as vLLM's
 `kv_cache_index` does), so slot 0 is always a real attention layer and `Cache.get_seq_length()` counts the tokens seen,
-even when layer 0's attention is a no-op.
+even when layer 0's attention is a no-op. transformers 5.24 renamed the cache argument and output field from
+`past_key_values` to `cache` (and `generate()` passes it as `cache=`); the forwards here accept either name, whichever
+transformers 5.x calls them, and speak the installed version's name to transformers' own helpers.
 
 This file is copied next to every export and imported there by transformers' remote-code loader, where `puzzle` is not
 importable: it may only import torch, transformers, the standard library and its siblings (relatively).
@@ -16,6 +18,8 @@ importable: it may only import torch, transformers, the standard library and its
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -35,6 +39,25 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .block_config import AttentionConfig, BlockConfig, FFNConfig
 from .configuration_puzzle import PuzzleConfig
+
+# The installed transformers' name for the KV cache: "cache" from 5.24 on, "past_key_values" before. It names the
+# output field (`generate()` reads the cache back from it) and the layer kwarg that GradientCheckpointingLayer drops
+# under checkpointing. The old name still works in 5.24 but is deprecated, so transformers is spoken to in its own.
+CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
+# create_causal_mask's own parameter name, looked up separately in case it was renamed in another release.
+_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def resolve_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache given under either name (`cache` from 5.24's `generate()` on, `past_key_values` before)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("got two different KV caches: pass it as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
+
+def cache_of(outputs) -> Cache | None:
+    """The KV cache a forward or `generate()` output holds, under the installed transformers' field name."""
+    return getattr(outputs, CACHE_NAME, None)
 
 
 class PuzzleRMSNorm(nn.Module):
@@ -283,13 +306,15 @@ class PuzzleDecoderLayer(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
         cache_position: torch.Tensor | None = None,
         cache_index: int | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor | None:
         """What the attention subblock (norm included) adds to the residual; None for a no-op.
 
         With `attention_mask=None` the attention is causal over the given tokens (no earlier cached tokens).
-        `cache_index` is the layer's slot in `past_key_values` (the model passes compact slots; default `layer_idx`).
-        `cache_position` is accepted for API symmetry; positions come in through `position_embeddings`.
+        The KV cache comes as `past_key_values` or `cache`; `cache_index` is the layer's slot in it (the model passes
+        compact slots; default `layer_idx`). `cache_position` is accepted for API symmetry; positions come in through
+        `position_embeddings`.
         """
         if self.self_attn is None:
             return None
@@ -298,7 +323,7 @@ class PuzzleDecoderLayer(GradientCheckpointingLayer):
             normed,
             position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            past_key_values=resolve_cache(cache, past_key_values),
             cache_index=cache_index,
             **kwargs,
         )
@@ -318,8 +343,10 @@ class PuzzleDecoderLayer(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
         cache_position: torch.Tensor | None = None,
         cache_index: int | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        past_key_values = resolve_cache(cache, past_key_values)
         delta = self.attention_delta(
             hidden_states, position_embeddings, attention_mask, past_key_values, cache_position, cache_index, **kwargs
         )
@@ -337,7 +364,7 @@ class PuzzlePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["PuzzleDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -371,12 +398,16 @@ class PuzzleModel(PuzzlePreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         cache_position: torch.LongTensor | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        # A cache that arrived under the name this version does not use would otherwise sink into **kwargs while a
+        # fresh one is made here, and every decoding step would see only its own token.
+        past_key_values = resolve_cache(cache, past_key_values)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if position_ids is None:
@@ -391,8 +422,8 @@ class PuzzleModel(PuzzlePreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{_MASK_CACHE_ARG: past_key_values},
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -402,14 +433,14 @@ class PuzzleModel(PuzzlePreTrainedModel):
                 hidden_states,
                 position_embeddings,
                 attention_mask=causal_mask,
-                past_key_values=past_key_values,
                 position_ids=position_ids,
                 cache_index=cache_index,
+                **{CACHE_NAME: past_key_values},
                 **kwargs,
             )
             cache_index += int(decoder_layer.has_kv_cache)
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: past_key_values})
 
 
 class PuzzleForCausalLM(PuzzlePreTrainedModel, GenerationMixin):
@@ -435,13 +466,15 @@ class PuzzleForCausalLM(PuzzlePreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """The KV cache is accepted as `past_key_values` or `cache` (what `generate()` passes from 5.24 on)."""
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=resolve_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -455,9 +488,9 @@ class PuzzleForCausalLM(PuzzlePreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
 
@@ -483,6 +516,7 @@ if __name__ == "puzzle.modeling_puzzle":
 
 
 __all__ = [
+    "CACHE_NAME",
     "PuzzleAttention",
     "PuzzleConfig",
     "PuzzleDecoderLayer",
@@ -494,5 +528,7 @@ __all__ = [
     "PuzzlePreTrainedModel",
     "build_attention",
     "build_ffn",
+    "cache_of",
     "register_auto_classes",
+    "resolve_cache",
 ]

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import TINY_VOCAB, save_tiny_parent, tiny_tokenizer
+from tiny import TINY_VOCAB, save_tiny_parent, tiny_demo_child, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from puzzle.configuration_puzzle import PuzzleConfig
@@ -51,9 +51,9 @@ def child() -> PuzzleForCausalLM:
     return model
 
 
-# Runs in a fresh interpreter (-I: no PYTHONPATH, no cwd on sys.path) where importing puzzle is blocked outright,
-# so an editable install of puzzle cannot leak in either.
-ROUND_TRIP = textwrap.dedent(
+# The scripts below run in a fresh interpreter (-I: no PYTHONPATH, no cwd on sys.path) where importing puzzle is
+# blocked outright, so an editable install of puzzle cannot leak in either.
+BLOCK_PUZZLE = textwrap.dedent(
     """
     import importlib.abc, sys
 
@@ -69,7 +69,11 @@ ROUND_TRIP = textwrap.dedent(
         raise SystemExit("puzzle was importable")
     except ImportError:
         pass
+    """
+)
 
+ROUND_TRIP = BLOCK_PUZZLE + textwrap.dedent(
+    """
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,14 +96,43 @@ ROUND_TRIP = textwrap.dedent(
 )
 
 
-def test_export_loads_without_puzzle_with_identical_logits(child, tmp_path):
-    export = save_child(child, tmp_path / "export", tokenizer=tiny_tokenizer())
-    ids = torch.randint(4, TINY_VOCAB, (2, 12))
-    save_file({"input_ids": ids}, str(tmp_path / "input.safetensors"))
+# The exported code with plain transformers: greedy generation with the KV cache (whatever name this transformers'
+# generate() passes it under) equals generation without it, and step decoding takes the cache under either name.
+CACHED_GENERATION = BLOCK_PUZZLE + textwrap.dedent(
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    def cache_of(out):  # the output field is `cache` from transformers 5.24 on, `past_key_values` before
+        return out.cache if hasattr(out, "cache") else out.past_key_values
+
+    export, io_dir = sys.argv[1], sys.argv[2]
+    model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()
+    assert "puzzle" not in sys.modules and type(model).__module__.startswith("transformers_modules"), type(model)
+    prompt = load_file(io_dir + "/input.safetensors")["prompt"]
+    cached = model.generate(prompt, max_new_tokens=16, do_sample=False, use_cache=True, return_dict_in_generate=True)
+    uncached = model.generate(prompt, max_new_tokens=16, do_sample=False, use_cache=False)
+    out = {"cached": cached.sequences, "uncached": uncached}
+    out["cache_length"] = torch.tensor(cache_of(cached).get_seq_length())
+    with torch.no_grad():
+        for name in ("cache", "past_key_values"):
+            step = model(prompt[:, :2], use_cache=True)
+            cache, logits = cache_of(step), [step.logits]
+            for t in range(2, prompt.shape[1]):
+                logits.append(model(prompt[:, t : t + 1], use_cache=True, **{name: cache}).logits)
+            out["steps_" + name] = torch.cat(logits, dim=1)
+    save_file(out, io_dir + "/output.safetensors")
+    """
+)
+
+
+def run_without_puzzle(script: str, export, tmp_path) -> dict[str, torch.Tensor]:
+    """Run `script` on `export` in a Python that cannot import puzzle; return the tensors it saved."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
     run = subprocess.run(
-        [sys.executable, "-I", "-c", ROUND_TRIP, str(export), str(tmp_path)],
+        [sys.executable, "-I", "-c", script, str(export), str(tmp_path)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -107,12 +140,35 @@ def test_export_loads_without_puzzle_with_identical_logits(child, tmp_path):
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    out = load_file(str(tmp_path / "output.safetensors"))
+    return load_file(str(tmp_path / "output.safetensors"))
+
+
+def test_export_loads_without_puzzle_with_identical_logits(child, tmp_path):
+    export = save_child(child, tmp_path / "export", tokenizer=tiny_tokenizer())
+    ids = torch.randint(4, TINY_VOCAB, (2, 12))
+    save_file({"input_ids": ids}, str(tmp_path / "input.safetensors"))
+    out = run_without_puzzle(ROUND_TRIP, export, tmp_path)
     with torch.no_grad():
         expected = child(ids).logits
     assert torch.equal(out["logits"], expected)
     assert torch.equal(out["tokens"], child.generate(ids[:, :6], max_new_tokens=8, do_sample=False))
     assert out["encoded"].tolist() == [5, 6, 7]
+
+
+def test_exported_demo_shaped_child_generates_the_same_with_and_without_the_cache_without_puzzle(tmp_path):
+    child = tiny_demo_child()
+    export = save_child(child, tmp_path / "export")
+    prompt = torch.randint(4, TINY_VOCAB, (2, 7))
+    save_file({"prompt": prompt}, str(tmp_path / "input.safetensors"))
+    out = run_without_puzzle(CACHED_GENERATION, export, tmp_path)
+    assert torch.equal(out["cached"], out["uncached"])
+    assert out["cache_length"].item() == 7 + 15  # one cache, grown by every step but the last token's
+    assert len(set(out["uncached"][0, 7:].tolist())) > 3  # a dropped cache makes the child repeat one token
+    assert torch.equal(out["uncached"], child.generate(prompt, max_new_tokens=16, do_sample=False, use_cache=False))
+    with torch.no_grad():
+        full = child(prompt).logits
+    torch.testing.assert_close(out["steps_cache"], full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["steps_past_key_values"], full, atol=1e-5, rtol=1e-5)
 
 
 def test_export_layout_and_decilm_config(child, tmp_path, caplog):

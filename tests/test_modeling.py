@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import DEMO_CHILD_BLOCKS, TINY_VOCAB, tiny_demo_child
 from torch.testing import assert_close
 
 from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
@@ -18,6 +19,7 @@ from puzzle.modeling_puzzle import (
     PuzzleMLP,
     build_attention,
     build_ffn,
+    cache_of,
 )
 
 VOCAB, HIDDEN, HEADS, KV_HEADS, INTER = 128, 32, 4, 2, 64
@@ -95,7 +97,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(x, labels=x).loss.backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    model.activation_checkpointing_enable()
+    # transformers 5.24 renamed gradient_checkpointing_enable (still there, deprecated); 5.17 has only the old name.
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
     model(x, labels=x).loss.backward()
     for name, param in model.named_parameters():
         assert_close(param.grad, expected[name], msg=name)
@@ -135,7 +139,7 @@ def test_heterogeneous_greedy_generation_same_with_and_without_cache(attn_implem
 def test_kv_cache_holds_only_attention_layers():
     model = make_model(make_config(HETERO_BLOCKS))
     x = torch.randint(4, VOCAB, (1, 9))
-    cache = model(x, use_cache=True).past_key_values
+    cache = cache_of(model(x, use_cache=True))
     filled = [layer.keys.shape for layer in cache.layers if layer.keys is not None and layer.keys.numel()]
     # Three GQA layers (KV heads 4, 1, 2) in compact slots 0..2; no-op and linear attention store nothing.
     assert filled == [(1, 4, 9, 8), (1, 1, 9, 8), (1, 2, 9, 8)]
@@ -146,9 +150,57 @@ def test_kv_cache_holds_only_attention_layers():
     steps = []
     for t in range(9):
         out = model(x[:, t : t + 1], past_key_values=step_cache, use_cache=True)
-        step_cache = out.past_key_values
+        step_cache = cache_of(out)
         steps.append(out.logits)
     assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("error::FutureWarning")  # transformers' deprecated cache names would warn here
+def test_demo_shaped_child_generates_the_same_greedy_tokens_with_and_without_the_cache():
+    model = tiny_demo_child()
+    prompt = torch.randint(4, TINY_VOCAB, (2, 6))
+    with_cache = model.generate(
+        prompt, max_new_tokens=16, do_sample=False, use_cache=True, return_dict_in_generate=True
+    )
+    without = model.generate(prompt, max_new_tokens=16, do_sample=False, use_cache=False)
+    assert torch.equal(with_cache.sequences, without)
+    assert len(set(without[0, 6:].tolist())) > 3  # a dropped cache makes the child repeat one token
+    # generate() really decoded from one cache that grew step by step: 6 + 15 tokens (the last one is never fed back),
+    # in compact slots with layer 0's single KV head, layer 1's two, layer 3's one.
+    cache = cache_of(with_cache)
+    assert cache.get_seq_length() == 21
+    filled = [layer.keys.shape for layer in cache.layers if layer.keys is not None and layer.keys.numel()]
+    assert filled == [(2, 1, 21, 8), (2, 2, 21, 8), (2, 1, 21, 8)]
+    assert [b["attention"]["no_op"] for b in model.config.block_configs] == [
+        b["attention"].get("no_op", False) for b in DEMO_CHILD_BLOCKS
+    ]
+
+
+@pytest.mark.parametrize("with_cache_position", [False, True], ids=["no_cache_position", "cache_position"])
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_step_decoding_takes_the_cache_under_either_name(name, with_cache_position):
+    # transformers 5.24's generate() passes `cache=` (and no cache_position); 5.17 passes `past_key_values=`.
+    model = tiny_demo_child()
+    x = torch.randint(4, TINY_VOCAB, (2, 9))
+    with torch.no_grad():
+        full = model(x).logits
+        out = model(x[:, :4], use_cache=True)
+        cache, logits = cache_of(out), [out.logits]
+        for t in range(4, 9):
+            extra = {"cache_position": torch.tensor([t])} if with_cache_position else {}
+            out = model(x[:, t : t + 1], use_cache=True, **{name: cache}, **extra)
+            assert cache_of(out) is cache
+            logits.append(out.logits)
+    assert cache.get_seq_length() == 9
+    assert_close(torch.cat(logits, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_two_different_caches_are_refused():
+    model = tiny_demo_child()
+    x = torch.randint(4, TINY_VOCAB, (1, 3))
+    first, second = cache_of(model(x, use_cache=True)), cache_of(model(x, use_cache=True))
+    with pytest.raises(ValueError, match="two different KV caches"):
+        model(x[:, :1], cache=first, past_key_values=second, use_cache=True)
 
 
 def test_left_padded_batch_matches_unpadded_generation():

@@ -83,6 +83,35 @@ def tiny_puzzle_config(block_configs: list[dict] | None = None, **overrides: Any
     return PuzzleConfig(**{**values, **overrides})
 
 
+# Shaped like the demo's exported child (search_space/demo.yaml on the tiny 2-KV-head parent): layer 0 is GQA with one
+# KV head (fewer than the parent's 2), several later layers have no-op attention, FFNs are 100/50/25% wide or no-op.
+# A child like this is what KV-cache bugs bite: the cache slots skip layers, and slot 0 has a different head count.
+DEMO_CHILD_BLOCKS = [
+    {"attention": {"n_heads_in_group": 4}, "ffn": {"intermediate_size": 64}},
+    {"attention": {"n_heads_in_group": 2}, "ffn": {"intermediate_size": 32}},
+    {"attention": {"no_op": True}, "ffn": {"intermediate_size": 16}},
+    {"attention": {"n_heads_in_group": 4}, "ffn": {"no_op": True}},
+    {"attention": {"no_op": True}, "ffn": {"intermediate_size": 64}},
+    {"attention": {"no_op": True}, "ffn": {"intermediate_size": 32}},
+]
+
+
+def tiny_demo_child(seed: int = 0) -> torch.nn.Module:
+    """A `PuzzleForCausalLM` with `DEMO_CHILD_BLOCKS`, no EOS (greedy runs never stop early), weights scaled up."""
+    from puzzle.modeling_puzzle import PuzzleForCausalLM
+
+    config = tiny_puzzle_config(
+        DEMO_CHILD_BLOCKS, num_hidden_layers=len(DEMO_CHILD_BLOCKS), bos_token_id=1, eos_token_id=None, pad_token_id=0
+    )
+    torch.manual_seed(seed)
+    model = PuzzleForCausalLM(config).eval()
+    with torch.no_grad():  # larger than the 0.02 init, so greedy tokens depend on the whole context
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.3)
+    return model
+
+
 def tiny_parent(kind: str = "llama", seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """A randomly initialised tiny HF causal LM of `kind` in eval mode (weights scaled up so logits differ)."""
     from transformers import AutoModelForCausalLM
