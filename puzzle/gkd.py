@@ -9,10 +9,11 @@ compared one to one.
 
 Training is data-parallel with `ray.train.torch.TorchTrainer` (gloo on CPU, nccl on CUDA), `cfg.num_workers`
 workers (1 by default), each holding a frozen copy of the parent. Rank 0 writes a checkpoint (model.safetensors,
-optimizer.pt, state.json with the step and the loss history) every `cfg.checkpoint_every` optimiser steps into
-`work_dir/<run name>/`; calling `run_gkd` again with the same inputs resumes from the latest one (Ray Train restores
-its run of the same name), and a worker that dies is restarted from it too. Run by the pipeline's `gkd` stage
-(`puzzle run JOB.yaml`); callable directly: `run_gkd(child, parent, train_ids, cfg, work_dir)`.
+optimizer.pt, state.json with the step, the loss history and each worker's weights digest) every
+`cfg.checkpoint_every` optimiser steps into `work_dir/<run name>/`; calling `run_gkd` again with the same inputs
+resumes from the latest one (Ray Train restores its run of the same name), and a worker that dies is restarted from
+it too. Run by the pipeline's `gkd` stage (`puzzle run JOB.yaml`); callable directly:
+`run_gkd(child, parent, train_ids, cfg, work_dir)`.
 """
 
 from __future__ import annotations
@@ -250,10 +251,36 @@ def _resume(child: nn.Module, optimizer: torch.optim.Optimizer, run_id: str) -> 
     return state
 
 
-def _report(state: dict, child: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> None:
-    """Report the latest metrics to Ray Train (a barrier: every worker calls it), rank 0 attaching a checkpoint."""
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of the model's state dict (names and raw bytes): equal digests mean bitwise-equal weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _replica_digests(child: nn.Module, distributed: bool) -> list[str]:
+    """Every worker's weights_digest, by rank (a collective): DDP replicas must stay bitwise equal."""
+    digest = weights_digest(child)
+    if not distributed:
+        return [digest]
+    import torch.distributed as dist
+
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    return digests
+
+
+def _report(state: dict, child: nn.Module, optimizer: torch.optim.Optimizer, rank: int, distributed: bool) -> None:
+    """Report the latest metrics to Ray Train (a barrier: every worker calls it), rank 0 attaching a checkpoint.
+
+    The checkpoint's state.json records each worker's weights digest ("replica_digests", by rank), so a replica
+    that drifted from the others shows in the checkpoint (costs one read of the weights per checkpoint).
+    """
     import ray.train
 
+    state["replica_digests"] = _replica_digests(child, distributed)
     metrics = dict(state["history"][-1]) if state["history"] else {"step": state["step"]}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
@@ -311,11 +338,14 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from puzzle.seeding import derive_seed, seed_everything
+
     cfg = GKDConfig(**config["cfg"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(cfg.num_cpus)))
-    torch.manual_seed(cfg.seed)
+    # Each rank its own stream, all derived from the run's GKD seed (cfg.seed): reruns repeat, ranks differ.
+    seed_everything(derive_seed(cfg.seed, "gkd-worker", rank))
     device = ray.train.torch.get_device()
     parent = unpack_model(ray.get(config["parent_ref"]), device).eval().requires_grad_(False)
     child = unpack_model(ray.get(config["child_ref"]), device).train()
@@ -361,7 +391,7 @@ def train_loop_per_worker(config: dict) -> None:
         # Only checkpoints are reported: every report is a barrier across workers costing ~1 s, and the loss
         # history travels inside the checkpoint anyway.
         if state["step"] % cfg.checkpoint_every == 0 or done:
-            _report(state, child, optimizer, rank)
+            _report(state, child, optimizer, rank, distributed)
         if rank == 0 and (state["step"] % config["log_every"] == 0 or done):
             tok_s = (
                 (state["step"] - state["resumed_from_step"])

@@ -4,6 +4,8 @@ short run on Ray Train's TorchTrainer that resumes from its checkpoint."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from puzzle.gkd import (
     run_gkd,
     save_checkpoint,
     unpack_model,
+    weights_digest,
 )
 from puzzle.modeling_puzzle import PuzzleForCausalLM
 
@@ -35,6 +38,11 @@ def parent() -> PuzzleForCausalLM:
 @pytest.fixture
 def ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (4, 16))
+
+
+def checkpoint_state(run_dir, step: int) -> dict:
+    """state.json of a GKD run's checkpoint at `step`, where Ray Train stored it."""
+    return json.loads((run_dir / f"step_{step:07d}" / "state.json").read_text())
 
 
 def test_layer_outputs_are_the_models_forward(parent, ids):
@@ -127,6 +135,15 @@ def test_pack_unpack_and_checkpoint_round_trip(tmp_path, parent, ids):
     torch.testing.assert_close([s["exp_avg"] for s in fresh_opt.state_dict()["state"].values()], exp_avg)
 
 
+def test_weights_digest_sees_one_changed_bit(parent):
+    twin = copy.deepcopy(parent)
+    assert weights_digest(twin) == weights_digest(parent)
+    with torch.no_grad():
+        weight = twin.model.layers[1].mlp.down_proj.weight
+        weight[3, 5] = torch.nextafter(weight[3, 5], torch.tensor(float("inf")))
+    assert weights_digest(twin) != weights_digest(parent)
+
+
 @pytest.mark.integration
 def test_ray_train_gkd_lowers_the_loss_and_resumes(ray_session, tmp_path, parent):
     child = PuzzleForCausalLM(tiny_puzzle_config(CHILD_BLOCKS))
@@ -151,11 +168,17 @@ def test_ray_train_gkd_lowers_the_loss_and_resumes(ray_session, tmp_path, parent
         before, _ = compute_gkd_loss(child, parent, train_ids[:16], cfg)
         after, _ = compute_gkd_loss(second.model, parent, train_ids[:16], cfg)
     assert after < before
+    # The one worker recorded the digest of the weights it checkpointed.
+    assert checkpoint_state(tmp_path / second.run_name, 8)["replica_digests"] == [weights_digest(second.model)]
 
 
 @pytest.mark.slow  # three Ray Train runs: ~1-3 minutes on 2 cores
 @pytest.mark.integration
 def test_gkd_stage_picks_one_of_the_top_k_solutions(ray_session, tmp_path):
+    """A known answer: of a pruned child and the parent's own architecture (listed second), short GKD must keep the
+    parent's, which starts at KL 0 and stays near it; each candidate's reported validation KL is checked against a
+    brute-force KL of its distilled weights."""
+    from puzzle.assemble import assemble_child
     from puzzle.bld import BlockStore
     from puzzle.convert import load_parent
     from puzzle.gkd import run_gkd_stage
@@ -163,26 +186,39 @@ def test_gkd_stage_picks_one_of_the_top_k_solutions(ray_session, tmp_path):
 
     parent = load_parent(save_tiny_parent(tmp_path, num_hidden_layers=2))
     store = BlockStore(tmp_path / "library")  # parent and no-op variants need no library weights
-    solutions = [
-        {"layer_0": "attn_no_op+ffn_64", "layer_1": "attn_group2+ffn_no_op"},
-        {"layer_0": "attn_group2+ffn_64", "layer_1": "attn_no_op+ffn_no_op"},
-    ]
+    pruned = {"layer_0": "attn_no_op+ffn_64", "layer_1": "attn_group2+ffn_no_op"}
+    whole = {"layer_0": "attn_group2+ffn_64", "layer_1": "attn_group2+ffn_64"}  # 4 heads / 2 KV heads, FFN 64
+    assert [parent.config.block_config(i).name for i in range(2)] == list(whole.values())
     train_ids = torch.randint(0, 128, (32, 16))
     val_ids = torch.randint(0, 128, (8, 16))
     cfg = GKDConfig(tokens=4 * 4 * 16, batch_size=4, lr=3e-3, warmup_ratio=0.0, checkpoint_every=10, topk_tokens=64)
-    out = run_gkd_stage(parent, store, solutions, train_ids, val_ids, cfg, tmp_path / "work", topk=2)
-    assert len(out["candidates"]) == 2
-    best = min(range(2), key=lambda i: out["candidates"][i]["kl"])
-    assert out["index"] == best
+    out = run_gkd_stage(parent, store, [pruned, whole], train_ids, val_ids, cfg, tmp_path / "work", topk=2)
+    assert out["index"] == 1
+    assert [out["model"].config.block_config(i).name for i in range(2)] == list(whole.values())
     assert out["result"].steps == 4 and out["result"].finished
-    chosen = [out["model"].config.block_config(i).name for i in range(2)]
-    assert chosen == [solutions[best]["layer_0"], solutions[best]["layer_1"]]
+    kls = [c["kl"] for c in out["candidates"]]
+    # One short Adam step (lr 3e-3) moves the parent's copy only a little: ~6e-5 here, against ~1.2 when pruned.
+    assert kls[1] < 1e-3 and kls[0] > 100 * kls[1]
+
+    # Both short runs are finished: run_gkd hands back each distilled candidate without training again.
+    short = dataclasses.replace(cfg, tokens=cfg.topk_tokens)
+    with torch.no_grad():
+        log_p = parent(input_ids=val_ids).logits[:, :-1].double().log_softmax(-1)
+    for i, layers in enumerate([pruned, whole]):
+        candidate = assemble_child(parent, store, layers)
+        distilled = run_gkd(candidate, parent, train_ids, short, tmp_path / f"work/topk/candidate_{i}")
+        assert distilled.steps == 1 and distilled.seconds == 0.0
+        with torch.no_grad():
+            log_q = distilled.model(input_ids=val_ids).logits[:, :-1].double().log_softmax(-1)
+        brute_force_kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+        assert kls[i] == pytest.approx(brute_force_kl, rel=1e-3, abs=1e-6), i
 
 
 @pytest.mark.slow
 @pytest.mark.integration
 def test_two_data_parallel_workers_train_one_model(ray_session, tmp_path, parent):
-    """Two gloo workers with gradient accumulation: DDP keeps one model, the step count and tokens add up."""
+    """Two gloo workers with gradient accumulation: DDP keeps one model (both workers end with bitwise-equal
+    weights, which moved from the initial child), and the step count and tokens add up."""
     child = PuzzleForCausalLM(tiny_puzzle_config(CHILD_BLOCKS))
     train_ids = torch.randint(0, VOCAB, (64, 16))
     cfg = GKDConfig(
@@ -191,3 +227,8 @@ def test_two_data_parallel_workers_train_one_model(ray_session, tmp_path, parent
     result = run_gkd(child, parent, train_ids, cfg, tmp_path)
     assert result.steps == 4 and result.tokens == 4 * 2 * 2 * 2 * 16
     assert result.history[-1]["loss"] < result.history[0]["loss"]
+    # Each worker's digest of its own weights after the last step, by rank, recorded in the final checkpoint.
+    digests = checkpoint_state(tmp_path / result.run_name, 4)["replica_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert digests[0] == weights_digest(result.model)
+    assert weights_digest(result.model) != weights_digest(child)
