@@ -5,7 +5,8 @@ Every initialiser maps a parent layer's weights (a state dict with keys relative
 that `PuzzleDecoderLayer` uses, so `puzzle.bld` can load them into a layer built with `PuzzleDecoderLayer.from_block`:
 
 - fewer KV heads: each child KV head is the mean of the parent K/V heads its query heads used (`mean_pool_kv_heads`);
-- linear attention: W_o @ W_v with the GQA heads expanded (each token attends only to itself);
+- linear attention: W_o @ W_v with the GQA heads expanded (each token attends only to itself), and the bias
+  W_o @ b_v + b_o when the parent's projections have biases (Qwen2's v_proj);
 - narrower FFN: keep the channels with the largest contribution, mean over calibration tokens of
   |a_c| * ||W_down[:, c]|| where a_c is the activation entering W_down (`ffn_channel_scores`);
 - linear FFN: a least-squares fit of the FFN's output on its (normalised) input over calibration tokens, with
@@ -86,6 +87,29 @@ def linear_attention_weight(
     return o_weight @ expand_kv_heads(v_weight, num_attention_heads, num_kv_heads, head_dim)
 
 
+def linear_attention_bias(
+    v_bias: Tensor | None,
+    o_weight: Tensor,
+    o_bias: Tensor | None,
+    num_attention_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> Tensor | None:
+    """W_o @ b_v (GQA heads expanded) + b_o: what a token attending only to itself gets besides W_o W_v x.
+
+    Attention weights sum to 1, so each head's output carries its KV head's value bias in full; None without biases.
+    """
+    if v_bias is None and o_bias is None:
+        return None
+    bias = torch.zeros(o_weight.shape[0], dtype=o_weight.dtype, device=o_weight.device)
+    if v_bias is not None:
+        expanded = expand_kv_heads(v_bias.reshape(-1, 1), num_attention_heads, num_kv_heads, head_dim).reshape(-1)
+        bias = bias + o_weight @ expanded
+    if o_bias is not None:
+        bias = bias + o_bias
+    return bias
+
+
 def init_attention(
     parent_state: dict[str, Tensor], config, variant: AttentionConfig, parent_variant: AttentionConfig
 ) -> tuple[dict[str, Tensor] | None, str]:
@@ -111,6 +135,11 @@ def init_attention(
     if variant.replace_with_linear:
         w = linear_attention_weight(attn["v_proj.weight"], attn["o_proj.weight"], heads, parent_kv, head_dim)
         state["self_attn.linear_attn.weight"] = w.contiguous()
+        b = linear_attention_bias(
+            attn.get("v_proj.bias"), attn["o_proj.weight"], attn.get("o_proj.bias"), heads, parent_kv, head_dim
+        )
+        if b is not None:  # PuzzleLinearAttention has a bias exactly when the parent's q/k/v or o_proj have one
+            state["self_attn.linear_attn.bias"] = b.contiguous()
         return state, "linear_wo_wv"
     new_kv = variant.num_key_value_heads(heads)
     for name, tensor in attn.items():

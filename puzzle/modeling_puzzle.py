@@ -217,11 +217,16 @@ class PuzzleAttention(nn.Module):
 
 
 class PuzzleLinearAttention(nn.Module):
-    """`replace_with_linear` attention: one hidden x hidden matrix; each token only attends to itself (no KV cache)."""
+    """`replace_with_linear` attention: one hidden x hidden matrix; each token only attends to itself (no KV cache).
+
+    With biased projections (Qwen2's v_proj, or an o_proj bias) the attention of a token to itself adds a constant,
+    o_proj(v_proj's bias) + o_proj's bias, so the linear map carries a bias too.
+    """
 
     def __init__(self, config: PuzzleConfig) -> None:
         super().__init__()
-        self.linear_attn = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        bias = bool(config.qkv_bias or config.attention_bias)
+        self.linear_attn = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
         return self.linear_attn(hidden_states), None

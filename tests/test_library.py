@@ -6,20 +6,25 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny import tiny_parent
 from torch.testing import assert_close
 
-from puzzle.block_config import AttentionConfig, FFNConfig
+from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.convert import puzzle_config_from_hf
 from puzzle.errors import ConfigError, PuzzleError
 from puzzle.library import (
     ffn_channel_scores,
     init_attention,
     init_ffn,
+    linear_attention_bias,
     linear_attention_weight,
     mean_pool_kv_heads,
     prune_ffn,
     rms_norm,
+    split_subblock,
     swiglu_output,
 )
+from puzzle.modeling_puzzle import PuzzleDecoderLayer
 
 HIDDEN, HEADS, HEAD_DIM, INTER = 32, 4, 8, 48
 GQA2 = AttentionConfig(n_heads_in_group=2)  # the parent attention of the tiny layer: 4 heads on 2 KV heads
@@ -104,6 +109,50 @@ def test_linear_attention_is_wo_wv_with_heads_expanded():
     assert method == "linear_wo_wv"
     assert set(out) == {"input_layernorm.weight", "self_attn.linear_attn.weight"}
     assert_close(out["self_attn.linear_attn.weight"], reference)
+
+
+def test_linear_attention_bias_is_wo_bv_with_heads_expanded_plus_bo():
+    state = _parent_state(kv_heads=2)
+    o = state["self_attn.o_proj.weight"]
+    b_v, b_o = torch.randn(2 * HEAD_DIM), torch.randn(HIDDEN)
+    reference = b_o.clone()
+    for h in range(HEADS):  # head h reads KV head h // 2, and its attention weights sum to 1
+        kv = h // 2
+        reference += o[:, h * HEAD_DIM : (h + 1) * HEAD_DIM] @ b_v[kv * HEAD_DIM : (kv + 1) * HEAD_DIM]
+    assert_close(linear_attention_bias(b_v, o, b_o, HEADS, 2, HEAD_DIM), reference)
+    assert_close(linear_attention_bias(b_v, o, None, HEADS, 2, HEAD_DIM), reference - b_o)
+    assert_close(linear_attention_bias(None, o, b_o, HEADS, 2, HEAD_DIM), b_o)
+    assert linear_attention_bias(None, o, None, HEADS, 2, HEAD_DIM) is None
+
+
+@pytest.mark.parametrize(
+    "kind,overrides",
+    [("qwen2", {}), ("llama", {"attention_bias": True}), ("llama", {})],
+    ids=["qwen2_qkv_bias", "llama_qkvo_bias", "llama_no_bias"],
+)
+def test_linear_attention_init_equals_the_parent_attention_when_each_token_sees_only_itself(kind, overrides):
+    # Reference: the HF parent's own attention subblock (random biases from tiny_parent) under a mask that lets each
+    # token attend only to itself. The initialised linear subblock must reproduce it exactly, biases included.
+    parent = tiny_parent(kind, **overrides)
+    parent.config._attn_implementation = "eager"  # the one implementation that adds an arbitrary float mask
+    hf_layer = parent.model.layers[1]
+    config = puzzle_config_from_hf(parent.config)
+    parent_state = {k: v.detach() for k, v in hf_layer.state_dict().items()}
+    parent_block = config.block_config(1)
+    linear = AttentionConfig(replace_with_linear=True)
+    init, method = init_attention(parent_state, config, linear, parent_block.attention)
+    assert method == "linear_wo_wv"
+    assert ("self_attn.linear_attn.bias" in init) is (kind == "qwen2" or bool(overrides))
+
+    layer = PuzzleDecoderLayer.from_block(config, BlockConfig(linear, parent_block.ffn), 1).eval()
+    layer.load_state_dict({**init, **split_subblock(parent_state, "ffn")}, strict=True)  # a bias key iff a bias
+    h = torch.randn(2, 7, HIDDEN)
+    pos = parent.model.rotary_emb(h, torch.arange(7).unsqueeze(0))
+    only_itself = torch.full((7, 7), torch.finfo(h.dtype).min).fill_diagonal_(0.0)[None, None]
+    with torch.no_grad():
+        expected, _ = hf_layer.self_attn(hf_layer.input_layernorm(h), pos, only_itself)
+        actual = layer.attention_delta(h, pos)
+    assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_parent_and_no_op_variants_carry_no_weights():

@@ -203,6 +203,13 @@ def test_two_different_caches_are_refused():
         model(x[:, :1], cache=first, past_key_values=second, use_cache=True)
 
 
+def test_linear_attention_has_a_bias_when_the_parent_attention_has_one():
+    linear = AttentionConfig(replace_with_linear=True)
+    for overrides, has_bias in [({}, False), ({"qkv_bias": True}, True), ({"attention_bias": True}, True)]:
+        module = build_attention(make_config(**overrides), linear, 0)
+        assert (module.linear_attn.bias is not None) is has_bias, overrides
+
+
 def test_left_padded_batch_matches_unpadded_generation():
     model = make_model(make_config(HETERO_BLOCKS))
     short = torch.randint(4, VOCAB, (1, 5))
