@@ -165,6 +165,7 @@ class BLDConfig:
     calibration_tokens: int = 16_384
     """Calibration tokens for initialisation (channel scores, least-squares linear FFN)."""
     seed: int = 0
+    """Mixed with run.seed into BLD's seed (data order, per-block RNG); change run.seed to change the whole run."""
     heldout_fraction: float = 0.25
     """Share of the calibration sequences held out to measure each block's normalised MSE before and after BLD."""
     weight_decay: float = 0.0
@@ -355,6 +356,7 @@ class GKDConfig:
     min_lr_ratio: float = 0.1
     """Floor of the cosine / linear decay as a fraction of lr (the rate the schedule ends at)."""
     seed: int = 0
+    """Mixed with run.seed into GKD's seed (data order, per-worker RNG); change run.seed to change the whole run."""
 
     def __post_init__(self) -> None:
         _check_choice("gkd.schedule", self.schedule, SCHEDULES)
@@ -442,7 +444,8 @@ class RunConfig:
     runs_dir: str = "runs"
     """Parent directory of run directories (relative to the cwd; submitted jobs get an absolute path)."""
     seed: int = 0
-    """Global seed."""
+    """Seeds every random source of the run (puzzle.seeding): each stage, BLD block, GKD worker and scoring task
+    gets a seed derived from it. data.seed alone picks the data split, so runs with different seeds share a test set."""
 
     def __post_init__(self) -> None:
         if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
@@ -669,6 +672,18 @@ def job_to_yaml(job: JobConfig) -> str:
 def job_from_dict(d: dict[str, Any]) -> JobConfig:
     """Rebuild a JobConfig from `job_to_dict` output (e.g. a run directory's config.yaml)."""
     return to_job_config(d)
+
+
+# Keys that only say how much hardware a stage holds or how often it checkpoints, never what it computes. The runner
+# leaves them out of stage hashes and BLD out of its block keys, so changing them reuses finished work. Not here:
+# gkd.num_workers (it sets the global batch) and profiling.num_cpus (the thread count that latencies are measured at).
+RESOURCE_KEYS: dict[str, frozenset[str]] = {
+    "data": frozenset({"num_proc"}),
+    "bld": frozenset({"num_workers", "num_cpus", "num_gpus", "checkpoint_every", "max_restarts", "max_inflight_steps"}),
+    "scoring": frozenset({"num_cpus", "num_gpus", "group_size"}),
+    "profiling": frozenset({"num_gpus"}),
+    "gkd": frozenset({"num_cpus", "num_gpus", "checkpoint_every"}),
+}
 
 
 def section_dict(job: JobConfig, section: str) -> Any:

@@ -190,8 +190,11 @@ def _score_group(
     targets: list[ParentTargets],
     device: str,
     num_threads: int | None,
+    seed: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Score a group of variants of one layer (runs in a Ray task or in-process)."""
+    from puzzle.seeding import derive_seed, seed_everything
+
     if num_threads:
         torch.set_num_threads(num_threads)
     model = model.to(device).eval()
@@ -204,6 +207,8 @@ def _score_group(
     out = {}
     for block in blocks:
         start = time.perf_counter()
+        # Seeded per (layer, variant), not per task, so a score does not depend on how variants are grouped.
+        seed_everything(derive_seed(seed, layer_idx, block.name))
         layer = source.build_layer(model, layer_idx, block).to(device).eval()
         out[block.name] = score_layer_cached(model, cache, layer_idx, layer)
         out[block.name]["seconds"] = time.perf_counter() - start
@@ -234,6 +239,7 @@ def score_blocks(
     device: str = "cpu",
     max_retries: int = 3,
     progress: bool = True,
+    seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> tuple[Scores, dict[str, Any]]:
     """Replace-1-block scores of every (layer, variant), with the cached-prefix method.
@@ -244,6 +250,7 @@ def score_blocks(
     batches: validation token batches, LongTensor [b, s].
     use_ray: one Ray task per (layer, group of `group_size` variants), resources `num_cpus` / `num_gpus`, retried
       `max_retries` times (Ray must be initialised by the caller); otherwise everything runs in this process.
+    seed: each variant is scored with the RNGs seeded from (seed, layer, variant name).
     The parent's own block in each layer is not recomputed: its scores are the parent's (KL 0, top-1 1.0).
     Returns (scores, info): scores {"layer_i": {name: {"kl_div", "lm_loss", "top1"}}}; info holds the parent's own
     metrics, the number of tokens and seconds.
@@ -269,9 +276,11 @@ def score_blocks(
         jobs += [(i, group) for group in _groups(todo, group_size)]
     threads = max(1, int(num_cpus)) if num_cpus >= 1 else 1
     if use_ray:
-        results = _run_on_ray(parent, source, cache, jobs, num_cpus, num_gpus, device, threads, max_retries, progress)
+        results = _run_on_ray(
+            parent, source, cache, jobs, num_cpus, num_gpus, device, threads, max_retries, progress, seed
+        )
     else:
-        results = _run_local(parent, source, cache, jobs, device, progress)
+        results = _run_local(parent, source, cache, jobs, device, progress, seed)
     for (i, _), res in zip(jobs, results, strict=True):
         for name, metrics in res.items():
             scores[f"layer_{i}"][name] = {k: float(metrics[k]) for k in METRICS}
@@ -287,19 +296,19 @@ def score_blocks(
     return scores, info
 
 
-def _run_local(parent, source, cache, jobs, device, progress) -> list[dict[str, dict[str, float]]]:
+def _run_local(parent, source, cache, jobs, device, progress, seed) -> list[dict[str, dict[str, float]]]:
     from tqdm.auto import tqdm
 
     out = []
     bar = tqdm(jobs, desc="score", unit="group", disable=not progress)
     for i, blocks in bar:
         out.append(
-            _score_group(parent, source, i, blocks, cache.hidden[i], cache.input_ids, cache.targets, device, None)
+            _score_group(parent, source, i, blocks, cache.hidden[i], cache.input_ids, cache.targets, device, None, seed)
         )
     return out
 
 
-def _run_on_ray(parent, source, cache, jobs, num_cpus, num_gpus, device, threads, max_retries, progress):
+def _run_on_ray(parent, source, cache, jobs, num_cpus, num_gpus, device, threads, max_retries, progress, seed):
     """Submit every group at once; the big shared inputs go to the object store once."""
     import ray
     from tqdm.auto import tqdm
@@ -317,7 +326,7 @@ def _run_on_ray(parent, source, cache, jobs, num_cpus, num_gpus, device, threads
     targets_ref = ray.put([t.to("cpu") for t in cache.targets])
     hidden_refs = {i: ray.put([t.cpu() for t in cache.hidden[i]]) for i in sorted({i for i, _ in jobs})}
     refs = [
-        task.remote(model_ref, source_ref, i, blocks, hidden_refs[i], ids_ref, targets_ref, device, threads)
+        task.remote(model_ref, source_ref, i, blocks, hidden_refs[i], ids_ref, targets_ref, device, threads, seed)
         for i, blocks in jobs
     ]
     pending = list(refs)
@@ -348,6 +357,7 @@ def run_scoring(
     out_dir: str | os.PathLike | None = None,
     *,
     use_ray: bool = False,
+    seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> tuple[Scores, dict[str, Any]]:
     """The pipeline's score stage: `score_blocks` with a `puzzle.config.ScoringConfig`; writes out_dir/scores.json.
@@ -370,6 +380,7 @@ def run_scoring(
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
         device=device,
+        seed=seed,
         log=log,
     )
     if out_dir is not None:
