@@ -10,21 +10,26 @@ its loss the normalised MSE  ||out_child - out_parent||^2 / ||out_parent - in||^
 - The parent's forward pass runs ONCE per batch, on the driver, which captures every layer's input, post-attention
   state and output, puts each tensor into the Ray object store once and hands the references to `BlockTrainer` actors
   (each owns one or more layers' blocks, with num_cpus / num_gpus from `BLDConfig`). No parent prefix is recomputed.
-- Content-addressed: a block's hash covers the parent's weights, its layer and variant, the data and the training
-  hyperparameters; a block whose hash is in the library is never retrained. Trainers return checkpoints (weights and
-  AdamW state) every `checkpoint_every` steps and the driver writes them to `work_dir`: a killed run resumes from them,
+- Content-addressed: a block's key (`block_hash`) covers the parent as loaded (weights and dtype), its layer, kind and
+  variant, the data, and the training hyperparameters with the seed (every BLD setting but the resource-only ones:
+  workers, CPUs, GPUs, checkpoint cadence). Finished blocks live in a `BlockCache` under their key, which the pipeline
+  keeps in the run directory (runs/<name>/blocks/) across reruns of the stage: a block whose key is there is never
+  trained again, so adding a variant trains only the new blocks. Trainers return checkpoints (weights and AdamW state)
+  every `checkpoint_every` steps and the driver writes them under the block's key: a killed run resumes from them,
   and a trainer actor that dies is restarted by Ray and replays its missing steps from its last checkpoint. Training
-  is deterministic per block (fixed data order, no randomness), so the finished library equals an uninterrupted run's.
+  is deterministic per block (fixed data order, each block seeded from its key), so the finished library equals an
+  uninterrupted run's, however blocks are spread over trainers.
 
-The library on disk (`BlockStore`): root/index.json maps "layer_{i}" -> "attention" | "ffn" | "block" -> variant name
--> entry {file, init, nmse_init, nmse_trained, tokens, seconds, hash, parent}; `file` is a safetensors file of the
-subblock's weights (keys relative to the layer) or null for parent variants (their weights are the parent's) and no-ops.
+A job's library on disk (`BlockStore`): root/index.json maps "layer_{i}" -> "attention" | "ffn" | "block" -> variant
+name -> entry {file, init, nmse_init, nmse_trained, tokens, seconds, hash, parent}; `file` is a safetensors file of the
+subblock's weights (keys relative to the layer, linked from the cache) or null for parent variants (their weights are
+the parent's) and no-ops.
 
-Entry point: `run_bld(parent, variants, calibration, train, cfg, out_dir, work_dir)`; the pipeline's library stage calls
-it (`puzzle run jobs/demo.yaml`).
+Entry point: `run_bld(parent, variants, calibration, train, cfg, out_dir, block_dir=...)`; the pipeline's bld stage
+calls it (`puzzle run jobs/demo.yaml`).
 
-Modules: `store` (BlockStore), `plan` (blocks, hashes, assignment), `train` (shared forward, BlockRun, BlockTrainer),
-`driver` (run_bld).
+Modules: `store` (BlockCache, BlockStore), `plan` (blocks, keys, assignment), `train` (shared forward, BlockRun,
+BlockTrainer), `driver` (run_bld).
 """
 
 from puzzle.bld.driver import batch_rows, collect_activations, run_bld
@@ -39,7 +44,7 @@ from puzzle.bld.plan import (
     training_signature,
     variants_from_search_space,
 )
-from puzzle.bld.store import BlockStore
+from puzzle.bld.store import BlockCache, BlockStore
 from puzzle.bld.train import (
     BlockRun,
     BlockTrainer,
@@ -56,6 +61,7 @@ from puzzle.bld.train import (
 
 __all__ = [
     "BLD_VERSION",
+    "BlockCache",
     "BlockRun",
     "BlockSpec",
     "BlockStore",

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from puzzle.bld.plan import BlockSpec, assign_blocks, block_hash, parent_fingerprint, plan_blocks, tokens_fingerprint
-from puzzle.bld.store import BlockStore, atomic_write_bytes, layer_state
+from puzzle.bld.store import BlockCache, BlockStore, atomic_write_bytes, layer_state
 from puzzle.bld.train import (
     BlockTrainer,
     evaluate_block,
@@ -115,7 +115,7 @@ def _parent_layer(model, spec: BlockSpec):
     return layer.to(next(model.parameters()).dtype)
 
 
-def _record_untrained(store: BlockStore, model, spec: BlockSpec, heldout, pos, cfg: BLDConfig) -> None:
+def _record_untrained(cache: BlockCache, model, spec: BlockSpec, heldout, pos, cfg: BLDConfig) -> None:
     start = time.perf_counter()
     if spec.parent:
         nmse, init = 0.0, "parent"  # the parent's own block reproduces the parent exactly
@@ -128,7 +128,7 @@ def _record_untrained(store: BlockStore, model, spec: BlockSpec, heldout, pos, c
         init = "+".join("no_op" if p.no_op else "parent" for p in parts)
     entry = {"init": init, "nmse_init": nmse, "nmse_trained": nmse, "tokens": 0, "hash": spec.hash}
     entry.update({"parent": spec.parent, "seconds": time.perf_counter() - start})
-    store.put(spec.layer, spec.kind, spec.name, entry, None)
+    cache.put(spec.hash, entry, None)
 
 
 def _check_resources(cfg: BLDConfig) -> None:
@@ -156,7 +156,6 @@ class _Session:
     cfg: BLDConfig
     total_steps: int
     train_rows: Tensor
-    store: BlockStore
     work_dir: Path
     logger: Any = None
     on_step: Callable[[int, list], None] | None = None
@@ -322,6 +321,7 @@ def run_bld(
     out_dir: str | Path,
     work_dir: str | Path | None = None,
     *,
+    block_dir: str | Path | None = None,
     heldout=None,
     parent_fp: str | None = None,
     logger=None,
@@ -333,11 +333,15 @@ def run_bld(
     {"attention": [AttentionConfig], "ffn": [FFNConfig]} (plus optional "blocks": [BlockConfig] for coupled mode); the
     parent's own variants are always added. calibration / train: token rows ([n, seq] LongTensor, a list of batches or a
     datasets.Dataset with "input_ids"); `cfg.heldout_fraction` of the calibration rows are held out to score blocks
-    unless `heldout` rows are given. out_dir: the library (`BlockStore`); work_dir: checkpoints that survive a crash
-    (default out_dir/.work). parent_fp: a precomputed parent fingerprint (default: hash of its weights). logger: any
-    object with `.log(metrics, step=)` (wandb via `puzzle.progress`) for per-block losses. on_step(step, actors) is a
-    test hook called after each step is submitted. Ray must be initialised (else a local cluster is started).
-    Returns the store; `store.last_run` says what was trained, cached and resumed, with timings.
+    unless `heldout` rows are given. out_dir: the library of exactly these variants (`BlockStore`, rewritten).
+    block_dir: the content-addressed store of finished blocks (`BlockCache`, default out_dir/blocks); a block whose
+    key it holds is not trained again, whichever run trained it. work_dir: in-progress checkpoints go to
+    work_dir/checkpoints (default: block_dir), keyed by block too, so they survive a crash and any config change that
+    leaves the block's key alone. parent_fp: a precomputed parent fingerprint, which must cover the dtype the parent is
+    loaded in (default: hash of its weights). logger: any object with `.log(metrics, step=)` (wandb via
+    `puzzle.progress`) for per-block losses. on_step(step, actors) is a test hook called after each step is
+    submitted. Ray must be initialised (else a local cluster is started). Returns the library; `store.last_run` (also
+    out_dir/last_run.json) says what was trained, cached and resumed, with timings.
     """
     wall = time.perf_counter()
     model = _as_model(parent)
@@ -345,12 +349,12 @@ def run_bld(
     held = _as_token_rows(held, "held-out")
     train_rows = _as_token_rows(train, "train")
     _check_tokens(model.config, calib, held, train_rows)
-    store = BlockStore(out_dir)
-    work = Path(work_dir) if work_dir is not None else store.root / ".work"
+    cache = BlockCache(block_dir if block_dir is not None else Path(out_dir) / "blocks")
+    work = Path(work_dir) if work_dir is not None else cache.root
     fp = parent_fp or parent_fingerprint(model)
     data_fp = tokens_fingerprint(calib, held, train_rows)
     specs = [replace(s, hash=block_hash(s, fp, data_fp, cfg)) for s in plan_blocks(model.config, variants, cfg.mode)]
-    pending = [s for s in specs if not store.is_current(s.layer, s.kind, s.name, s.hash)]
+    pending = [s for s in specs if cache.get(s.hash) is None]
     todo = [s for s in pending if s.trainable]
     seq = train_rows.shape[1]
     total_steps = math.ceil(cfg.tokens / (cfg.batch_size * seq)) if cfg.tokens else 0
@@ -358,7 +362,7 @@ def run_bld(
     heldout_acts = collect_activations(model, held, cfg.batch_size, {s.layer for s in pending}) if pending else {}
     for spec in pending:
         if not spec.trainable:
-            _record_untrained(store, model, spec, heldout_acts, pos, cfg)
+            _record_untrained(cache, model, spec, heldout_acts, pos, cfg)
     run = {
         "blocks": len(specs),
         "trained": [_label(s) for s in todo],
@@ -369,12 +373,25 @@ def run_bld(
     }
     if todo:
         run.update(
-            _train(model, todo, cfg, total_steps, train_rows, calib, heldout_acts, pos, store, work, logger, on_step)
+            _train(model, todo, cfg, total_steps, train_rows, calib, heldout_acts, pos, cache, work, logger, on_step)
         )
+    store = _write_library(Path(out_dir), specs, cache)
     run["wall_seconds"] = time.perf_counter() - wall
     store.last_run = run
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(work / "last_run.json", json.dumps(run, indent=1).encode())
+    atomic_write_bytes(store.root / "last_run.json", json.dumps(run, indent=1).encode())
+    return store
+
+
+def _write_library(out_dir: Path, specs: list[BlockSpec], cache: BlockCache) -> BlockStore:
+    """The library of exactly `specs`, from the cache: weight files linked in, the index written last."""
+    store = BlockStore(out_dir)
+    store.index = {}
+    for spec in specs:
+        entry = cache.get(spec.hash)
+        assert entry is not None, f"{_label(spec)} was neither cached nor trained"
+        entry.pop("has_weights", None)
+        store.add(spec.layer, spec.kind, spec.name, entry, cache.weights(spec.hash))
+    store.save()
     return store
 
 
@@ -382,13 +399,13 @@ def _label(spec: BlockSpec) -> str:
     return f"layer_{spec.layer}/{spec.kind}/{spec.name}"
 
 
-def _train(model, todo, cfg, total_steps, train_rows, calib, heldout_acts, pos, store, work, logger, on_step) -> dict:
-    """Train `todo` on Ray trainers fed by the shared parent forward; write each finished block to the store."""
+def _train(model, todo, cfg, total_steps, train_rows, calib, heldout_acts, pos, cache, work, logger, on_step) -> dict:
+    """Train `todo` on Ray trainers fed by the shared parent forward; write each finished block to the cache."""
     import ray
 
     _check_resources(cfg)
     start_wall = time.perf_counter()
-    session = _Session(model, todo, cfg, total_steps, train_rows, store, work, logger, on_step)
+    session = _Session(model, todo, cfg, total_steps, train_rows, work, logger, on_step)
     calib_layers = {s.layer for s in todo if s.kind != "attention"}
     calib_mid = collect_activations(model, calib, cfg.batch_size, calib_layers, mids_only=True) if calib_layers else {}
     layers = sorted({s.layer for s in todo})
@@ -418,7 +435,7 @@ def _train(model, todo, cfg, total_steps, train_rows, calib, heldout_acts, pos, 
         block = blocks[spec.hash]
         entry = {k: block[k] for k in ("init", "nmse_init", "nmse_trained", "seconds", "train_loss")}
         entry.update({"tokens": tokens, "hash": spec.hash, "parent": False})
-        store.put(spec.layer, spec.kind, spec.name, entry, block["state"])
+        cache.put(spec.hash, entry, block["state"])  # finished first, then its checkpoint goes
         session.checkpoint_path(spec.hash).unlink(missing_ok=True)
     streamed = (total_steps - first + 1) * cfg.batch_size * train_rows.shape[1]
     return {

@@ -3,6 +3,7 @@ spread over trainer actors."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -13,10 +14,12 @@ import torch
 from torch import Tensor
 
 from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.config import BLDConfig
+from puzzle.config import RESOURCE_KEYS, BLDConfig
 from puzzle.errors import ConfigError
 
-BLD_VERSION = 1  # bump when training semantics change, so old blocks are not mistaken for current ones
+# Bump when training semantics change, so old blocks are not mistaken for current ones.
+# 2: seeds derived from run.seed, every block seeded from its own key.
+BLD_VERSION = 2
 KINDS = ("attention", "ffn", "block")
 _NO_OP_ATTENTION = AttentionConfig(no_op=True)
 
@@ -118,13 +121,19 @@ def tokens_fingerprint(*arrays: Tensor) -> str:
 
 
 def training_signature(cfg: BLDConfig) -> dict[str, Any]:
-    """The config fields that change what a block learns (resources and checkpoint cadence do not)."""
-    keys = ("tokens", "lr", "schedule", "warmup_ratio", "batch_size", "mode", "calibration_tokens", "seed")
-    keys += ("heldout_fraction", "weight_decay", "grad_clip")
-    return {k: getattr(cfg, k) for k in keys}
+    """The config fields that change what a block learns: every field but the resource-only ones (workers, CPUs,
+    GPUs, checkpoint cadence, restarts; puzzle.config.RESOURCE_KEYS). Listing what is left out rather than what is
+    kept means a new training hyperparameter is part of the key without anyone remembering to add it."""
+    resource = RESOURCE_KEYS["bld"]
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in resource}
 
 
 def block_hash(spec: BlockSpec, parent_fp: str, data_fp: str, cfg: BLDConfig) -> str:
+    """A block's content key: what determines its weights and held-out scores. The parent (as loaded, dtype
+    included), the data (calibration, held-out and train tokens), the layer, the kind and the variant (in coupled
+    mode the attention + FFN pair trained together) and, for a trained block, the training signature, seed included.
+    Blocks train independently of each other (each has its own optimizer on the parent's fixed activations), so
+    nothing else in the run enters the key: not the other variants, nor how blocks are spread over trainers."""
     payload = {
         "version": BLD_VERSION,
         "parent": parent_fp,

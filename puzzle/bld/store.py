@@ -1,15 +1,23 @@
-"""The block library on disk: index.json plus one safetensors file per trained subblock (`BlockStore`).
+"""Blocks on disk: the content-addressed store of finished blocks (`BlockCache`) and the block library of one job
+(`BlockStore`).
 
-root/index.json maps "layer_{i}" -> "attention" | "ffn" | "block" -> variant name -> entry {file, init, nmse_init,
-nmse_trained, tokens, seconds, hash, parent}. `file` holds the subblock's weights under keys relative to the layer
-("input_layernorm.weight", "self_attn.q_proj.weight", "mlp.down_proj.weight", ...), or is null for parent variants
-(their weights are the parent's, never copied) and no-ops. Scoring and assembly read layers back with `build_layer`.
+BlockCache: root/<key>/entry.json (+ weights.safetensors for a trained block), one directory per block content key
+(`plan.block_hash`), and root/checkpoints/<key>.safetensors, the training state of blocks not finished yet. A block
+directory is written whole under a temporary name and renamed into place, so a directory named by a key always holds
+a finished block. Entries are never rewritten: a key fixes the block's weights.
+
+BlockStore: root/index.json maps "layer_{i}" -> "attention" | "ffn" | "block" -> variant name -> entry {file, init,
+nmse_init, nmse_trained, tokens, seconds, hash, parent}. `file` holds the subblock's weights under keys relative to the
+layer ("input_layernorm.weight", "self_attn.q_proj.weight", "mlp.down_proj.weight", ...), or is null for parent
+variants (their weights are the parent's, never copied) and no-ops. Scoring and assembly read layers back with
+`build_layer`. `run_bld` writes a job's library from the cache, linking the weight files (no copies).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +40,80 @@ def atomic_save_safetensors(path: Path, tensors: dict[str, Tensor], metadata: di
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+
+
+def atomic_link(src: Path, dst: Path) -> None:
+    """Make `dst` the file `src`: a hard link (a copy across file systems), replacing `dst` atomically."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+class BlockCache:
+    """Finished blocks by content key, shared by every BLD run on the same root (see the module docstring)."""
+
+    ENTRY = "entry.json"
+    WEIGHTS = "weights.safetensors"
+    _PARTIAL = ".tmp-"
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The entry of the finished block `key`, or None when the store does not hold it (or lost its weights)."""
+        try:
+            entry = json.loads((self.root / key / self.ENTRY).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if entry.get("has_weights") and self.weights(key) is None:
+            return None  # a weights file deleted by hand: the block must be trained again
+        return entry
+
+    def weights(self, key: str) -> Path | None:
+        """The weights file of block `key` (None for blocks without weights: parent and no-op variants)."""
+        path = self.root / key / self.WEIGHTS
+        return path if path.is_file() else None
+
+    def put(self, key: str, entry: dict[str, Any], state: dict[str, Tensor] | None) -> None:
+        """Store a finished block: weights and entry go into a temporary directory renamed to `key` when complete."""
+        final = self.root / key
+        if self.get(key) is not None:
+            return  # the same key was finished before (same inputs, same weights)
+        shutil.rmtree(final, ignore_errors=True)  # damaged by hand (see get)
+        tmp = self.root / f"{self._PARTIAL}{key}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if state:
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / self.WEIGHTS))
+        entry = {**entry, "hash": key, "has_weights": bool(state)}
+        (tmp / self.ENTRY).write_text(json.dumps(entry, indent=1, sort_keys=True))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another writer finished the same block first
+
+    def keys(self) -> list[str]:
+        """Keys of the finished blocks in the store."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / self.ENTRY).is_file())
+
+    def checkpoint_dir(self) -> Path:
+        """Where unfinished blocks keep their training state (also keyed by content key)."""
+        return self.root / "checkpoints"
+
+    def clean_partial(self) -> None:
+        """Remove block directories a killed writer left half-written. Only while no other process writes here."""
+        if self.root.is_dir():
+            for path in self.root.glob(f"{self._PARTIAL}*"):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 class BlockStore:
@@ -69,12 +151,39 @@ class BlockStore:
         entry = dict(entry)
         entry["file"] = None
         if state:
-            rel = f"layer_{layer_idx}/{kind}/{name}.safetensors"
+            rel = self._rel(layer_idx, kind, name)
             atomic_save_safetensors(self.root / rel, state, {"hash": str(entry.get("hash"))})
             entry["file"] = rel
         self.index.setdefault(f"layer_{layer_idx}", {}).setdefault(kind, {})[name] = entry
+        self.save()
+
+    def add(self, layer_idx: int, kind: str, name: str, entry: dict[str, Any], weights: Path | None) -> None:
+        """Record one block whose weights file exists already (linked in, not copied); `save` writes the index."""
+        entry = dict(entry)
+        entry["file"] = None
+        if weights is not None:
+            rel = self._rel(layer_idx, kind, name)
+            atomic_link(weights, self.root / rel)
+            entry["file"] = rel
+        self.index.setdefault(f"layer_{layer_idx}", {}).setdefault(kind, {})[name] = entry
+
+    def save(self) -> None:
+        """Write index.json atomically (after the weight files it names)."""
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.index_path, json.dumps(self.index, indent=1, sort_keys=True).encode())
+
+    def keys(self) -> dict[str, str]:
+        """Entry label "layer_{i}/{kind}/{name}" -> the block's content key, for every entry: what the library holds."""
+        return {
+            f"{layer}/{kind}/{name}": str(entry.get("hash"))
+            for layer, kinds in self.index.items()
+            for kind, entries in kinds.items()
+            for name, entry in entries.items()
+        }
+
+    @staticmethod
+    def _rel(layer_idx: int, kind: str, name: str) -> str:
+        return f"layer_{layer_idx}/{kind}/{name}.safetensors"
 
     def subblock_state(self, layer_idx: int, kind: str, name: str, parent_model=None) -> dict[str, Tensor]:
         """Weights of one library block (keys relative to the layer); parent variants need `parent_model`."""

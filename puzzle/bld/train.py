@@ -16,6 +16,7 @@ from puzzle.bld.plan import BlockSpec
 from puzzle.bld.store import atomic_save_safetensors
 from puzzle.config import BLDConfig
 from puzzle.library import init_attention, init_ffn, split_subblock, subblock_prefixes
+from puzzle.seeding import derive_seed, seed_everything
 
 
 @torch.no_grad()
@@ -217,6 +218,10 @@ class BlockTrainer:
         self.runs: dict[str, BlockRun] = {}
         for spec in specs:
             start = time.perf_counter()
+            # Seeded from the block's own key (which holds cfg.seed), not the actor's: a block is built alike whichever
+            # trainer gets it and whatever else that trainer holds. Training draws no random numbers (the data order
+            # is batch_rows's), so a block's weights depend on its key alone.
+            seed_everything(derive_seed(cfg.seed, "block", spec.hash))
             layer, init = initial_layer(spec, config, parent_states[spec.layer], calib.get(spec.layer))
             run = BlockRun(spec, layer, cfg, total_steps, device)
             run.meta["init"] = init
