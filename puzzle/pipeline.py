@@ -7,12 +7,15 @@ Each `Stage` names the job sections and upstream stages its inputs come from (th
 to decide whether the stage's artifacts are still valid) and an adapter `run(ctx) -> StageResult`.
 An adapter reads upstream artifacts from `ctx.upstream[name]`, writes only into `ctx.out_dir` (a
 temporary directory the runner renames when the adapter returns) and keeps resumable state in
-`ctx.work_dir` (kept across a crash, cleared when its inputs change). A stage whose module is not
-part of this build has no adapter: a job that reaches it stops with a clear error.
+`ctx.work_dir` (kept across a crash, cleared when its inputs change); work that is keyed by its own
+content, and so stays valid when the stage's inputs change, goes under a run-directory path the stage
+declares in `keep` (BLD's blocks/). A stage whose module is not part of this build has no adapter: a
+job that reaches it stops with a clear error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -76,6 +79,9 @@ class Stage:
     """Run even when cached (cheap stages whose real inputs live outside the run, e.g. a checkpoint on disk)."""
     module: str = ""
     """The module that implements the stage, named in the error when it is missing."""
+    keep: tuple[str, ...] = ()
+    """Run-directory paths of content-addressed work that survive a rerun for changed inputs (only --from clears
+    them): every entry is keyed by what determines it, so an entry is either still valid or never looked up."""
 
 
 class StageUnavailable(PuzzleError):
@@ -133,15 +139,24 @@ def parent_path(job: JobConfig) -> Path:
     return Path(ensure_default_parent(log=say))
 
 
+def loaded_parent_fingerprint(fingerprint: str, dtype: str) -> str:
+    """The parent as the stages see it: its checkpoint's fingerprint and the dtype it is loaded in (a bf16 parent's
+    activations, and so every block distilled from them, differ from the fp32 parent's)."""
+    return hashlib.sha256(f"{fingerprint}\0{dtype}".encode()).hexdigest()
+
+
 def run_parent(ctx: StageContext) -> StageResult:
     """Locate (or build) the parent, check it is supported, and record where it is and what it is."""
     from puzzle.validate import check_parent_checkpoint
 
     path = parent_path(ctx.job)
     hf_config = check_parent_checkpoint(path, ctx.job.parent)
+    fingerprint = checkpoint_fingerprint(path)
     info = {
         "path": str(path),
-        "fingerprint": checkpoint_fingerprint(path),
+        "fingerprint": fingerprint,
+        "dtype": ctx.job.parent.dtype,
+        "loaded_fingerprint": loaded_parent_fingerprint(fingerprint, ctx.job.parent.dtype),
         "model_type": hf_config.get("model_type"),
         "num_hidden_layers": hf_config.get("num_hidden_layers"),
         "hidden_size": hf_config.get("hidden_size"),
@@ -149,11 +164,13 @@ def run_parent(ctx: StageContext) -> StageResult:
         "max_position_embeddings": hf_config.get("max_position_embeddings"),
     }
     write_json(ctx.out_dir / "parent.json", info)
-    return StageResult(output_hash=info["fingerprint"], summary={"path": str(path), "model_type": info["model_type"]})
+    summary = {"path": str(path), "model_type": info["model_type"], "dtype": info["dtype"]}
+    return StageResult(output_hash=info["loaded_fingerprint"], summary=summary)
 
 
 def parent_info(ctx: StageContext) -> dict[str, Any]:
-    """What the parent stage recorded: path, fingerprint, model_type, sizes."""
+    """What the parent stage recorded: path, fingerprint (of the checkpoint), dtype, loaded_fingerprint (of both),
+    model_type, sizes."""
     return read_json(ctx.upstream["parent"] / "parent.json")
 
 
@@ -279,29 +296,43 @@ def link_tree(src: Path, dst: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- bld
 
 
+BLOCKS_DIR = "blocks"
+"""BLD's content-addressed block store in the run directory (puzzle.bld.BlockCache): it outlives reruns of the stage."""
+
+
+def bld_config(job: JobConfig) -> Any:
+    """job.bld with the seed BLD actually uses, derived from run.seed (and bld.seed): it is part of every block key."""
+    from puzzle.seeding import derive_seed
+
+    return dataclasses.replace(job.bld, seed=derive_seed(job.run.seed, "bld", job.bld.seed))
+
+
 def run_bld_stage(ctx: StageContext) -> StageResult:
     """Initialise every search-space variant from the parent and train it by BLD on Ray (puzzle.bld.run_bld).
 
-    The block store lives in work_dir while the stage runs, so blocks finished before a crash are kept and only
-    unfinished ones train again; on success it is linked into the stage directory as library/.
+    Finished blocks and in-progress checkpoints live in the run directory's blocks/, keyed by what determines each
+    block's weights (parent and its dtype, variant, training hyperparameters, data, seed), and survive reruns of this
+    stage: a rerun after a crash, a new variant or any change that leaves a block's key alone trains only blocks
+    whose key is missing. The stage directory gets library/, the index of this job's blocks (files linked from the
+    store); its output hash is the set of block keys, so later stages rerun only when a block changed.
     """
-    from puzzle.bld import run_bld, variants_from_search_space
+    from puzzle.bld import BlockCache, run_bld, variants_from_search_space
 
     parent = load_parent_model(ctx)
     variants = variants_from_search_space(load_search_space(ctx), parent.config)
-    store_dir = ctx.work_dir / "library"
+    cache = BlockCache(ctx.run_dir / BLOCKS_DIR)
+    cache.clean_partial()  # blocks half-written by a killed run (we hold the run lock: nobody else writes them)
     store = run_bld(
         parent,
         variants,
         load_split(ctx, "calibration"),
         load_split(ctx, "train"),
-        ctx.job.bld,
-        store_dir,
-        ctx.work_dir / "checkpoints",
-        parent_fp=parent_info(ctx)["fingerprint"],
+        bld_config(ctx.job),
+        ctx.out_dir / "library",
+        block_dir=cache.root,
+        parent_fp=parent_info(ctx)["loaded_fingerprint"],
         logger=ctx.logger,
     )
-    link_tree(store_dir, ctx.out_dir / "library")
     run = store.last_run
     trained = len(run.get("trained", []))
     summary = {
@@ -310,7 +341,12 @@ def run_bld_stage(ctx: StageContext) -> StageResult:
         "cached": len(run.get("cached", [])),
         "steps": run.get("steps"),
     }
-    return StageResult(tokens=trained * int(run.get("tokens_per_block", 0)), summary=summary)
+    keys = json.dumps(store.keys(), sort_keys=True).encode()
+    return StageResult(
+        tokens=trained * int(run.get("tokens_per_block", 0)),
+        output_hash=hashlib.sha256(keys).hexdigest(),
+        summary=summary,
+    )
 
 
 def _jsonable(value: Any) -> Any:
@@ -324,6 +360,7 @@ def _jsonable(value: Any) -> Any:
 def run_score_stage(ctx: StageContext) -> StageResult:
     """Replace-1-block quality of every block on the validation split (Ray tasks); writes scores.json."""
     from puzzle.scoring import run_scoring
+    from puzzle.seeding import derive_seed
 
     parent = load_parent_model(ctx)
     scores, info = run_scoring(
@@ -334,6 +371,7 @@ def run_score_stage(ctx: StageContext) -> StageResult:
         load_split(ctx, "validation"),
         ctx.out_dir,
         use_ray=True,
+        seed=derive_seed(ctx.job.run.seed, "score"),
         log=say,
     )
     tokens = int(info.get("tokens", 0) or 0) if isinstance(info, dict) else 0
@@ -376,19 +414,23 @@ def run_gkd_stage(ctx: StageContext) -> StageResult:
     search.topk_gkd > 1, a short GKD of the top solutions picks which one. Saves child/ and gkd.json."""
     from puzzle.export import save_child
     from puzzle.gkd import run_gkd_stage as gkd
+    from puzzle.seeding import derive_seed
 
     parent = load_parent_model(ctx)
     solutions = read_json(ctx.upstream["search"] / "solutions.json")["solutions"]
+    cfg = ctx.job.gkd
     out = gkd(
         parent,
         load_block_store(ctx),
         [s["layers"] for s in solutions],
         load_split(ctx, "train"),
         load_split(ctx, "validation"),
-        ctx.job.gkd,
+        dataclasses.replace(cfg, seed=derive_seed(ctx.job.run.seed, "gkd", cfg.seed)),
         ctx.work_dir,
         topk=ctx.job.search.topk_gkd,
-        eval_batch_size=ctx.job.evaluate.batch_size,
+        # The candidates' validation pass uses GKD's own batch size: the result does not depend on it, and taking
+        # evaluate.batch_size would make every evaluation setting an input of GKD.
+        eval_batch_size=cfg.batch_size,
         log=say,
         logger=ctx.logger,
     )
@@ -449,8 +491,6 @@ def run_evaluate_stage(ctx: StageContext) -> StageResult:
 
 def run_export_stage(ctx: StageContext) -> StageResult:
     """The child as a Hugging Face checkpoint (export/) and report.json, report.md and plots."""
-    import dataclasses
-
     from puzzle.report import export_and_report
 
     gkd = read_json(ctx.upstream["gkd"] / "gkd.json")
@@ -498,6 +538,7 @@ def build_stages() -> list[Stage]:
             sections=("bld", "search_space"),
             after=("parent", "data"),
             uses_ray=True,
+            keep=(BLOCKS_DIR,),
         ),
         _stage(
             "score",
@@ -527,7 +568,7 @@ def build_stages() -> list[Stage]:
             "gkd",
             "puzzle.gkd",
             run_gkd_stage,
-            sections=("gkd", "evaluate"),
+            sections=("gkd",),
             after=("parent", "data", "bld", "search"),
             uses_ray=True,
         ),

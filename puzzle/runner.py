@@ -1,12 +1,27 @@
 """`puzzle run JOB.yaml [key=value ...] [--from STAGE] [--until STAGE] [--runs-dir DIR]`: run a job's stages in order.
 
 The run directory (runs/<name>/ by default) holds config.yaml, stages/<stage>/ with each stage's
-artifacts and manifest.json, and the published results (library.json, solutions.json, export/,
-report.json, report.md, *.png). A stage is skipped when its manifest is complete for the same input
-hash: the stage's config sections, the run seed and its upstream stages' hashes. `--from STAGE`
-reruns that stage and every later one. A stage writes into stages/<stage>.tmp-<pid>/ and is renamed
-into place only when it succeeds, so a killed run never leaves a stage that looks finished; long
-stages keep resumable state in work/<stage>/, which survives a crash. Only this process (the Ray
+artifacts and manifest.json, blocks/ (BLD's content-addressed block store), and the published results
+(library.json, solutions.json, export/, report.json, report.md, *.png).
+
+A stage is skipped when its manifest is complete for the same input hash: the stage's config sections
+without their resource-only keys (puzzle.config.RESOURCE_KEYS: workers, CPUs, GPUs, checkpoint
+cadence; they change how fast a stage runs, not what it computes), the content of the search-space
+file, the run seed and its upstream stages' output hashes. The parent's output hash is its checkpoint
+fingerprint and the dtype it is loaded in; BLD's is the content keys of its library's blocks.
+
+A stage whose input hash changed is rerun from an empty stages/<stage>/ and work/<stage>/, but work
+kept under a content key in a path the stage declares in `Stage.keep` survives: BLD's blocks/<key>/
+are keyed by what determines a block's weights, so adding a variant trains only the new blocks and a
+change elsewhere in the job trains none. `--from STAGE` reruns that stage and every later one from
+scratch, their `keep` paths included.
+
+Every stage runs with python's `random`, numpy and torch seeded from run.seed and the stage's name;
+stages derive their workers' seeds from run.seed as well (puzzle.seeding).
+
+A stage writes into stages/<stage>.tmp-<pid>/ and is renamed into place only when it succeeds, so a
+killed run never leaves a stage that looks finished; long stages keep resumable state in
+work/<stage>/ (or under their `keep` paths), which survives a crash. Only this process (the Ray
 driver) writes the run directory.
 """
 
@@ -24,7 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from puzzle.config import JobConfig, job_to_dict, job_to_yaml, load_job, section_dict
+from puzzle.config import RESOURCE_KEYS, JobConfig, job_to_dict, job_to_yaml, load_job, section_dict
 from puzzle.errors import PuzzleError
 from puzzle.pipeline import (
     STAGE_NAMES,
@@ -36,21 +51,39 @@ from puzzle.pipeline import (
     check_stage_name,
     link_tree,
     read_json,
+    resolve_path,
     write_json,
 )
 from puzzle.progress import RunLogger, make_logger, say, stage_skipped, stage_timer
+from puzzle.seeding import derive_seed, seed_everything
 
 MANIFEST = "manifest.json"
 # Bump when the manifest or hashing scheme changes, so older run directories are recomputed, not misread.
-MANIFEST_VERSION = 1
+# 2: resource-only keys left out, the search-space file's content hashed, the parent dtype in its output hash.
+MANIFEST_VERSION = 2
+
+
+def hashed_section(job: JobConfig, section: str) -> Any:
+    """A config section as a stage hash sees it: without its resource-only keys, and for search_space with the
+    file's content (the section names only its path, and an edited file must invalidate what was built from it)."""
+    values = section_dict(job, section)
+    if isinstance(values, dict):
+        values = {k: v for k, v in values.items() if k not in RESOURCE_KEYS.get(section, ())}
+    if section == "search_space":
+        try:
+            values["sha256"] = hashlib.sha256(resolve_path(job.search_space.path).read_bytes()).hexdigest()
+        except OSError:
+            values["sha256"] = None  # the stage itself reports the missing file
+    return values
 
 
 def stage_hash(stage: Stage, job: JobConfig, upstream: dict[str, str]) -> str:
-    """Content hash of a stage's inputs: its config sections, the run seed, and its upstream stages' outputs."""
+    """Content hash of a stage's inputs: its config sections (see hashed_section), the run seed, and its upstream
+    stages' outputs."""
     payload = {
         "version": MANIFEST_VERSION,
         "stage": stage.name,
-        "config": {section: section_dict(job, section) for section in stage.sections},
+        "config": {section: hashed_section(job, section) for section in stage.sections},
         "seed": job.run.seed,
         "upstream": {name: upstream[name] for name in stage.after},
     }
@@ -133,10 +166,12 @@ def publish(stage: Stage, stage_dir: Path, run_dir: Path) -> None:
 
 
 def invalidate(run_dir: Path, stages: Sequence[Stage]) -> None:
-    """Forget `stages` (for --from): their directories, work directories and published results."""
+    """Forget `stages` (for --from): their directories, work directories, kept stores and published results."""
     for stage in stages:
         _remove(run_dir / "stages" / stage.name)
         _remove(run_dir / "work" / stage.name)
+        for path in stage.keep:
+            _remove(run_dir / path)
         unpublish(stage, run_dir)
 
 
@@ -186,6 +221,9 @@ def run_stage(
     work = prepare_work_dir(run_dir / "work" / stage.name, input_hash)
     ctx = StageContext(job, run_dir, tmp, work, {name: stages_dir / name for name in stage.after}, logger)
     started = time.time()
+    # In-process randomness (random weights and prompts in profiling and evaluation, anything a stage draws without
+    # its own seed) repeats with run.seed; stages seed their Ray workers themselves.
+    seed_everything(derive_seed(job.run.seed, "stage", stage.name))
     try:
         with stage_timer(stage.name) as timing:
             result = stage.run(ctx) or StageResult()

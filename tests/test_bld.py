@@ -1,8 +1,10 @@
-"""Blockwise local distillation (puzzle.bld): planning, the shared parent forward, exact checkpoints, the block store,
-and BLD on a real Ray cluster (training lowers every block's held-out error, resume, a killed trainer, coupled mode)."""
+"""Blockwise local distillation (puzzle.bld): planning, block keys, the shared parent forward, exact checkpoints, the
+block stores, and BLD on a real Ray cluster (training lowers every block's held-out error, resume, a killed trainer,
+coupled mode, and through the runner: a rerun trains only blocks whose key is new)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,9 +14,11 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from puzzle.bld import (
+    BlockCache,
     BlockRun,
     BlockStore,
     batch_rows,
+    block_hash,
     initial_layer,
     load_checkpoint,
     lr_at,
@@ -25,8 +29,9 @@ from puzzle.bld import (
     save_checkpoint,
 )
 from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.config import BLDConfig
+from puzzle.config import RESOURCE_KEYS, BLDConfig
 from puzzle.errors import ConfigError, PuzzleError
+from puzzle.pipeline import loaded_parent_fingerprint
 from tests.tiny import save_tiny_parent
 
 SEQ = 16
@@ -96,6 +101,77 @@ def test_decoupled_plans_m_plus_n_blocks_per_layer_and_coupled_m_times_n(parent)
     assert [s.parent for s in decoupled if s.layer == 0 and s.kind == "attention"] == [True, False, False, False]
     with pytest.raises(ConfigError, match="3 layers"):
         plan_blocks(parent.config, VARIANTS + VARIANTS[:1], "decoupled")
+
+
+def _keys(parent, variants=VARIANTS, parent_fp="fp", **cfg) -> dict[str, str]:
+    config = BLDConfig(**{**CFG, **cfg})
+    specs = plan_blocks(parent.config, variants, config.mode)
+    return {f"{s.layer}/{s.kind}/{s.name}": block_hash(s, parent_fp, "data", config) for s in specs}
+
+
+def _trainable(parent, variants=VARIANTS) -> set[str]:
+    return {f"{s.layer}/{s.kind}/{s.name}" for s in plan_blocks(parent.config, variants) if s.trainable}
+
+
+def test_block_keys_change_only_with_what_determines_the_block(parent):
+    keys = _keys(parent)
+    resources = {"num_workers": 5, "num_cpus": 3, "num_gpus": 1, "checkpoint_every": 1}
+    resources.update(max_restarts=0, max_inflight_steps=7)
+    assert set(resources) == RESOURCE_KEYS["bld"]
+    assert _keys(parent, **resources) == keys  # how blocks are trained, not what they learn
+
+    more = [{"attention": ATTN, "ffn": [*FFN, FFNConfig(intermediate_size=16)]}] * 2
+    grown = _keys(parent, variants=more)
+    assert {k: v for k, v in grown.items() if k in keys} == keys  # other variants are not part of a block's key
+    assert sorted(set(grown) - set(keys)) == ["0/ffn/ffn_16", "1/ffn/ffn_16"]
+
+    trained = _trainable(parent)
+    for change in ({"lr": 1e-2}, {"seed": 1}, {"tokens": 24 * 4 * SEQ}, {"grad_clip": 0.5}):
+        other = _keys(parent, **change)
+        assert {k for k in keys if other[k] != keys[k]} == trained, change  # parent and no-op blocks do not train
+
+    fp32, bf16 = loaded_parent_fingerprint("ckpt", "float32"), loaded_parent_fingerprint("ckpt", "bfloat16")
+    assert fp32 != bf16
+    a, b = _keys(parent, parent_fp=fp32), _keys(parent, parent_fp=bf16)
+    assert all(a[k] != b[k] for k in a)  # the parent's dtype changes its activations, so every block
+
+
+def test_every_bld_setting_but_resources_is_in_the_block_key():
+    from puzzle.bld import training_signature
+
+    fields = {f.name for f in dataclasses.fields(BLDConfig)}
+    assert set(training_signature(BLDConfig())) == fields - RESOURCE_KEYS["bld"]
+
+
+def test_block_cache_never_shows_a_half_written_block(tmp_path, monkeypatch):
+    import puzzle.bld.store as store_module
+
+    cache = BlockCache(tmp_path / "blocks")
+    state = {"mlp.up_proj.weight": torch.ones(2, 2)}
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store_module, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        cache.put("k1", {"init": "x"}, state)
+    assert cache.get("k1") is None and cache.keys() == []  # only a .tmp- directory exists
+    assert [p.name.startswith(".tmp-") for p in cache.root.iterdir()] == [True]
+    cache.clean_partial()
+    assert list(cache.root.iterdir()) == []
+
+    monkeypatch.undo()
+    cache.put("k1", {"init": "x"}, state)
+    cache.put("k2", {"init": "no_op"}, None)
+    assert cache.keys() == ["k1", "k2"]
+    assert cache.get("k1")["init"] == "x" and torch.equal(
+        load_file(str(cache.weights("k1")))["mlp.up_proj.weight"], state["mlp.up_proj.weight"]
+    )
+    assert cache.weights("k2") is None and cache.get("k2") is not None
+    cache.weights("k1").unlink()  # weights deleted by hand: the block is gone, and is trained again
+    assert cache.get("k1") is None
+    cache.put("k1", {"init": "y"}, state)
+    assert cache.get("k1")["init"] == "y"
 
 
 def test_shared_parent_forward_reproduces_the_model(parent, tokens):
@@ -246,19 +322,88 @@ def test_library_layers_carry_the_trained_weights(baseline, parent, tokens):
     assert layer(states[1], position_embeddings(parent, SEQ)).shape == states[1].shape
 
 
-@pytest.mark.integration
-def test_rerun_retrains_nothing_finished_and_only_new_variants(baseline, parent, tokens, tmp_path):
-    import shutil
+SPACE = """\
+attention:
+  kv_heads: [1]
+  no_op: true
+ffn:
+  fractions: {fractions}
+  no_op: true
+ffn_multiple_of: 8
+"""
 
-    out = tmp_path / "lib"
-    shutil.copytree(baseline.root, out)
-    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
-    again = _run(parent, tokens, out)
-    assert again.last_run["trained"] == [] and len(again.last_run["cached"]) == 16
-    more = [{"attention": ATTN, "ffn": [*FFN, FFNConfig(intermediate_size=16)]}] * 2
-    grown = _run(parent, tokens, out, variants=more)
-    assert sorted(grown.last_run["trained"]) == ["layer_0/ffn/ffn_16", "layer_1/ffn/ffn_16"]
-    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # finished blocks were not rewritten
+
+def _bld_job(tmp_path: Path):
+    """The demo job shrunk by debug=default on a 2-layer tiny parent and a corpus of its words, up to bld."""
+    import random
+
+    from puzzle.config import load_job
+
+    rng = random.Random(0)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(60):
+        (corpus / f"doc{i:03d}.txt").write_text(" ".join(f"w{rng.randrange(4, 128)}" for _ in range(200)))
+    for name, fractions in (("a", "[1.0, 0.5]"), ("b", "[1.0, 0.5, 0.25]")):
+        (tmp_path / f"space_{name}.yaml").write_text(SPACE.format(fractions=fractions))
+    overrides = [
+        "parent=local", f"parent.path={save_tiny_parent(tmp_path)}", "parent.dtype=float32", "data=files",
+        f"data.paths={corpus / '*.txt'}", "data.seq_len=16", "debug=default", "cluster.num_cpus=2",
+        f"search_space.path={tmp_path / 'space_a.yaml'}", "run.name=bld",
+    ]  # fmt: skip
+    job = load_job("jobs/demo.yaml", overrides)
+    job.run.runs_dir = str(tmp_path / "runs")
+    return job
+
+
+def _weights(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """Each finished block's weights file in the run's block store: (inode, mtime), to see it was not rewritten."""
+    return {
+        p.parent.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (run_dir / "blocks").glob("*/*.safetensors")
+    }
+
+
+@pytest.mark.integration
+def test_rerun_through_the_runner_trains_only_blocks_whose_key_is_new(tmp_path, ray_session):
+    from puzzle.runner import run_job
+
+    job = _bld_job(tmp_path)
+    bld = job.run_dir / "stages" / "bld"
+
+    def last_run() -> dict:
+        return json.loads((bld / "library" / "last_run.json").read_text())
+
+    run_job(job, until="bld")
+    first = json.loads((bld / "manifest.json").read_text())
+    assert sorted(last_run()["trained"]) == [
+        "layer_0/attention/attn_group4", "layer_0/ffn/ffn_32", "layer_1/attention/attn_group4", "layer_1/ffn/ffn_32",
+    ]  # fmt: skip
+    trained = _weights(job.run_dir)
+    assert len(trained) == 4
+
+    # Resource-only keys: the stage is not even rerun.
+    job.bld.num_workers, job.bld.checkpoint_every, job.bld.max_inflight_steps = 2, 1, 4
+    run_job(job, until="bld")
+    assert json.loads((bld / "manifest.json").read_text()) == first
+
+    # One more FFN width: the stage reruns (its stage directory is rebuilt) and trains just that width's blocks.
+    job.search_space.path = str(tmp_path / "space_b.yaml")
+    run_job(job, until="bld")
+    grown = json.loads((bld / "manifest.json").read_text())
+    assert grown["input_hash"] != first["input_hash"] and grown["output_hash"] != first["output_hash"]
+    assert sorted(last_run()["trained"]) == ["layer_0/ffn/ffn_16", "layer_1/ffn/ffn_16"]
+    assert grown["summary"]["trained"] == 2 and grown["summary"]["cached"] == grown["summary"]["blocks"] - 2
+    after = _weights(job.run_dir)
+    assert {k: v for k, v in after.items() if k in trained} == trained and len(after) == 6  # old files untouched
+    library = BlockStore(bld / "library")
+    assert "ffn_16" in library.variants(0, "ffn")
+
+    # Back to the first search space: every block is in the store, nothing trains, and the library is the first one.
+    job.search_space.path = str(tmp_path / "space_a.yaml")
+    run_job(job, until="bld")
+    again = json.loads((bld / "manifest.json").read_text())
+    assert last_run()["trained"] == [] and again["output_hash"] == first["output_hash"]
+    assert "ffn_16" not in BlockStore(bld / "library").variants(0, "ffn")
 
 
 @pytest.mark.integration

@@ -1,0 +1,164 @@
+"""What a config change reruns, on the real stage list: resource-only keys rerun nothing, evaluation settings rerun only
+evaluate and export, the parent's dtype and the search-space file's content rerun what was built from them, and
+run.seed seeds every stage. Fast tests run the real parent stage and stand-ins for the others (the stage declarations,
+hashing and skipping are the real ones); the integration tests run the whole pipeline on a tiny parent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from puzzle.config import RESOURCE_KEYS, BudgetConfig, JobConfig, RunConfig
+from puzzle.pipeline import Stage, StageResult, build_stages
+from puzzle.runner import run_job
+from puzzle.seeding import derive_seed
+from tests.tiny import save_tiny_parent
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = [s.name for s in build_stages()]
+AFTER_PARENT = STAGES[1:]
+
+
+def declared_stages(calls: list[str], draws: dict[str, float] | None = None) -> list[Stage]:
+    """The pipeline's stages as declared (sections, upstream, keep), the real parent adapter, stand-ins for the rest
+    that record that they ran and what the stage's seeded torch RNG gave them."""
+
+    def stand_in(name: str):
+        def run(ctx):
+            calls.append(name)
+            if draws is not None:
+                draws[name] = torch.rand(()).item()
+            return StageResult()
+
+        return run
+
+    out = []
+    for stage in build_stages():
+        if stage.name == "parent":
+            run = stage.run
+
+            def parent(ctx, run=run):
+                calls.append("parent")
+                return run(ctx)
+
+            out.append(dataclasses.replace(stage, run=parent))
+        else:
+            out.append(dataclasses.replace(stage, run=stand_in(stage.name), uses_ray=False))
+    return out
+
+
+@pytest.fixture
+def job(tmp_path) -> JobConfig:
+    space = tmp_path / "space.yaml"
+    shutil.copy(ROOT / "search_space" / "demo.yaml", space)
+    job = JobConfig(run=RunConfig(name="c", runs_dir=str(tmp_path / "runs")), budget=BudgetConfig(speedup=2.0))
+    job.parent.path = str(save_tiny_parent(tmp_path))
+    job.search_space.path = str(space)
+    return job
+
+
+def rerun(job: JobConfig, **stage_kw) -> list[str]:
+    calls: list[str] = []
+    run_job(job, stages=declared_stages(calls, **stage_kw), validate=False)
+    return calls
+
+
+def test_every_resource_key_is_a_field_of_its_section():
+    from puzzle.data import DataConfig
+
+    for section, keys in RESOURCE_KEYS.items():
+        schema = DataConfig if section == "data" else type(getattr(JobConfig(), section))
+        assert keys <= {f.name for f in dataclasses.fields(schema)}, f"{section}: {keys}"
+
+
+def test_resource_only_keys_rerun_nothing(job):
+    assert rerun(job) == STAGES
+    job.bld.num_workers = 7
+    job.bld.num_cpus = 3.0
+    job.bld.checkpoint_every = 1
+    job.bld.max_restarts = 0
+    job.bld.max_inflight_steps = 5
+    job.scoring.num_cpus = 2.0
+    job.scoring.group_size = 1
+    job.gkd.num_cpus = 2.0
+    job.gkd.checkpoint_every = 3
+    job.profiling.num_gpus = 1.0
+    job.cluster.num_cpus = 16  # where Ray runs is no stage's input either
+    job.logger.mode = "offline"
+    assert rerun(job) == ["parent"]  # the parent stage always checks its checkpoint; nothing else runs
+
+
+def test_evaluation_settings_rerun_only_evaluate_and_export(job):
+    rerun(job)
+    job.evaluate.repeats = 5
+    assert rerun(job) == ["parent", "evaluate", "export"]
+    job.evaluate.batch_size = 3
+    assert rerun(job) == ["parent", "evaluate", "export"]
+
+
+def test_a_key_that_changes_results_reruns_its_stage_and_everything_downstream(job):
+    rerun(job)
+    job.gkd.num_workers = 2  # the global batch: not a resource-only key for GKD
+    assert rerun(job) == ["parent", "gkd", "evaluate", "export"]
+    job.bld.lr = 5e-3
+    assert rerun(job) == ["parent", *STAGES[2:]]
+
+
+def test_parent_dtype_reruns_what_was_built_from_the_parent(job, tmp_path):
+    rerun(job)
+    job.parent.dtype = "bfloat16"
+    assert rerun(job) == STAGES
+    info = json.loads((job.run_dir / "stages" / "parent" / "parent.json").read_text())
+    assert info["dtype"] == "bfloat16"
+
+
+def test_an_edited_search_space_file_reruns_bld_and_later_stages(job):
+    rerun(job)
+    space = Path(job.search_space.path)
+    space.write_text(space.read_text().replace("fractions: [1.0, 0.5, 0.25]", "fractions: [1.0, 0.5]"))
+    assert rerun(job) == ["parent", *STAGES[2:]]  # same path, new content; data does not read it
+
+
+def test_run_seed_seeds_every_stage_and_the_same_seed_repeats(job, tmp_path):
+    first: dict[str, float] = {}
+    rerun(job, draws=first)
+    job.run.runs_dir = str(tmp_path / "other_runs")
+    again: dict[str, float] = {}
+    rerun(job, draws=again)
+    assert again == first  # another run directory, the same seed: every stage drew the same numbers
+    assert len(set(first.values())) == len(first)  # each stage its own stream
+    job.run.seed = 1
+    changed: dict[str, float] = {}
+    assert rerun(job, draws=changed) == STAGES
+    assert all(changed[name] != first[name] for name in first)
+
+
+def test_seeds_are_derived_deterministically():
+    assert derive_seed(0, "bld") == derive_seed(0, "bld")
+    seeds = {derive_seed(s, part) for s in range(3) for part in ("bld", "gkd", "score")}
+    assert len(seeds) == 9 and all(0 <= s < 2**32 for s in seeds)
+
+
+def test_kept_store_survives_reruns_for_changed_inputs_and_from_clears_it(job):
+    calls: list[str] = []
+
+    def writer(ctx):
+        calls.append("a")
+        store = ctx.run_dir / "store"
+        store.mkdir(exist_ok=True)
+        (store / f"entry-{ctx.job.bld.lr}").write_text("done")
+
+    stages = [Stage("a", ("bld",), (), writer, keep=("store",))]
+    run_job(job, stages=stages, validate=False)
+    job.bld.lr = 2e-3
+    run_job(job, stages=stages, validate=False)
+    assert calls == ["a", "a"]
+    assert sorted(p.name for p in (job.run_dir / "store").iterdir()) == ["entry-0.001", "entry-0.002"]
+    run_job(job, stages=stages, from_stage="a", validate=False)
+    assert sorted(p.name for p in (job.run_dir / "store").iterdir()) == ["entry-0.002"]  # --from starts afresh
