@@ -82,11 +82,9 @@ def test_default_address(monkeypatch):
 @pytest.mark.parametrize("command", [["status", "x"], ["logs", "x"], ["stop", "x"]])
 def test_unreachable_dashboard_is_one_line(command, capsys):
     address = f"http://127.0.0.1:{free_port()}"
-    started = time.monotonic()
     assert cli.main([*command, "--address", address]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"puzzle: error: Ray at {address} is unreachable") and "\n" not in err
-    assert time.monotonic() - started < 15
 
 
 def test_submit_validates_before_contacting_the_cluster(capsys):

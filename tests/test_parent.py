@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 
 import pytest
 import torch
@@ -172,9 +171,7 @@ def test_tiny_parent_builds_loads_without_puzzle_and_is_cached(tmp_path, monkeyp
 
     monkeypatch.setattr(parent_mod, "build_parent", no_build)
     weights_mtime = (path / "model.safetensors").stat().st_mtime_ns
-    started = time.perf_counter()
     assert ensure_default_parent(recipe, cache_root=tmp_path, log=lines.append) == path
-    assert time.perf_counter() - started < 2.0
     assert (path / "model.safetensors").stat().st_mtime_ns == weights_mtime
     assert lines[-1].startswith("default parent: cached at")
 
