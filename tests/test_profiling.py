@@ -161,6 +161,9 @@ def _scores_for(costs: BlockCosts) -> dict:
     }
 
 
+STAT_KEYS = ("num_params", "kv_bytes_per_token", "kv_cache_mib", "memory_mib", "runtime_ms", "prefill_runtime_ms")
+
+
 def test_library_json_is_nvlabs_compatible_and_loads_in_the_search(tmp_path):
     from puzzle.mip import BlockLibrary
 
@@ -180,7 +183,33 @@ def test_library_json_is_nvlabs_compatible_and_loads_in_the_search(tmp_path):
     for key in ("runtime_ms", "prefill_runtime_ms", "memory_mib", "kv_cache_mib", "num_params"):
         assert key in entry["stats"]
     library = BlockLibrary.load(path)
-    assert library is not None
+    assert library.layer_names == ["layer_0", "layer_1"]
+    assert library.batch_sizes == [2, 1] and library.primary_batch_size == 2
+    assert library.parent == {"layer_0": PARENT.name, "layer_1": PARENT.name}
+    f32, mib, context = 4, 2**20, 8
+    for layer in library.layer_names:
+        assert library.variants(layer) == [PARENT.name, SMALL.name]
+        for k, block in enumerate((PARENT, SMALL)):
+            assert library.value(layer, block.name, "metrics.kl_div") == pytest.approx(0.1 * k)
+            assert library.value(layer, block.name, "metrics.lm_loss") == pytest.approx(2.0 + k)
+            # Parameters of the real layer; KV cache: K and V of each KV head (2 for PARENT, 1 for SMALL) x head_dim 8.
+            params = sum(p.numel() for p in PuzzleDecoderLayer.from_block(cfg, block, 0).parameters())
+            kv_heads = block.attention.num_key_value_heads(cfg.num_attention_heads)
+            assert kv_heads == {PARENT: 2, SMALL: 1}[block]
+            for b in (2, 1):
+                stats = {key: library.value(layer, block.name, f"stats.{key}", b) for key in STAT_KEYS}
+                assert stats["num_params"] == params
+                assert stats["kv_bytes_per_token"] == 2 * kv_heads * 8 * f32
+                assert stats["kv_cache_mib"] == 2 * kv_heads * 8 * context * b * f32 / mib
+                assert stats["memory_mib"] == pytest.approx(params * f32 / mib + stats["kv_cache_mib"])
+                for timed in ("runtime_ms", "prefill_runtime_ms"):  # the measurement, carried over as it is
+                    assert stats[timed] > 0 and stats[timed] == costs.blocks[layer][block.name][str(b)][timed]
+    # Fixed costs outside the search: embeddings (128 x 32), LM head (32 x 128) and the final norm (32).
+    for b in (2, 1):
+        assert library.fixed("num_params", b) == 128 * 32 * 2 + 32
+        assert library.fixed("memory_mib", b) == pytest.approx((128 * 32 * 2 + 32) * f32 / mib)
+        assert library.fixed("runtime_ms", b) > 0 and library.fixed("prefill_runtime_ms", b) > 0
+    assert library.fixed("runtime_ms") == library.fixed("runtime_ms", 2)  # the primary batch size
 
 
 def test_library_json_refuses_scores_without_costs():
