@@ -118,7 +118,9 @@ class BudgetConfig:
     """The budget in human terms; every field is optional, at least one must be set."""
 
     speedup: float | None = None
-    """Minimum decode throughput relative to the parent, e.g. 2.0 for 2x."""
+    """Minimum decode throughput over the parent's best on the same target (its best over the target's batch sizes
+    at which it fits the memory and latency budgets), e.g. 2.0 for 2x. The child may be served at a larger batch than
+    the parent when it fits one in the same memory; a larger batch the parent could use too is no speed-up."""
     throughput_tok_s: float | None = None
     """Minimum decode throughput in generated tokens/s at the target batch size."""
     decode_latency_ms: float | None = None
