@@ -28,6 +28,7 @@ from torch import nn
 
 from puzzle.config import EvaluateConfig, TargetConfig
 from puzzle.errors import ConfigError
+from puzzle.modeling_puzzle import cache_of
 
 MIB = 2**20
 QUALITY_KEYS = ("lm_loss", "ppl", "kl", "top1", "top1_agreement")
@@ -161,7 +162,7 @@ def measure_generation(model: nn.Module, batch_size: int, prompt_len: int, gen_l
         _sync(device)
         start = time.perf_counter()
         out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
         for t in range(gen_len - 1):
             position = torch.full((batch_size, 1), prompt_len + t, device=device)
             out = model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from puzzle.errors import ConfigError, PuzzleError
+from puzzle.modeling_puzzle import cache_of
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -211,7 +212,7 @@ def decode_runner(model: nn.Module, batch_size: int, context_len: int, steps: in
 
     @torch.no_grad()
     def once() -> float:
-        cache = model(input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values
+        cache = cache_of(model(input_ids=prompt, use_cache=True, logits_to_keep=1))
         total = 0.0
         for t in range(steps):
             total += watch(
