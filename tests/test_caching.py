@@ -162,3 +162,73 @@ def test_kept_store_survives_reruns_for_changed_inputs_and_from_clears_it(job):
     assert sorted(p.name for p in (job.run_dir / "store").iterdir()) == ["entry-0.001", "entry-0.002"]
     run_job(job, stages=stages, from_stage="a", validate=False)
     assert sorted(p.name for p in (job.run_dir / "store").iterdir()) == ["entry-0.002"]  # --from starts afresh
+
+
+# ------------------------------------------------------------------------------------ the whole pipeline
+
+
+def _pipeline_job(tmp_path: Path, name: str, seed: int) -> JobConfig:
+    """The demo job shrunk by debug=default on the tiny parent; profiles shared through one cache, so every run sees
+    the same measured costs (timings are the only input that is not a function of the seed)."""
+    import random
+
+    from puzzle.config import load_job
+
+    parent, corpus = tmp_path / "tiny-llama", tmp_path / "corpus"
+    if not parent.exists():
+        save_tiny_parent(tmp_path)
+        rng = random.Random(0)
+        corpus.mkdir()
+        for i in range(60):
+            (corpus / f"doc{i:03d}.txt").write_text(" ".join(f"w{rng.randrange(4, 128)}" for _ in range(200)))
+    overrides = [
+        "parent=local", f"parent.path={parent}", "parent.dtype=float32", "data=files",
+        f"data.paths={corpus / '*.txt'}", "data.seq_len=16", "debug=default", "budget.speedup=1.01",
+        "cluster.num_cpus=2", f"profiling.cache_path={tmp_path / 'profiles.json'}", f"run.name={name}",
+        f"run.seed={seed}",
+    ]  # fmt: skip
+    job = load_job(ROOT / "jobs" / "demo.yaml", overrides)
+    job.run.runs_dir = str(tmp_path / "runs")
+    return job
+
+
+def _export(job: JobConfig) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(job.run_dir / "export" / "model.safetensors"))
+
+
+def _finished(job: JobConfig) -> dict[str, float]:
+    """When each stage last ran (the parent stage always runs, so it is left out)."""
+    return {
+        name: json.loads((job.run_dir / "stages" / name / "manifest.json").read_text())["finished_at"]
+        for name in AFTER_PARENT
+    }
+
+
+@pytest.mark.integration
+def test_run_seed_decides_the_export_and_only_changed_inputs_rerun(tmp_path, ray_session):
+    a = _pipeline_job(tmp_path, "a", seed=0)
+    run_job(a)
+    b = _pipeline_job(tmp_path, "b", seed=0)
+    run_job(b)
+    export_a, export_b = _export(a), _export(b)
+    assert export_a.keys() == export_b.keys()
+    for key in export_a:
+        assert torch.equal(export_a[key], export_b[key]), key  # another run directory, the same seed: same child
+
+    before = _finished(a)
+    a.bld.num_workers, a.bld.checkpoint_every, a.gkd.checkpoint_every, a.scoring.group_size = 2, 1, 2, 1
+    run_job(a)
+    assert _finished(a) == before  # resource-only keys: no stage reran
+    a.evaluate.repeats = 2
+    run_job(a)
+    after = _finished(a)
+    assert [name for name in AFTER_PARENT if after[name] != before[name]] == ["evaluate", "export"]
+
+    c = _pipeline_job(tmp_path, "c", seed=1)
+    run_job(c)
+    export_c = _export(c)
+    differs = export_c.keys() != export_a.keys() or any(not torch.equal(export_a[k], export_c[k]) for k in export_a)
+    assert differs  # another seed: other BLD and GKD data orders, another child
+    assert json.loads((c.run_dir / "stages" / "bld" / "manifest.json").read_text())["summary"]["trained"] > 0
