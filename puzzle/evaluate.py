@@ -283,6 +283,7 @@ def evaluate_models(
     target: TargetConfig,
     *,
     batch_size: int | None = None,
+    parent_batch_size: int | None = None,
     library_metadata: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -290,9 +291,13 @@ def evaluate_models(
 
     test_ids: the test split (token rows: a tensor or a datasets.Dataset with "input_ids").
     batch_size: the throughput batch size (the search's chosen one); default target.batch_sizes[0].
+    parent_batch_size: the batch of the parent baseline the budget's speed-up is over (the search's
+    parent_batch_size); when it differs from batch_size the parent is measured there too, and
+    speedup_measured_budget compares the child at its batch with the parent at that one.
     library_metadata: library.json's "metadata"; when the library was measured, throughput is timed with the same
     thread count, decode steps, clock and cache flushing as its blocks, so measured and predicted compare.
-    Returns {"parent": summary, "child": summary, "speedup_measured", "speedup_generation", "throughput_setup",
+    Returns {"parent": summary, "child": summary, "speedup_measured" (same batch), "speedup_measured_budget" (child
+    at its batch over the parent at its baseline batch), "speedup_generation", "throughput_setup",
     "process_peak_rss_mib"}; a summary is {params, param_mib, kv_cache_mib, memory_mib, test: {lm_loss, ppl, kl,
     top1, top1_agreement, tokens}, throughput: {prefill_tok_s, decode_tok_s, decode_ms, prefill_ms,
     generation_tok_s, ...}}. memory_mib = parameters + KV cache at (batch, context), computed.
@@ -334,11 +339,28 @@ def evaluate_models(
             "throughput": throughput[name],
         }
     report["speedup_measured"] = throughput["child"]["decode_tok_s"] / throughput["parent"]["decode_tok_s"]
+    pb = parent_batch_size or b
+    baseline = throughput["parent"]
+    if pb != b:
+        # The budget's speed-up is over the parent at its own best batch; measure it there (its own rounds).
+        log(f"[evaluate] parent baseline throughput at batch {pb}")
+        baseline = measure_throughput(
+            {"parent": models["parent"]},
+            batch_size=pb,
+            prompt_len=prompt_len,
+            gen_len=gen_len,
+            context_len=context_len,
+            rounds=cfg.repeats,
+            timing=timing_from_library(library_metadata, pb),
+        )["parent"]
+    report["parent"]["throughput_baseline"] = {**baseline, "batch_size": pb}
+    report["speedup_measured_budget"] = throughput["child"]["decode_tok_s"] / baseline["decode_tok_s"]
     report["speedup_generation"] = throughput["child"]["generation_tok_s"] / throughput["parent"]["generation_tok_s"]
     report["throughput_setup"] = {
         "device": _device_label(device, timing.get("num_threads")),
         "dtype": target.dtype,
         "batch_size": b,
+        "parent_batch_size": pb,
         "prompt_len": prompt_len,
         "gen_len": gen_len,
         "context_len": context_len,

@@ -476,6 +476,7 @@ def run_evaluate_stage(ctx: StageContext) -> StageResult:
         ctx.job.evaluate,
         ctx.job.target,
         batch_size=chosen_solution(ctx).get("batch_size"),
+        parent_batch_size=chosen_solution(ctx).get("parent_batch_size"),
         # Time the models exactly as profiling timed the blocks (threads, clock, decode steps), so the search's
         # predicted speed-up and the measured one are comparable.
         library_metadata=read_json(ctx.upstream["profile"] / "library.json")["metadata"],

@@ -6,7 +6,9 @@ architecture, target, budget and per-stage seconds and tokens, and three speed-u
 - speedup_predicted: the budget's speed-up, the child at its batch over the parent's best within the budget
   (`puzzle.search.parent_baseline`), at search.batch_size and search.parent_batch_size;
 - speedup_measured: child over parent, both measured at the same batch (throughput_setup.batch_size);
-- speedup_predicted_same_batch: the same comparison predicted, so speedup_prediction_error is like for like.
+- speedup_predicted_same_batch: the same comparison predicted, so speedup_prediction_error is like for like;
+- speedup_measured_budget: the budget's speed-up measured, the child at its batch over the parent measured at the
+  baseline's batch (equal to speedup_measured when the two batches are the same).
 Plots (matplotlib, Agg): architecture.png (attention and FFN variant per layer), solutions.png (predicted quality
 vs predicted throughput of every search solution, the chosen one marked), gkd_loss.png (the GKD loss curve).
 Every file is written to a temporary name and renamed, so a report never looks finished half-written.
@@ -127,6 +129,7 @@ def build_report(
         "parent": parent,
         "child": child,
         "speedup_measured": speedup_measured,
+        "speedup_measured_budget": evaluation.get("speedup_measured_budget", speedup_measured),
         "speedup_predicted": child_pred["decode_tok_s"] / baseline.throughput_tok_s,
         "speedup_predicted_same_batch": speedup_same_batch,
         # measured / predicted - 1 at the same batch for both models: how far the block-sum cost model was from the
@@ -383,8 +386,10 @@ def _baseline_sentence(report: dict[str, Any]) -> str:
         if search.get("parent_fits_budget", True)
         else "it fits the budget's memory and latency limits at none of the target's batch sizes, so its best at any"
     )
+    measured = report.get("speedup_measured_budget")
     return (
-        f"Budget speed-up: **{_fmt(report['speedup_predicted'], '.2f')}x predicted**, the child at batch {child_b} "
+        f"Budget speed-up: **{_fmt(report['speedup_predicted'], '.2f')}x predicted**, "
+        f"{_fmt(measured, '.2f')}x measured, the child at batch {child_b} "
         f"over the parent at batch {parent_b} ({_fmt(base, ',.0f')} tokens/s predicted: {why})."
     )
 

@@ -122,6 +122,28 @@ def test_evaluate_models_reports_parent_and_child(parent):
     assert report["throughput_setup"]["context_len"] == 12 and report["throughput_setup"]["num_threads"] == 1
 
 
+def test_parent_is_measured_at_its_baseline_batch_when_it_differs(parent):
+    """The budget's speed-up compares the child at its batch with the parent at the baseline's batch."""
+    child = tiny(MOSTLY_NO_OP, seed=1)
+    ids = torch.randint(0, VOCAB, (4, 16))
+    target = TargetConfig(batch_sizes=[1, 4], prompt_len=8, gen_len=4)
+    metadata = {"source": "measured", "num_threads": 1, "settings": {"clock": "cpu"}}
+    cfg = EvaluateConfig(tokens=32, batch_size=2, repeats=1)
+    report = evaluate_models(
+        parent, child, ids, cfg, target, batch_size=4, parent_batch_size=1, library_metadata=metadata
+    )
+    base = report["parent"]["throughput_baseline"]
+    assert base["batch_size"] == 1 and report["throughput_setup"]["parent_batch_size"] == 1
+    assert report["speedup_measured_budget"] == pytest.approx(
+        report["child"]["throughput"]["decode_tok_s"] / base["decode_tok_s"]
+    )
+    # Measured apart from the batch-4 rounds: a batch-1 decode step moves a quarter of the tokens.
+    assert base["decode_tok_s"] != report["parent"]["throughput"]["decode_tok_s"]
+    same = evaluate_models(parent, child, ids, cfg, target, batch_size=4, library_metadata=metadata)
+    assert same["speedup_measured_budget"] == same["speedup_measured"]
+    assert same["parent"]["throughput_baseline"]["batch_size"] == 4
+
+
 def test_exported_checkpoint_gives_the_evaluated_childs_logits(tmp_path, parent, child):
     from puzzle.convert import load_parent
 
