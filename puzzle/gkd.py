@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from puzzle.config import GKDConfig
+from puzzle.config import RESOURCE_KEYS, GKDConfig
 from puzzle.errors import ConfigError
 
 CHECKPOINT_WEIGHTS = "model.safetensors"
@@ -201,7 +201,10 @@ def fingerprint(packed_child: dict[str, Any], train_ids: torch.Tensor, cfg: GKDC
         h.update(name.encode())
         h.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
     h.update(train_ids.contiguous().numpy().tobytes())
-    h.update(json.dumps({k: v for k, v in vars(cfg).items()}, sort_keys=True, default=str).encode())
+    # Resource-only keys (CPUs, GPUs, checkpoint interval) do not change what is trained, so a crashed run resumes
+    # after one of them is changed.
+    settings = {k: v for k, v in vars(cfg).items() if k not in RESOURCE_KEYS["gkd"]}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
 

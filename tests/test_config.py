@@ -334,3 +334,17 @@ def test_gkd_optimiser_keys_change_the_run_fingerprint():
     base = fingerprint(packed, ids, GKDConfig())
     for change in ({"weight_decay": 0.1}, {"grad_clip": 0.5}, {"min_lr_ratio": 0.0}):
         assert fingerprint(packed, ids, GKDConfig(**change)) != base
+
+
+def test_gkd_resource_keys_leave_the_run_fingerprint_alone():
+    """A crashed GKD run resumes after only CPUs, GPUs or the checkpoint interval changed."""
+    import torch
+
+    from puzzle.config import GKDConfig
+    from puzzle.gkd import fingerprint
+
+    packed = {"config": {}, "state": {"w": torch.zeros(2)}}
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    base = fingerprint(packed, ids, GKDConfig())
+    for change in ({"num_cpus": 7}, {"checkpoint_every": 3}):
+        assert fingerprint(packed, ids, GKDConfig(**change)) == base
