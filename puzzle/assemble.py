@@ -1,4 +1,4 @@
-"""Assemble a child model from a search solution and the block library (METHOD.md section 6, first step).
+"""Assemble a child model from a search solution and the block library (docs/method.md section 6, first step).
 
 A solution names one block variant per layer, `{"layer_0": "attn_group4+ffn_768", ...}` (puzzle.mip
 `Solution.layers`). The child gets the parent's embeddings, final norm and LM head, and for each layer the block

@@ -22,7 +22,7 @@ import yaml
 from puzzle.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# conf/ lives beside the package in the repository (ARCHITECTURE.md); PUZZLE_CONF_DIR points elsewhere.
+# conf/ lives beside the package in the repository; PUZZLE_CONF_DIR points elsewhere.
 CONF_DIR = Path(os.environ.get("PUZZLE_CONF_DIR", PROJECT_ROOT / "conf"))
 SCHEMA_NAME = "puzzle_job_schema"
 

@@ -1,6 +1,6 @@
 """Global knowledge distillation (GKD) of the assembled child against the frozen parent, on Ray Train.
 
-Loss per token (METHOD.md section 6), averaged over tokens:
+Loss per token (docs/method.md section 6), averaged over tokens:
     cosine_weight * sum over layers l of (1 - cos(h_child_l, h_parent_l))
   + kl_weight * KL(p_parent || q_child)          (next-token distributions)
   + lm_weight * cross-entropy on the next token   (0 by default, as in the paper)
@@ -579,7 +579,7 @@ def select_by_short_gkd(
 ) -> tuple[int, list[GKDResult], list[dict[str, float]]]:
     """Short GKD (`tokens` each) of every candidate child, then keep the one closest to the parent on validation.
 
-    Architectures ranked by the MIP can reorder after distillation (METHOD.md section 6). Candidates are compared
+    Architectures ranked by the MIP can reorder after distillation (docs/method.md section 6). Candidates are compared
     by validation KL(parent || child). Returns (index of the best, each candidate's GKDResult, each one's
     validation metrics from puzzle.evaluate.evaluate_quality).
     """

@@ -5,7 +5,7 @@
 
 A roofline estimate is max(compute time at peak FLOP/s, memory time at peak bandwidth). Real kernels reach
 a fraction of both peaks, so an estimate is a lower bound on latency; callers must label such figures
-`estimated` and never mix them silently with measured ones (METHOD.md section 8). Measured against it with
+`estimated` and never mix them silently with measured ones (docs/method.md section 8). Measured against it with
 `python benchmarks/hardware_roofline.py` (torch 2.11 + CUDA 13.0): on an H100 SXM and an H200, an 8192^3 GEMM
 runs at 78-80% of the bf16 peak and 71-73% of the fp8 peak, a large copy at 88-89% of peak bandwidth, and a
 decode GEMV (batch 1-16, 8192 x 28672 bf16) takes 1.25-1.30x its roofline estimate.

@@ -1,4 +1,4 @@
-"""Child subblocks initialised from the parent, before any training (METHOD.md section 2).
+"""Child subblocks initialised from the parent, before any training (docs/method.md section 2).
 
 Every initialiser maps a parent layer's weights (a state dict with keys relative to the layer, e.g.
 "self_attn.k_proj.weight", "mlp.down_proj.weight") to the weights of one child subblock, under the same relative keys

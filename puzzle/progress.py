@@ -116,7 +116,7 @@ class WandbLogger:
         except ImportError as err:
             raise ConfigError(f"logger.mode={mode} needs wandb: pip install wandb ({err})") from None
         self._wandb = wandb
-        # mode is passed explicitly: WANDB_MODE set after start-up is ignored (ECOSYSTEM.md).
+        # mode is passed explicitly: WANDB_MODE set after start-up is ignored by wandb.
         self.run = wandb.init(
             mode=mode, project=project, entity=entity, name=name, config=config, dir=str(run_dir), reinit=True
         )

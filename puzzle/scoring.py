@@ -1,7 +1,7 @@
 """Replace-1-block scoring: the quality of every library block measured inside the otherwise unchanged parent.
 
 For each (layer i, block variant) the parent with only layer i replaced is run on validation batches and compared
-with the parent (METHOD.md section 4): KL(parent || child) of the next-token distributions (the default metric),
+with the parent (docs/method.md section 4): KL(parent || child) of the next-token distributions (the default metric),
 the child's LM loss, and top-1 agreement with the parent's next-token prediction.
 
 Cost saving: the parent's hidden state entering every layer is cached once per validation batch, and so are the

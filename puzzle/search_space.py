@@ -1,4 +1,4 @@
-"""Search spaces: which block variants each layer of the child may take (METHOD.md section 1).
+"""Search spaces: which block variants each layer of the child may take (docs/method.md section 1).
 
 A search space is a YAML file in `search_space/` (see `search_space/puzzle_paper.yaml`), parsed into a frozen
 `SearchSpace` and enumerated against a `ParentShape` into concrete `BlockConfig`s per layer:

@@ -1,4 +1,4 @@
-"""Blockwise local distillation (BLD) on Ray, and the block library it writes (METHOD.md section 3).
+"""Blockwise local distillation (BLD) on Ray, and the block library it writes (docs/method.md section 3).
 
 Every child subblock learns to imitate its parent layer in isolation: its input is the parent's hidden state entering
 layer i (or, for an FFN variant, the state after the parent's attention), its target the parent's output of layer i, and

@@ -1,6 +1,6 @@
 """The mixed-integer program: one variant per layer, a summed objective, summed constraints, diverse solutions.
 
-Binary x[i][j] = 1 when layer i uses variant j (METHOD.md section 5), solved by PuLP with CBC (bundled) or HiGHS.
+Binary x[i][j] = 1 when layer i uses variant j (docs/method.md section 5), solved by PuLP with CBC (bundled) or HiGHS.
 Every solution is re-checked against every constraint before it is returned.
 """
 
