@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from puzzle.errors import ConfigError, InfeasibleError, PuzzleError
-from puzzle.search.library import BlockLibrary, _is_number
-from puzzle.search.mip import Constraint, Solution, _raw_terms, _solve_terms, _Term, check_solution
+from puzzle.search.library import BlockLibrary, is_number
+from puzzle.search.mip import Constraint, Solution, Term, check_solution, raw_terms, solve_terms
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Budget:
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if value is not None and not (_is_number(value) and value > 0):
+            if value is not None and not (is_number(value) and value > 0):
                 raise ConfigError(f"budget {name} must be a positive number, got {value!r}")
 
     @classmethod
@@ -207,7 +207,7 @@ def parent_baseline(
 
 def _budget_terms(
     budget: Budget, library: BlockLibrary, batch_size: int | None, baseline: ParentBaseline | None
-) -> list[_Term]:
+) -> list[Term]:
     """The budget's constraints at `batch_size`, the batch the solution is served at: every throughput, latency and
     memory figure is the one at that batch. `baseline` is needed for a speed-up (see `parent_baseline`)."""
     b = batch_size if batch_size is not None else library.primary_batch_size
@@ -229,7 +229,7 @@ def _budget_terms(
             t = budget.throughput_tok_s
             cap = 1000.0 * b / t - fixed
             terms.append(
-                _Term(Constraint(key, max=cap), f"throughput >= {t:g} tok/s", f"{fastest} reaches", tok_s, " tok/s")
+                Term(Constraint(key, max=cap), f"throughput >= {t:g} tok/s", f"{fastest} reaches", tok_s, " tok/s")
             )
         if budget.speedup:
             if baseline is None:
@@ -238,23 +238,23 @@ def _budget_terms(
             cap = 1000.0 * b / (budget.speedup * base) - fixed
             label = f"speed-up >= {float(budget.speedup)}x over the parent at batch {baseline.batch_size}"
             terms.append(
-                _Term(Constraint(key, max=cap), label, f"{fastest} reaches", lambda s: tok_s(s) / base, "x", ".3g")
+                Term(Constraint(key, max=cap), label, f"{fastest} reaches", lambda s: tok_s(s) / base, "x", ".3g")
             )
         if budget.decode_latency_ms:
             lat = budget.decode_latency_ms
             label = f"decode latency <= {lat:g} ms"
-            terms.append(_Term(Constraint(key, max=lat - fixed), label, f"{fastest} takes", lambda s: s + fixed, " ms"))
+            terms.append(Term(Constraint(key, max=lat - fixed), label, f"{fastest} takes", lambda s: s + fixed, " ms"))
     if budget.prefill_latency_ms:
         key = _stat(library, "prefill_runtime_ms", "a prefill latency budget")
         fixed_p, lat = library.fixed("prefill_runtime_ms", b), budget.prefill_latency_ms
         label = f"prefill latency (TTFT) <= {lat:g} ms"
-        terms.append(_Term(Constraint(key, max=lat - fixed_p), label, f"{fastest} takes", lambda s: s + fixed_p, " ms"))
+        terms.append(Term(Constraint(key, max=lat - fixed_p), label, f"{fastest} takes", lambda s: s + fixed_p, " ms"))
     if budget.memory_gib:
         key = _stat(library, "memory_mib", "a memory budget")
         fixed_m, gib = library.fixed("memory_mib", b), budget.memory_gib
         to_gib = lambda s: (s + fixed_m) / 1024.0  # noqa: E731
         terms.append(
-            _Term(
+            Term(
                 Constraint(key, max=gib * 1024.0 - fixed_m),
                 f"memory <= {gib:g} GiB",
                 f"{smallest} needs",
@@ -266,7 +266,7 @@ def _budget_terms(
         key = _stat(library, "num_params", "a parameter budget")
         fixed_n, n = library.fixed("num_params", b), budget.num_params
         label = f"parameters <= {n:.4g}"
-        terms.append(_Term(Constraint(key, max=n - fixed_n), label, f"{smallest} has", lambda s: s + fixed_n))
+        terms.append(Term(Constraint(key, max=n - fixed_n), label, f"{smallest} has", lambda s: s + fixed_n))
     return terms
 
 
@@ -333,9 +333,9 @@ def search(
     results: dict[int | None, list[Solution]] = {}
     failures: dict[int | None, str] = {}
     for b in sizes:
-        terms = _budget_terms(budget, library, b, baseline) + _raw_terms(constraints)
+        terms = _budget_terms(budget, library, b, baseline) + raw_terms(constraints)
         try:
-            solutions = _solve_terms(
+            solutions = solve_terms(
                 library, objective, terms, maximize, b, num_solutions, diversity, solver, time_limit, gap_rel, threads
             )
         except InfeasibleError as err:

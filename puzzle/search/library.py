@@ -19,7 +19,8 @@ SECTIONS = ("stats", "metrics")
 _LAYER_RE = re.compile(r"^layer_(\d+)$")
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite int or float, bool excluded: what every library value and budget figure must be."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -193,5 +194,5 @@ def _check_numbers(table: Any, where: str) -> None:
     if not isinstance(table, dict):
         raise PuzzleError(f"{where} must be an object of numbers")
     for name, v in table.items():
-        if not _is_number(v):
+        if not is_number(v):
             raise PuzzleError(f"{where}.{name} is {v!r}, expected a finite number")

@@ -66,8 +66,12 @@ class Solution:
 
 
 @dataclass(frozen=True)
-class _Term:
-    """A constraint plus how to state it, and its best reachable value, to a person."""
+class Term:
+    """A constraint plus how to state it, and its best reachable value, to a person.
+
+    `solve_terms` takes terms rather than bare constraints so that an infeasible budget (puzzle.search.budget) is
+    reported in the budget's own units ("speed-up >= 3x ... reaches 2.4x"), not as a per-block sum.
+    """
 
     constraint: Constraint
     label: str  # e.g. "speed-up >= 3x"
@@ -81,18 +85,17 @@ class _Term:
         return f"{self.label} is infeasible: {self.best_phrase} {best:{self.spec}}{self.unit}"
 
 
-def _raw_terms(constraints: Sequence[Constraint]) -> list[_Term]:
+def raw_terms(constraints: Sequence[Constraint]) -> list[Term]:
+    """Terms for raw per-block constraints, stated as the bounds on sums they are (one term per bound)."""
     terms = []
     for c in constraints:
         if c.max is not None:
             terms.append(
-                _Term(Constraint(c.key, max=c.max), f"{c.key} <= {c.max:g}", "the lowest total this library reaches is")
+                Term(Constraint(c.key, max=c.max), f"{c.key} <= {c.max:g}", "the lowest total this library reaches is")
             )
         if c.min is not None:
             terms.append(
-                _Term(
-                    Constraint(c.key, min=c.min), f"{c.key} >= {c.min:g}", "the highest total this library reaches is"
-                )
+                Term(Constraint(c.key, min=c.min), f"{c.key} >= {c.min:g}", "the highest total this library reaches is")
             )
     return terms
 
@@ -157,7 +160,7 @@ def _make_solver(
     raise ConfigError(f"unknown solver {solver!r}: use 'cbc' or 'highs'")
 
 
-def _alone_infeasible(terms: Sequence[_Term], table: dict[str, list[list[float]]]) -> list[str]:
+def _alone_infeasible(terms: Sequence[Term], table: dict[str, list[list[float]]]) -> list[str]:
     """Messages for the terms no architecture meets even on its own, with the best value reachable.
 
     One constraint alone is separable per layer, so its best total is exactly the sum of per-layer minima (maxima).
@@ -178,7 +181,7 @@ def _alone_infeasible(terms: Sequence[_Term], table: dict[str, list[list[float]]
 
 
 def _dominators(
-    objective: list[list[float]], terms: Sequence[_Term], table: dict[str, list[list[float]]], maximize: bool
+    objective: list[list[float]], terms: Sequence[Term], table: dict[str, list[list[float]]], maximize: bool
 ) -> list[np.ndarray]:
     """Per layer, dom[k, j] is True when variant k is at least as good as j on the objective and every constraint,
     and strictly better on one of them (or identical and listed first): a strict partial order."""
@@ -222,7 +225,7 @@ def _kept_variants(dominators: list[np.ndarray], previous: Sequence[list[int]]) 
 
 def _build_problem(
     objective: list[list[float]],
-    terms: Sequence[_Term],
+    terms: Sequence[Term],
     table: dict[str, list[list[float]]],
     maximize: bool,
     kept: list[list[int]],
@@ -265,10 +268,10 @@ def _read_choice(x: dict[tuple[int, int], pulp.LpVariable], num_layers: int) -> 
     return [chosen[i][0] for i in range(num_layers)]
 
 
-def _solve_terms(
+def solve_terms(
     library: BlockLibrary,
     objective: str,
-    terms: Sequence[_Term],
+    terms: Sequence[Term],
     maximize: bool,
     batch_size: int | None,
     num_solutions: int,
@@ -278,6 +281,7 @@ def _solve_terms(
     gap_rel: float | None,
     threads: int | None,
 ) -> list[Solution]:
+    """`solve` over terms: the shared core of `solve` (raw constraints) and the budget search (budget terms)."""
     if num_solutions < 1:
         raise ConfigError(f"num_solutions must be >= 1, got {num_solutions}")
     if not 1 <= diversity <= len(library):
@@ -325,7 +329,7 @@ def _solve_terms(
     return solutions
 
 
-def _no_solution_error(prob: pulp.LpProblem, terms: Sequence[_Term], time_limit: float | None) -> Exception:
+def _no_solution_error(prob: pulp.LpProblem, terms: Sequence[Term], time_limit: float | None) -> Exception:
     if prob.status == pulp.LpStatusInfeasible:
         labels = ", ".join(t.label for t in terms)
         return InfeasibleError(
@@ -357,10 +361,10 @@ def solve(
     Raises InfeasibleError (naming each constraint that cannot be met and the best total reachable) when none
     exists; returns fewer than `num_solutions` when the diversity cuts run out of architectures.
     """
-    return _solve_terms(
+    return solve_terms(
         library,
         objective,
-        _raw_terms(constraints),
+        raw_terms(constraints),
         maximize,
         batch_size,
         num_solutions,
