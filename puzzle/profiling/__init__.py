@@ -16,6 +16,7 @@ shapes are measured once across layers and runs.
 
 Estimated (device = a named GPU from `puzzle.hardware`, e.g. "h100"; `estimate.py`): a roofline per block from its
 FLOPs and bytes moved, labelled `source: estimated` and never mixed with measured figures.
+Both return a `BlockCosts` table and take a block's parameters and memory from its shape (`costs.py`).
 
 `measure_decode_latency(model, b, s)` / `measure_prefill_latency(model, b, p)` (`timing.py`) time a whole model the
 same way; the evaluation stage reuses them, so predicted (sum of blocks + fixed) and measured figures compare.
@@ -24,20 +25,16 @@ costs into the block library the search reads; `run_profiling(...)` is the pipel
 """
 
 from puzzle.profiling.blocks import (
-    BlockCosts,
-    BlockShape,
     ProfileCache,
     ProfileSettings,
-    block_shape,
     derived_config,
-    fixed_num_params,
     measure_batch,
     measure_block,
     measure_fixed,
-    memory_stats,
     profile_blocks,
     random_model,
 )
+from puzzle.profiling.costs import BlockCosts, BlockShape, block_shape, fixed_num_params, memory_stats
 from puzzle.profiling.estimate import block_work, estimate_blocks, fixed_work
 from puzzle.profiling.library import (
     build_library_json,

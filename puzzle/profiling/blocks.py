@@ -15,6 +15,8 @@ from torch import nn
 
 from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.errors import ConfigError, PuzzleError
+from puzzle.profiling.costs import BlockCosts, block_shape, fixed_num_params, memory_stats, parent_names, unique_blocks
+from puzzle.profiling.estimate import estimate_blocks
 from puzzle.profiling.timing import (
     CLOCKS,
     LatencyStats,
@@ -29,11 +31,10 @@ from puzzle.profiling.timing import (
     torch_dtype,
 )
 
-MIB = 2**20
 CACHE_VERSION = 1
 
 
-# ------------------------------------------------------------------------------------------------ shapes and memory
+# --------------------------------------------------------------------------------------------------- models to time
 
 
 def derived_config(config: Any, blocks: Sequence[BlockConfig]) -> Any:
@@ -44,50 +45,6 @@ def derived_config(config: Any, blocks: Sequence[BlockConfig]) -> Any:
     cfg = type(config).from_dict(d)
     cfg._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
     return cfg
-
-
-@dataclass(frozen=True)
-class BlockShape:
-    """What a block costs independent of the device: parameters, matmul weights, KV bytes per token per element."""
-
-    num_params: int
-    matmul_params: int
-    kv_elements_per_token: int
-    """2 x KV heads x head_dim (K and V), 0 for linear and no-op attention."""
-    attention_heads: int
-    """Query heads attending over the context (0 for linear and no-op attention)."""
-
-
-def block_shape(config: Any, block: BlockConfig) -> BlockShape:
-    """Parameter counts of one block, from a layer built on the meta device (exact, no memory)."""
-    from puzzle.modeling_puzzle import PuzzleDecoderLayer
-
-    with torch.device("meta"):
-        layer = PuzzleDecoderLayer.from_block(config, block, 0)
-    params = list(layer.parameters())
-    kv_heads = block.attention.num_key_value_heads(config.num_attention_heads)
-    return BlockShape(
-        num_params=sum(p.numel() for p in params),
-        matmul_params=sum(p.numel() for p in params if p.dim() >= 2),
-        kv_elements_per_token=2 * kv_heads * config.head_dim,
-        attention_heads=config.num_attention_heads if block.attention.is_gqa else 0,
-    )
-
-
-def fixed_num_params(config: Any) -> int:
-    """Embeddings + final norm + LM head (the head shares the embedding when tied)."""
-    head = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
-    return config.vocab_size * config.hidden_size + config.hidden_size + head
-
-
-def memory_stats(shape_params: int, kv_elements: int, batch_size: int, context_len: int, elem: int) -> dict:
-    kv_mib = batch_size * context_len * kv_elements * elem / MIB
-    return {
-        "num_params": float(shape_params),
-        "kv_cache_mib": kv_mib,
-        "memory_mib": shape_params * elem / MIB + kv_mib,
-        "kv_bytes_per_token": float(kv_elements * elem),
-    }
 
 
 # ----------------------------------------------------------------------------------------------- block measurement
@@ -290,51 +247,6 @@ class ProfileCache:
 # ------------------------------------------------------------------------------------------------ profiling stage
 
 
-@dataclass
-class BlockCosts:
-    """Costs of every (layer, variant): `blocks["layer_i"][name][str(b)]` -> stats, plus the fixed costs per batch.
-
-    Stats keys: runtime_ms (decode, per generated token for the batch), prefill_runtime_ms, memory_mib (params + KV
-    cache at the context length), kv_cache_mib, num_params, kv_bytes_per_token, and for measured costs the spread
-    runtime_ms_iqr / prefill_runtime_ms_iqr. `metadata["source"]` is "measured" or "estimated".
-    """
-
-    blocks: dict[str, dict[str, dict[str, dict[str, float]]]]
-    fixed: dict[str, dict[str, float]]
-    metadata: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"metadata": self.metadata, "fixed": self.fixed, "blocks": self.blocks}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BlockCosts:
-        return cls(blocks=d["blocks"], fixed=d["fixed"], metadata=d["metadata"])
-
-    def predict(self, layers: dict[str, str], batch_size: int | None = None) -> dict[str, float]:
-        """Predicted totals of an architecture ({"layer_i": variant name}): sum of its blocks plus the fixed costs.
-
-        The search's own sum (`puzzle.search.block_totals`) over these costs, so what profiling predicts and what the
-        search and the report predict cannot drift apart. Default batch size: the first profiled.
-        """
-        from puzzle.search import BlockLibrary, block_totals  # here: importing profiling need not load the solver
-
-        for layer, name in layers.items():
-            if name not in self.blocks.get(layer, {}):
-                raise PuzzleError(f"no cost for variant {name!r} of {layer}; profile it first")
-        primary = str(self.metadata["batch_sizes"][0])
-        library = BlockLibrary(
-            {
-                layer: {
-                    name: {"stats": by_batch[primary], "stats_by_batch": by_batch, "metrics": {}}
-                    for name, by_batch in variants.items()
-                }
-                for layer, variants in self.blocks.items()
-            },
-            {"batch_sizes": self.metadata["batch_sizes"], "fixed": self.fixed},
-        )
-        return block_totals(library, layers, batch_size)
-
-
 def _measure_all(
     config: Any,
     blocks: list[BlockConfig],
@@ -390,18 +302,6 @@ def _measure_all(
         torch.set_num_threads(previous_threads)
 
 
-def _unique_blocks(variants: Sequence[Sequence[BlockConfig]]) -> list[BlockConfig]:
-    seen: dict[str, BlockConfig] = {}
-    for blocks in variants:
-        for block in blocks:
-            seen.setdefault(block.name, block)
-    return list(seen.values())
-
-
-def _parent_names(config: Any) -> dict[str, str]:
-    return {f"layer_{i}": config.block_config(i).name for i in range(config.num_hidden_layers)}
-
-
 def _run_measurements(args: tuple, cached: dict, progress: bool, use_ray: bool, num_cpus: float, num_gpus: float):
     """`_measure_all` here, or inside one Ray task holding the resources (so timings never overlap)."""
     if not use_ray:
@@ -449,8 +349,6 @@ def profile_blocks(
             f"context_len={context_len}, prompt_len={prompt_len}"
         )
     if is_named_gpu(device):
-        from puzzle.profiling.estimate import estimate_blocks  # estimate builds on this module
-
         return estimate_blocks(
             config,
             variants,
@@ -464,7 +362,7 @@ def profile_blocks(
         resolve_device(device)  # fail before any work when the device is absent or unknown
     start = time.perf_counter()
     cache = ProfileCache(cache_path)
-    blocks = _unique_blocks(variants)
+    blocks = unique_blocks(variants)
     args = (config, blocks, list(batch_sizes), context_len, prompt_len, device, dtype, settings, num_threads)
     name, results, entries, hits = _run_measurements(args, cache.entries, progress, use_ray, num_cpus, num_gpus)
     cache.entries = entries
@@ -481,7 +379,7 @@ def profile_blocks(
         num_threads=num_threads or torch.get_num_threads(),
         settings=asdict(settings),
         torch=torch.__version__,
-        parent=_parent_names(config),
+        parent=parent_names(config),
         unique_blocks=len(blocks),
         cold_cache_by_batch=results["flush"],
         cache_hits=hits,
@@ -506,7 +404,7 @@ def _latency_stats(result: dict[str, Any]) -> dict[str, float]:
 
 def _assemble_costs(config, variants, results, batch_sizes, context_len, dtype) -> BlockCosts:
     elem = torch_dtype(dtype).itemsize
-    shapes = {block.name: block_shape(config, block) for block in _unique_blocks(variants)}
+    shapes = {block.name: block_shape(config, block) for block in unique_blocks(variants)}
     blocks: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for i, layer_blocks in enumerate(variants):
         blocks[f"layer_{i}"] = {}

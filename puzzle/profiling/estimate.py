@@ -6,14 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from puzzle.block_config import BlockConfig
-from puzzle.profiling.blocks import (
-    BlockCosts,
-    _parent_names,
-    _unique_blocks,
-    block_shape,
-    fixed_num_params,
-    memory_stats,
-)
+from puzzle.profiling.costs import BlockCosts, block_shape, fixed_num_params, memory_stats, parent_names, unique_blocks
 
 
 def block_work(config: Any, block: BlockConfig, b: int, s: int, p: int, elem: int) -> dict[str, tuple[float, float]]:
@@ -65,7 +58,7 @@ def estimate_blocks(
         }
 
     blocks: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
-    shapes = {block.name: block_shape(config, block) for block in _unique_blocks(variants)}
+    shapes = {block.name: block_shape(config, block) for block in unique_blocks(variants)}
     for i, layer_blocks in enumerate(variants):
         blocks[f"layer_{i}"] = {}
         for block in layer_blocks:
@@ -93,6 +86,6 @@ def estimate_blocks(
         "seq_len": context_len,
         "prefill_len": prompt_len,
         "method": f"roofline: max(FLOPs / peak, bytes / bandwidth) from {spec.source}; a lower bound on latency",
-        "parent": _parent_names(config),
+        "parent": parent_names(config),
     }
     return BlockCosts(blocks=blocks, fixed=fixed, metadata=metadata)

@@ -15,7 +15,7 @@ import torch
 
 from puzzle.block_config import BlockConfig
 from puzzle.errors import PuzzleError
-from puzzle.profiling.blocks import BlockCosts
+from puzzle.profiling.costs import BlockCosts
 
 
 def build_library_json(
