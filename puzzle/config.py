@@ -26,6 +26,17 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = Path(os.environ.get("PUZZLE_CONF_DIR", PROJECT_ROOT / "conf"))
 SCHEMA_NAME = "puzzle_job_schema"
 
+
+def resolve_path(path: str | os.PathLike[str]) -> Path:
+    """A user path: absolute or ~ as given; a relative one from the cwd, else from the project root."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    if p.exists() or not (PROJECT_ROOT / p).exists():
+        return p.absolute()
+    return PROJECT_ROOT / p
+
+
 WANDB_MODES = ("disabled", "offline", "online")
 BLD_MODES = ("decoupled", "coupled")
 SCHEDULES = ("constant", "cosine", "linear")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from puzzle.config import PROJECT_ROOT, JobConfig
+from puzzle.config import JobConfig, resolve_path
 from puzzle.errors import ConfigError, PuzzleError
 from puzzle.progress import NullLogger, RunLogger, say
 
@@ -86,16 +86,6 @@ class Stage:
 
 class StageUnavailable(PuzzleError):
     """A stage the job reaches whose implementation is not part of this build."""
-
-
-def resolve_path(path: str | os.PathLike[str]) -> Path:
-    """A user path: absolute or ~ as given; a relative one from the cwd, else from the project root."""
-    p = Path(path).expanduser()
-    if p.is_absolute():
-        return p
-    if p.exists() or not (PROJECT_ROOT / p).exists():
-        return p.absolute()
-    return PROJECT_ROOT / p
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from puzzle.config import RESOURCE_KEYS, JobConfig, job_to_dict, job_to_yaml, load_job, section_dict
+from puzzle.config import RESOURCE_KEYS, JobConfig, job_to_dict, job_to_yaml, load_job, resolve_path, section_dict
 from puzzle.errors import PuzzleError
 from puzzle.pipeline import (
     STAGE_NAMES,
@@ -51,7 +51,6 @@ from puzzle.pipeline import (
     check_stage_name,
     link_tree,
     read_json,
-    resolve_path,
     write_json,
 )
 from puzzle.progress import RunLogger, make_logger, say, stage_skipped, stage_timer

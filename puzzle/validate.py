@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from puzzle.config import JobConfig, ParentConfig, TargetConfig
+from puzzle.config import JobConfig, ParentConfig, TargetConfig, resolve_path
 from puzzle.errors import ConfigError, InfeasibleError, PuzzleError, UnsupportedModelError
 
 # Used when puzzle.convert (which owns the list) is not part of this build.
@@ -93,7 +93,6 @@ def _check_weight_files(path: Path, cfg: ParentConfig) -> None:
 
 def check_search_space(job: JobConfig, hf_config: dict[str, Any] | None) -> None:
     """The search-space file parses and, when the parent's config is known, fits the parent."""
-    from puzzle.pipeline import resolve_path
     from puzzle.search_space import ParentShape, SearchSpace
 
     path = resolve_path(job.search_space.path)
@@ -304,8 +303,6 @@ def validate_job(job: JobConfig, *, local: bool = True, check_address: bool = Tr
     if local:
         check_run_dir(job.run_dir)
         if job.parent.path is not None:
-            from puzzle.pipeline import resolve_path
-
             hf_config = check_parent_checkpoint(resolve_path(job.parent.path), job.parent)
     check_search_space(job, hf_config)
     check_budget(job, job.run_dir / "library.json" if local else None)
