@@ -507,13 +507,10 @@ def register_configs() -> None:
 
 
 def _data_config(data: Any) -> Any:
-    """Build puzzle.data.DataConfig from the composed `data` section (imported lazily: the data layer owns it)."""
-    try:
-        from puzzle.data import DataConfig
-    except ModuleNotFoundError as err:
-        if err.name != "puzzle.data":
-            raise
-        return dict(data)  # the data layer is not in this build; keep the values as given
+    """Build puzzle.data.DataConfig (the data layer owns it) from the composed `data` section."""
+    # Imported here: puzzle.data loads torch, which reading a job file does not otherwise need.
+    from puzzle.data import DataConfig
+
     if isinstance(data, DataConfig):
         return data
     names = {f.name for f in dataclasses.fields(DataConfig)}

@@ -9,8 +9,7 @@ An adapter reads upstream artifacts from `ctx.upstream[name]`, writes only into 
 temporary directory the runner renames when the adapter returns) and keeps resumable state in
 `ctx.work_dir` (kept across a crash, cleared when its inputs change); work that is keyed by its own
 content, and so stays valid when the stage's inputs change, goes under a run-directory path the stage
-declares in `keep` (BLD's blocks/). A stage whose module is not part of this build has no adapter: a
-job that reaches it stops with a clear error.
+declares in `keep` (BLD's blocks/).
 """
 
 from __future__ import annotations
@@ -69,23 +68,17 @@ class Stage:
     """Job sections (config.py names) whose values are inputs of this stage."""
     after: tuple[str, ...]
     """Upstream stages whose artifacts this stage reads."""
-    run: Callable[[StageContext], StageResult | None] | None
-    """The adapter; None when the stage's module is not part of this build."""
+    run: Callable[[StageContext], StageResult | None]
+    """The adapter."""
     publish: tuple[str, ...] = ()
     """Files or directories of the stage directory linked into the run directory's top level."""
     uses_ray: bool = False
     """Whether the stage submits Ray work (the runner then connects to Ray before running anything)."""
     always_run: bool = False
     """Run even when cached (cheap stages whose real inputs live outside the run, e.g. a checkpoint on disk)."""
-    module: str = ""
-    """The module that implements the stage, named in the error when it is missing."""
     keep: tuple[str, ...] = ()
     """Run-directory paths of content-addressed work that survive a rerun for changed inputs (only --from clears
     them): every entry is keyed by what determines it, so an entry is either still valid or never looked up."""
-
-
-class StageUnavailable(PuzzleError):
-    """A stage the job reaches whose implementation is not part of this build."""
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -118,14 +111,8 @@ def parent_path(job: JobConfig) -> Path:
     """The parent checkpoint directory: parent.path, or the embedded default (built and cached on first use)."""
     if job.parent.path is not None:
         return resolve_path(job.parent.path)
-    try:
-        from puzzle.parent import ensure_default_parent
-    except ModuleNotFoundError as err:
-        if err.name != "puzzle.parent":
-            raise
-        raise StageUnavailable(
-            "the embedded default parent is not available in this build (puzzle.parent missing); set parent.path"
-        ) from None
+    from puzzle.parent import ensure_default_parent
+
     return Path(ensure_default_parent(log=say))
 
 
@@ -509,71 +496,56 @@ def run_export_stage(ctx: StageContext) -> StageResult:
 # -------------------------------------------------------------------------------------------------- list
 
 
-def _stage(name: str, module: str, adapter: Callable[[StageContext], StageResult | None], **kw: Any) -> Stage:
-    """A stage whose adapter is wired only when its module is part of this build."""
-    import importlib.util
-
-    present = importlib.util.find_spec(module) is not None
-    return Stage(name=name, run=adapter if present else None, module=module, **kw)
-
-
 def build_stages() -> list[Stage]:
     """The pipeline in order."""
     return [
-        Stage("parent", ("parent",), (), run_parent, always_run=True, module="puzzle.pipeline"),
-        _stage("data", "puzzle.data", run_data, sections=("data",), after=("parent",)),
-        _stage(
+        Stage("parent", ("parent",), (), run_parent, always_run=True),
+        Stage("data", run=run_data, sections=("data",), after=("parent",)),
+        Stage(
             "bld",
-            "puzzle.bld",
-            run_bld_stage,
+            run=run_bld_stage,
             sections=("bld", "search_space"),
             after=("parent", "data"),
             uses_ray=True,
             keep=(BLOCKS_DIR,),
         ),
-        _stage(
+        Stage(
             "score",
-            "puzzle.scoring",
-            run_score_stage,
+            run=run_score_stage,
             sections=("scoring", "search_space"),
             after=("parent", "data", "bld"),
             uses_ray=True,
         ),
-        _stage(
+        Stage(
             "profile",
-            "puzzle.profiling",
-            run_profile_stage,
+            run=run_profile_stage,
             sections=("profiling", "target", "search_space"),
             after=("parent", "score"),
             publish=("library.json", "library_estimated_*.json"),
         ),
-        _stage(
+        Stage(
             "search",
-            "puzzle.mip",
-            run_search,
+            run=run_search,
             sections=("search", "budget", "target"),
             after=("profile",),
             publish=("solutions.json",),
         ),
-        _stage(
+        Stage(
             "gkd",
-            "puzzle.gkd",
-            run_gkd_stage,
+            run=run_gkd_stage,
             sections=("gkd",),
             after=("parent", "data", "bld", "search"),
             uses_ray=True,
         ),
-        _stage(
+        Stage(
             "evaluate",
-            "puzzle.evaluate",
-            run_evaluate_stage,
+            run=run_evaluate_stage,
             sections=("evaluate", "target"),
             after=("parent", "data", "profile", "search", "gkd"),
         ),
-        _stage(
+        Stage(
             "export",
-            "puzzle.report",
-            run_export_stage,
+            run=run_export_stage,
             sections=("target", "budget", "search"),
             after=("parent", "profile", "search", "gkd", "evaluate"),
             publish=("export", "report.json", "report.md", "*.png"),

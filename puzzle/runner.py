@@ -46,7 +46,6 @@ from puzzle.pipeline import (
     Stage,
     StageContext,
     StageResult,
-    StageUnavailable,
     build_stages,
     check_stage_name,
     link_tree,
@@ -199,8 +198,6 @@ def run_stage(
 
     `before_run(stage)` is called only when the stage will actually run (the runner connects Ray there).
     """
-    if stage.run is None:
-        _check_wired([stage])
     stages_dir = run_dir / "stages"
     final = stages_dir / stage.name
     input_hash = stage_hash(stage, job, upstream)
@@ -368,7 +365,6 @@ def run_job(
 
     stages = list(stages) if stages is not None else build_stages()
     selected, force_from = select_stages(stages, from_stage, until)
-    _check_wired(selected)
     if validate:
         validate_job(job)
     run_dir = job.run_dir
@@ -422,17 +418,6 @@ def _remove_if_empty(path: Path) -> None:
         path.rmdir()
     except OSError:
         pass  # not empty (a stage's resumable state) or absent
-
-
-def _check_wired(selected: Sequence[Stage]) -> None:
-    """Refuse before any compute when the job would reach a stage this build does not have."""
-    for i, stage in enumerate(selected):
-        if stage.run is None:
-            hint = f"; stop before it with --until {selected[i - 1].name}" if i else ""
-            raise StageUnavailable(
-                f"stage {stage.name} is not available in this build ({stage.module} is not wired into "
-                f"puzzle.pipeline){hint}"
-            )
 
 
 def _parent_config(run_dir: Path) -> dict[str, Any] | None:

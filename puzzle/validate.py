@@ -18,23 +18,12 @@ from urllib.parse import urlparse
 
 from puzzle.config import JobConfig, ParentConfig, TargetConfig, resolve_path
 from puzzle.errors import ConfigError, InfeasibleError, PuzzleError, UnsupportedModelError
+from puzzle.hardware import get_device_spec
 
-# Used when puzzle.convert (which owns the list) is not part of this build.
-_FALLBACK_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 _STAGE_GPU_KEYS = ("bld", "scoring", "profiling", "gkd")
 # Any one of these makes a directory a tokenizer AutoTokenizer loads without sentencepiece or remote code.
 _TOKENIZER_FILE_SETS = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
-
-
-def supported_model_types() -> tuple[str, ...]:
-    try:
-        from puzzle import convert
-    except ModuleNotFoundError as err:
-        if err.name != "puzzle.convert":
-            raise
-        return _FALLBACK_MODEL_TYPES
-    return tuple(getattr(convert, "SUPPORTED_MODEL_TYPES", _FALLBACK_MODEL_TYPES))
 
 
 def check_parent_checkpoint(path: str | os.PathLike[str], cfg: ParentConfig) -> dict[str, Any]:
@@ -52,10 +41,13 @@ def check_parent_checkpoint(path: str | os.PathLike[str], cfg: ParentConfig) -> 
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UnsupportedModelError(f"{config_file} is not valid JSON ({err})") from None
     model_type = hf_config.get("model_type")
-    supported = supported_model_types()
-    if model_type not in supported:
+    # Imported here: `puzzle submit` validates without a parent check and must not pay for torch and transformers.
+    from puzzle.convert import SUPPORTED_MODEL_TYPES
+
+    if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
-            f"parent model_type {model_type!r} at {path} is not supported; supported: {', '.join(supported)}"
+            f"parent model_type {model_type!r} at {path} is not supported; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     if hf_config.get("auto_map") and not cfg.trust_remote_code:
         raise UnsupportedModelError(
@@ -150,12 +142,6 @@ def _library_is_current(job: JobConfig, library_path: Path) -> bool:
 
 def check_device_name(device: str, option: str) -> None:
     """A named GPU (for roofline estimates) that the hardware table knows."""
-    try:
-        from puzzle.hardware import get_device_spec
-    except ModuleNotFoundError as err:
-        if err.name != "puzzle.hardware":
-            raise
-        raise ConfigError(f"{option}={device!r}: estimates for named GPUs are not available in this build") from None
     try:
         get_device_spec(device)
     except ConfigError as err:

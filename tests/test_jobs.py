@@ -143,18 +143,6 @@ def _corpus(root: Path) -> str:
     return str(root / "*.txt")
 
 
-def _stages_to_run() -> list[str]:
-    """--until for the stages this build has wired (all of them once export lands)."""
-    from puzzle.pipeline import build_stages
-
-    stages = build_stages()
-    wired = [s.name for s in stages if s.run is not None]
-    if len(wired) == len(stages):
-        return []
-    first_missing = next(i for i, s in enumerate(stages) if s.run is None)
-    return ["--until", stages[first_missing - 1].name]
-
-
 @pytest.mark.integration
 def test_submit_to_a_real_ray_head(tmp_path):
     from tiny import save_tiny_parent
@@ -175,12 +163,11 @@ def test_submit_to_a_real_ray_head(tmp_path):
             "parent=local", f"parent.path={parent}", "parent.dtype=float32", "data=files",
             f"data.paths={corpus}", "data.seq_len=16", "run.name=ci", "debug=default", "budget.speedup=1.01",
         ]  # fmt: skip
-        until = _stages_to_run()
         # The dashboard and its job agent come up some seconds after `ray start`.
         deadline = time.monotonic() + 180
         while True:
             sub = _puzzle(
-                "submit", "jobs/demo.yaml", *overrides, *until, "--address", address, "--runs-dir", str(runs),
+                "submit", "jobs/demo.yaml", *overrides, "--address", address, "--runs-dir", str(runs),
                 "--python", sys.executable, env=env,
             )  # fmt: skip
             if sub.returncode == 0 or time.monotonic() > deadline or head.poll() is not None:
@@ -206,11 +193,10 @@ def test_submit_to_a_real_ray_head(tmp_path):
         assert (run_dir / "config.yaml").is_file()
         splits = json.loads((run_dir / "stages" / "data" / "splits.json").read_text())
         assert splits["train"]["sequences"] > 0
-        if not until:  # the whole pipeline ran: the exported child loads
-            from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM  # the whole pipeline ran: the exported child loads
 
-            model = AutoModelForCausalLM.from_pretrained(run_dir / "export")
-            assert model.config.num_hidden_layers == 2
+        model = AutoModelForCausalLM.from_pretrained(run_dir / "export")
+        assert model.config.num_hidden_layers == 2
 
         missing = _puzzle("status", "no-such-job", "--address", address, env=env)
         assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1

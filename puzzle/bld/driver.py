@@ -28,6 +28,7 @@ from puzzle.bld.train import (
 from puzzle.config import BLDConfig
 from puzzle.errors import ConfigError
 from puzzle.library import split_subblock
+from puzzle.progress import progress
 
 
 def _as_token_rows(data, what: str) -> Tensor:
@@ -453,10 +454,6 @@ def _train(model, todo, cfg, total_steps, train_rows, calib, heldout_acts, pos, 
 
 
 def _progress_bar(steps: int, tokens_per_step: int, blocks: int):
-    try:
-        from puzzle.progress import progress
-    except ImportError:  # the runner's progress helpers are optional here
-        from tqdm.auto import tqdm as progress
     bar = progress(total=steps * tokens_per_step, desc="bld", unit="tok", unit_scale=True)
     bar.set_postfix_str(f"blocks 0/{blocks}")
     return bar
