@@ -3,7 +3,6 @@ actors, and writing finished blocks (`run_bld`)."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import deque
@@ -16,7 +15,7 @@ import torch
 from torch import Tensor
 
 from puzzle.bld.plan import BlockSpec, assign_blocks, block_hash, parent_fingerprint, plan_blocks, tokens_fingerprint
-from puzzle.bld.store import BlockCache, BlockStore, atomic_write_bytes, layer_state
+from puzzle.bld.store import BlockCache, BlockStore, layer_state
 from puzzle.bld.train import (
     BlockTrainer,
     evaluate_block,
@@ -25,28 +24,13 @@ from puzzle.bld.train import (
     position_embeddings,
     save_checkpoint,
 )
+from puzzle.common.atomic import write_json_atomic
+from puzzle.common.resources import check_resources
+from puzzle.common.rows import shuffled_rows, token_rows
 from puzzle.config import BLDConfig
 from puzzle.errors import ConfigError
 from puzzle.library import split_subblock
 from puzzle.progress import progress
-
-
-def _as_token_rows(data, what: str) -> Tensor:
-    """A LongTensor [n, seq] from a tensor, a list of batches, or a datasets.Dataset with an "input_ids" column."""
-    if isinstance(data, Tensor):
-        rows = data
-    elif hasattr(data, "column_names"):
-        if "input_ids" not in data.column_names:
-            raise ConfigError(f"{what} dataset has no 'input_ids' column (it has: {', '.join(data.column_names)})")
-        rows = torch.tensor(data["input_ids"])
-    else:
-        batches = [torch.as_tensor(b) for b in data]
-        rows = torch.cat(batches) if batches else torch.zeros(0, 0)
-    if rows.ndim != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
-        raise ConfigError(
-            f"{what} tokens must be a non-empty [sequences, seq_len] array, got shape {tuple(rows.shape)}"
-        )
-    return rows.long()
 
 
 def _check_tokens(config, calib: Tensor, held: Tensor, train: Tensor) -> None:
@@ -84,13 +68,7 @@ def _split_calibration(calib: Tensor, heldout: Tensor | None, cfg: BLDConfig) ->
 
 def batch_rows(step: int, n_rows: int, batch_size: int, seed: int) -> Tensor:
     """Rows of 1-based training `step`: a fixed stream of per-epoch permutations, independent of anything else."""
-    flat = torch.arange((step - 1) * batch_size, step * batch_size)
-    rows = torch.empty(batch_size, dtype=torch.long)
-    for epoch in flat.div(n_rows, rounding_mode="floor").unique().tolist():
-        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        mask = flat.div(n_rows, rounding_mode="floor") == epoch
-        rows[mask] = perm[flat[mask] % n_rows]
-    return rows
+    return shuffled_rows((step - 1) * batch_size, batch_size, n_rows, seed, seed_stride=1_000_003)
 
 
 @torch.no_grad()
@@ -138,14 +116,7 @@ def _check_resources(cfg: BLDConfig) -> None:
 
     if not ray.is_initialized():
         ray.init()  # joins RAY_ADDRESS when set, else starts a local cluster
-    have = ray.cluster_resources()
-    if cfg.num_gpus > have.get("GPU", 0):
-        raise ConfigError(
-            f"bld.num_gpus={cfg.num_gpus} but the Ray cluster has {have.get('GPU', 0):g} GPUs; "
-            "set bld.num_gpus=0 or join a cluster with GPUs"
-        )
-    if cfg.num_cpus > have.get("CPU", 0):
-        raise ConfigError(f"bld.num_cpus={cfg.num_cpus} exceeds the Ray cluster's {have.get('CPU', 0):g} CPUs")
+    check_resources({"bld.num_gpus": cfg.num_gpus, "bld.num_cpus": cfg.num_cpus})
 
 
 @dataclass
@@ -346,9 +317,9 @@ def run_bld(
     """
     wall = time.perf_counter()
     model = _as_model(parent)
-    calib, held = _split_calibration(_as_token_rows(calibration, "calibration"), heldout, cfg)
-    held = _as_token_rows(held, "held-out")
-    train_rows = _as_token_rows(train, "train")
+    calib, held = _split_calibration(token_rows(calibration, "calibration"), heldout, cfg)
+    held = token_rows(held, "held-out")
+    train_rows = token_rows(train, "train")
     _check_tokens(model.config, calib, held, train_rows)
     cache = BlockCache(block_dir if block_dir is not None else Path(out_dir) / "blocks")
     work = Path(work_dir) if work_dir is not None else cache.root
@@ -379,7 +350,7 @@ def run_bld(
     store = _write_library(Path(out_dir), specs, cache)
     run["wall_seconds"] = time.perf_counter() - wall
     store.last_run = run
-    atomic_write_bytes(store.root / "last_run.json", json.dumps(run, indent=1).encode())
+    write_json_atomic(store.root / "last_run.json", run)
     return store
 
 

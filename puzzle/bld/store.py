@@ -25,33 +25,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from puzzle.block_config import BlockConfig
+from puzzle.common.atomic import link_atomic, save_safetensors_atomic, write_json_atomic
 from puzzle.errors import PuzzleError
 from puzzle.library import split_subblock
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def atomic_save_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def atomic_link(src: Path, dst: Path) -> None:
-    """Make `dst` the file `src`: a hard link (a copy across file systems), replacing `dst` atomically."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
 
 
 class BlockCache:
@@ -152,7 +128,7 @@ class BlockStore:
         entry["file"] = None
         if state:
             rel = self._rel(layer_idx, kind, name)
-            atomic_save_safetensors(self.root / rel, state, {"hash": str(entry.get("hash"))})
+            save_safetensors_atomic(self.root / rel, state, {"hash": str(entry.get("hash"))})
             entry["file"] = rel
         self.index.setdefault(f"layer_{layer_idx}", {}).setdefault(kind, {})[name] = entry
         self.save()
@@ -163,14 +139,14 @@ class BlockStore:
         entry["file"] = None
         if weights is not None:
             rel = self._rel(layer_idx, kind, name)
-            atomic_link(weights, self.root / rel)
+            link_atomic(weights, self.root / rel)
             entry["file"] = rel
         self.index.setdefault(f"layer_{layer_idx}", {}).setdefault(kind, {})[name] = entry
 
     def save(self) -> None:
         """Write index.json atomically (after the weight files it names)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.index_path, json.dumps(self.index, indent=1, sort_keys=True).encode())
+        write_json_atomic(self.index_path, self.index, sort_keys=True)
 
     def keys(self) -> dict[str, str]:
         """Entry label "layer_{i}/{kind}/{name}" -> the block's content key, for every entry: what the library holds."""

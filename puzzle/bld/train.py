@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from puzzle.bld.plan import BlockSpec
-from puzzle.bld.store import atomic_save_safetensors
+from puzzle.common.atomic import save_safetensors_atomic
 from puzzle.config import BLDConfig
 from puzzle.library import init_attention, init_ffn, split_subblock, subblock_prefixes
 from puzzle.seeding import derive_seed, seed_everything
@@ -289,7 +289,7 @@ class BlockTrainer:
 
 
 def save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
-    atomic_save_safetensors(path, ckpt["tensors"], {"meta": json.dumps(ckpt["meta"])})
+    save_safetensors_atomic(path, ckpt["tensors"], {"meta": json.dumps(ckpt["meta"])})
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
