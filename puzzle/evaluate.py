@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from puzzle.common.rows import token_rows
 from puzzle.config import EvaluateConfig, TargetConfig
 from puzzle.errors import ConfigError
 from puzzle.modeling_puzzle import cache_of
@@ -61,21 +62,6 @@ def _finish(sums: dict[str, float]) -> dict[str, float]:
     out["ppl"] = math.exp(out["lm_loss"])
     out["tokens"] = int(n)
     return out
-
-
-def token_rows(data: Any) -> torch.Tensor:
-    """A [rows, seq_len] LongTensor from a tensor, a list of equal-length rows or batches, or a datasets.Dataset
-    with an "input_ids" column (puzzle.data.build_splits' packed splits)."""
-    if hasattr(data, "column_names"):
-        if "input_ids" not in data.column_names:
-            raise ConfigError(f"dataset has no input_ids column (columns: {', '.join(data.column_names)})")
-        data = data.with_format("torch")[:]["input_ids"]
-    if isinstance(data, list | tuple) and data and isinstance(data[0], torch.Tensor):
-        data = torch.cat([d if d.ndim == 2 else d.unsqueeze(0) for d in data])
-    rows = torch.as_tensor(data, dtype=torch.long)
-    if rows.ndim != 2 or rows.numel() == 0:
-        raise ConfigError(f"expected token rows of shape [rows, seq_len], got {tuple(rows.shape)}")
-    return rows
 
 
 def iter_batches(token_ids: torch.Tensor, batch_size: int, max_tokens: int | None = None) -> Iterable[torch.Tensor]:

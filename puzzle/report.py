@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from puzzle.common.atomic import atomic_file, write_atomic
 from puzzle.errors import PuzzleError
 from puzzle.search import BlockLibrary, Budget, ParentBaseline, block_totals, parent_baseline, predict
 
@@ -208,16 +209,6 @@ def check_report(report: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: Path, write: Any) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def write_report(
     out_dir: str | Path,
     report: dict[str, Any],
@@ -244,9 +235,9 @@ def write_report(
     if gkd_history:
         paths["gkd_loss.png"] = plot_gkd_loss(out / "gkd_loss.png", gkd_history)
     text = json.dumps(report, indent=2, default=_json_default)
-    paths["report.json"] = _atomic_write(out / "report.json", lambda p: p.write_text(text + "\n"))
+    paths["report.json"] = write_atomic(out / "report.json", text + "\n")
     markdown = render_markdown(report, [name for name in paths if name.endswith(".png")])
-    paths["report.md"] = _atomic_write(out / "report.md", lambda p: p.write_text(markdown))
+    paths["report.md"] = write_atomic(out / "report.md", markdown)
     return paths
 
 
@@ -408,7 +399,8 @@ def _pyplot() -> Any:
 
 def _save(fig: Any, path: Path) -> Path:
     plt = _pyplot()
-    _atomic_write(path, lambda p: fig.savefig(p, dpi=110, bbox_inches="tight", format="png"))
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
     return path
 

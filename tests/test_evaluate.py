@@ -171,7 +171,7 @@ def test_token_rows_accepts_datasets_tensors_and_batches():
     assert torch.equal(token_rows(datasets.Dataset.from_dict({"input_ids": rows})), expected)
     assert torch.equal(token_rows([expected[:1], expected[1:]]), expected)
     assert torch.equal(token_rows(expected), expected)
-    with pytest.raises(ConfigError, match="no input_ids column"):
+    with pytest.raises(ConfigError, match="no 'input_ids' column"):
         token_rows(datasets.Dataset.from_dict({"text": ["a"]}))
     with pytest.raises(ConfigError, match=r"\[rows, seq_len\]"):
         token_rows(torch.tensor([1, 2, 3]))
