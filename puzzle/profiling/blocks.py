@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.common.atomic import write_json_atomic
+from puzzle.common.resources import check_resources
 from puzzle.errors import ConfigError, PuzzleError
 from puzzle.profiling.costs import BlockCosts, block_shape, fixed_num_params, memory_stats, parent_names, unique_blocks
 from puzzle.profiling.estimate import estimate_blocks
@@ -238,10 +240,7 @@ class ProfileCache:
     def save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"version": CACHE_VERSION, "entries": self.entries}, indent=1))
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, {"version": CACHE_VERSION, "entries": self.entries})
 
 
 # ------------------------------------------------------------------------------------------------ profiling stage
@@ -308,8 +307,7 @@ def _run_measurements(args: tuple, cached: dict, progress: bool, use_ray: bool, 
         return _measure_all(*args, cached, progress)
     import ray
 
-    if num_gpus > 0 and ray.cluster_resources().get("GPU", 0) < num_gpus:
-        raise PuzzleError(f"profiling.num_gpus={num_gpus} but the Ray cluster has no GPU; set it to 0")
+    check_resources({"profiling.num_gpus": num_gpus})
     task = ray.remote(_measure_all).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=2)
     return ray.get(task.remote(*args, cached, progress))
 

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 
 from puzzle.block_config import BlockConfig
+from puzzle.common.atomic import write_json_atomic
 from puzzle.errors import PuzzleError
 from puzzle.profiling.costs import BlockCosts
 
@@ -42,15 +42,6 @@ def build_library_json(
     if extra:
         raise PuzzleError(f"scores for {extra} have no costs; rerun the profile stage")
     return library
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False))
-    os.replace(tmp, path)
-    return path
 
 
 def write_library_json(
