@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from puzzle.block_config import BlockConfig
+from puzzle.common.atomic import write_json_atomic
+from puzzle.common.resources import check_resources
 from puzzle.errors import ConfigError, PuzzleError
 
 METRICS = ("kl_div", "lm_loss", "top1")
@@ -315,8 +317,7 @@ def _run_on_ray(parent, source, cache, jobs, num_cpus, num_gpus, device, threads
 
     if not ray.is_initialized():
         raise PuzzleError("scoring with use_ray=True needs Ray initialised (the job runner starts or joins a cluster)")
-    if num_gpus > 0 and ray.cluster_resources().get("GPU", 0) < num_gpus:
-        raise PuzzleError(f"scoring.num_gpus={num_gpus} but the Ray cluster has no GPU; set scoring.num_gpus=0")
+    check_resources({"scoring.num_gpus": num_gpus})
     task = ray.remote(_score_group).options(
         num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries, retry_exceptions=True
     )
@@ -384,7 +385,5 @@ def run_scoring(
         log=log,
     )
     if out_dir is not None:
-        from puzzle.profiling import write_json_atomic
-
         write_json_atomic(Path(out_dir) / "scores.json", {"scores": scores, "info": info})
     return scores, info
