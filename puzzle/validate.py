@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from puzzle.common.resources import check_resources
 from puzzle.config import JobConfig, ParentConfig, TargetConfig, resolve_path
 from puzzle.errors import ConfigError, InfeasibleError, PuzzleError, UnsupportedModelError
 from puzzle.hardware import get_device_spec
@@ -262,21 +263,10 @@ def gpu_requests(job: JobConfig) -> dict[str, float]:
 
 def check_cluster_resources(job: JobConfig, resources: dict[str, float]) -> None:
     """Every task's request fits the cluster (ray.cluster_resources()): GPUs present if asked for, enough CPUs."""
-    gpus = float(resources.get("GPU", 0.0))
-    cpus = float(resources.get("CPU", 0.0))
-    for key, wanted in gpu_requests(job).items():
-        if gpus == 0:
-            raise ConfigError(
-                f"{key}={wanted:g} but the Ray cluster has no GPUs; set {key}=0 or use a cluster with GPUs"
-            )
-        if wanted > gpus:
-            raise ConfigError(f"{key}={wanted:g} exceeds the Ray cluster's {gpus:g} GPU(s)")
-    if job.target.device.startswith("cuda") and gpus == 0:
+    check_resources(gpu_requests(job), resources)
+    if job.target.device.startswith("cuda") and float(resources.get("GPU", 0.0)) == 0:
         raise ConfigError(f"target.device={job.target.device} but the Ray cluster has no GPUs; use target=cpu")
-    for key in _STAGE_GPU_KEYS:
-        wanted = float(getattr(job, key).num_cpus)
-        if wanted > cpus:
-            raise ConfigError(f"{key}.num_cpus={wanted:g} exceeds the Ray cluster's {cpus:g} CPU(s); lower it")
+    check_resources({f"{key}.num_cpus": getattr(job, key).num_cpus for key in _STAGE_GPU_KEYS}, resources)
 
 
 def validate_job(job: JobConfig, *, local: bool = True, check_address: bool = True) -> dict[str, Any] | None:
