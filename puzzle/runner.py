@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from puzzle.common.atomic import atomic_dir, link_atomic, remove_path, write_atomic
 from puzzle.config import RESOURCE_KEYS, JobConfig, job_to_dict, job_to_yaml, load_job, resolve_path, section_dict
 from puzzle.errors import PuzzleError
 from puzzle.pipeline import (
@@ -48,7 +49,6 @@ from puzzle.pipeline import (
     StageResult,
     build_stages,
     check_stage_name,
-    link_tree,
     read_json,
     write_json,
 )
@@ -124,52 +124,34 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def clean_stale(run_dir: Path) -> None:
     """Remove half-written stage directories that a killed run left behind (we hold the run lock)."""
     stages_dir = run_dir / "stages"
     if stages_dir.is_dir():
         for path in stages_dir.glob("*.tmp-*"):
-            _remove(path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+            remove_path(path)
 
 
 def unpublish(stage: Stage, run_dir: Path) -> None:
     for pattern in stage.publish:
         for path in run_dir.glob(pattern):
-            _remove(path)
+            remove_path(path)
 
 
 def publish(stage: Stage, stage_dir: Path, run_dir: Path) -> None:
     """Link the stage's results (library.json, export/, ...) into the run directory's top level, atomically each."""
     for pattern in stage.publish:
         for src in sorted(stage_dir.glob(pattern)):
-            dst = run_dir / src.name
-            tmp = run_dir / f".{src.name}.tmp-{os.getpid()}"
-            _remove(tmp)
-            link_tree(src, tmp)
-            _remove(dst)
-            os.replace(tmp, dst)
+            link_atomic(src, run_dir / src.name)
 
 
 def invalidate(run_dir: Path, stages: Sequence[Stage]) -> None:
     """Forget `stages` (for --from): their directories, work directories, kept stores and published results."""
     for stage in stages:
-        _remove(run_dir / "stages" / stage.name)
-        _remove(run_dir / "work" / stage.name)
+        remove_path(run_dir / "stages" / stage.name)
+        remove_path(run_dir / "work" / stage.name)
         for path in stage.keep:
-            _remove(run_dir / path)
+            remove_path(run_dir / path)
         unpublish(stage, run_dir)
 
 
@@ -210,36 +192,31 @@ def run_stage(
     if before_run is not None:
         before_run(stage)
     unpublish(stage, run_dir)
-    _remove(final)  # results for other inputs must not look like this run's
-    tmp = stages_dir / f"{stage.name}.tmp-{os.getpid()}"
-    _remove(tmp)
-    tmp.mkdir(parents=True)
+    remove_path(final)  # results for other inputs must not look like this run's
     work = prepare_work_dir(run_dir / "work" / stage.name, input_hash)
-    ctx = StageContext(job, run_dir, tmp, work, {name: stages_dir / name for name in stage.after}, logger)
-    started = time.time()
-    # In-process randomness (random weights and prompts in profiling and evaluation, anything a stage draws without
-    # its own seed) repeats with run.seed; stages seed their Ray workers themselves.
-    seed_everything(derive_seed(job.run.seed, "stage", stage.name))
-    try:
+    # The stage writes into stages/<stage>.tmp-<pid>/, renamed to stages/<stage>/ once it succeeds and removed if it
+    # raises; work/ stays either way: the next run resumes from it.
+    with atomic_dir(final, tmp=stages_dir / f"{stage.name}.tmp-{os.getpid()}") as tmp:
+        ctx = StageContext(job, run_dir, tmp, work, {name: stages_dir / name for name in stage.after}, logger)
+        started = time.time()
+        # In-process randomness (random weights and prompts in profiling and evaluation, anything a stage draws
+        # without its own seed) repeats with run.seed; stages seed their Ray workers themselves.
+        seed_everything(derive_seed(job.run.seed, "stage", stage.name))
         with stage_timer(stage.name) as timing:
             result = stage.run(ctx) or StageResult()
-    except BaseException:
-        _remove(tmp)  # work/ stays: the next run resumes from it
-        raise
-    manifest = {
-        "stage": stage.name,
-        "status": "complete",
-        "input_hash": input_hash,
-        "output_hash": result.output_hash or input_hash,
-        "upstream": {name: upstream[name] for name in stage.after},
-        "seconds": round(timing["seconds"], 3),
-        "tokens": int(result.tokens),
-        "started_at": started,
-        "finished_at": time.time(),
-        "summary": result.summary,
-    }
-    write_json(tmp / MANIFEST, manifest)  # written last: a directory with a manifest is a finished one
-    os.replace(tmp, final)
+        manifest = {
+            "stage": stage.name,
+            "status": "complete",
+            "input_hash": input_hash,
+            "output_hash": result.output_hash or input_hash,
+            "upstream": {name: upstream[name] for name in stage.after},
+            "seconds": round(timing["seconds"], 3),
+            "tokens": int(result.tokens),
+            "started_at": started,
+            "finished_at": time.time(),
+            "summary": result.summary,
+        }
+        write_json(tmp / MANIFEST, manifest)  # written last: a directory with a manifest is a finished one
     publish(stage, final, run_dir)
     shutil.rmtree(work, ignore_errors=True)
     logger.log({f"stages/{stage.name}/seconds": manifest["seconds"], f"stages/{stage.name}/tokens": manifest["tokens"]})
@@ -370,7 +347,7 @@ def run_job(
     run_dir = job.run_dir
     with run_lock(run_dir):
         clean_stale(run_dir)
-        write_text_atomic(run_dir / "config.yaml", job_to_yaml(job))
+        write_atomic(run_dir / "config.yaml", job_to_yaml(job))
         invalidate(run_dir, selected[force_from:])
         ray_state = {"connected": False, "started": False}
 
