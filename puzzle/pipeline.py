@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,22 +251,6 @@ def load_block_store(ctx: StageContext) -> Any:
     from puzzle.bld import BlockStore
 
     return BlockStore(ctx.upstream["bld"] / "library")
-
-
-def link_tree(src: Path, dst: Path) -> None:
-    """Hard-link `src` (a file or a directory) to `dst`, copying where links are impossible (another filesystem)."""
-    import shutil
-
-    def link(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-
-    if src.is_dir():
-        shutil.copytree(src, dst, copy_function=link)
-    else:
-        link(str(src), str(dst))
 
 
 # ---------------------------------------------------------------------------------------------------- bld
