@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from puzzle.common.atomic import atomic_dir
 from puzzle.errors import PuzzleError
 from puzzle.modeling_puzzle import PuzzleForCausalLM
 
@@ -64,8 +65,7 @@ def save_child(model: PuzzleForCausalLM, out_dir: str | Path, tokenizer: Any = N
             linear,
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_dir(out_dir, tmp=out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}") as partial:
         model.save_pretrained(partial)
         _rewrite_config(partial / "config.json")
         missing = [name for name in SHIPPED_CODE if not (partial / name).is_file()]
@@ -73,10 +73,6 @@ def save_child(model: PuzzleForCausalLM, out_dir: str | Path, tokenizer: Any = N
             raise RuntimeError(f"save_pretrained did not ship {missing}; the export would not load without puzzle")
         if tokenizer is not None:
             _save_tokenizer(tokenizer, partial)
-        _replace_dir(partial, out_dir)
-    finally:
-        if partial.exists():
-            shutil.rmtree(partial)
     return out_dir
 
 
@@ -113,18 +109,3 @@ def _save_tokenizer(tokenizer: Any, out: Path) -> None:
     if not hasattr(tokenizer, "save_pretrained"):
         raise PuzzleError(f"cannot save a tokenizer of type {type(tokenizer).__name__}; give a directory or a HF one")
     tokenizer.save_pretrained(out)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename `new` to `target`; an existing target is moved aside first and removed after the swap."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except OSError:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old)
