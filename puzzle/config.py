@@ -264,6 +264,10 @@ class ProfilingConfig:
     """torch threads while measuring; None uses num_cpus. Evaluation must use the same to compare."""
     cache_path: str | None = None
     """JSON cache of measurements; None uses $PUZZLE_CACHE/profiles.json (default ~/.cache/puzzle)."""
+    reuse_timings: bool = True
+    """Reuse block timings that earlier runs measured on this machine (the cache above). False measures every block
+    afresh in each run, close in time to the evaluation that checks the prediction: for a shared machine whose speed
+    drifts over minutes, where a timing from an hour ago mispredicts the speed-up measured now."""
     clock: str = "wall"
     """"wall", or "cpu" (process CPU time: repeatable with one thread on a shared machine; CPU targets only)."""
     flush: str = "auto"

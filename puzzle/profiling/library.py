@@ -101,7 +101,7 @@ def run_profiling(
         dtype=target.dtype,
         settings=ProfileSettings(cfg.warmup, cfg.repeats, cfg.decode_steps, cfg.stack, cfg.clock, cfg.flush),
         num_threads=cfg.num_threads or max(1, int(cfg.num_cpus)),
-        cache_path=cfg.cache_path or default_cache_path(),
+        cache_path=(cfg.cache_path or default_cache_path()) if cfg.reuse_timings else None,
         use_ray=on_ray,
         num_cpus=cfg.num_cpus,
         num_gpus=max(cfg.num_gpus, 1.0) if on_ray else cfg.num_gpus,
