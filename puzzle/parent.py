@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
@@ -23,7 +22,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 
+from puzzle.common.atomic import atomic_dir
 from puzzle.data import DataConfig, Document, batches, build_splits, load_documents, split_documents, split_tokens
 from puzzle.errors import ConfigError, PuzzleError
 
@@ -172,7 +172,7 @@ def ensure_default_parent(
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # The lock makes concurrent callers (two jobs started at once) wait for one build instead of racing.
-    with _file_lock(target.parent / f"{target.name}.lock"):
+    with FileLock(target.parent / f"{target.name}.lock"):
         if _is_complete(target):
             log(f"default parent: cached at {target}")
             return target
@@ -180,29 +180,14 @@ def ensure_default_parent(
             shutil.rmtree(target)
         for stale in target.parent.glob(f".{target.name}-*"):  # temp dirs of builds killed before cleanup
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
+        with atomic_dir(target, tmp=target.parent / f".{target.name}-{os.getpid()}") as tmp:
             build_parent(recipe, tmp, log=log)
-            os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     log(f"default parent: saved to {target}")
     return target
 
 
 def _is_complete(path: Path) -> bool:
     return all((path / name).is_file() for name in _REQUIRED_FILES)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------------------------------------- build
