@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import pickle
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from tiny import TINY_VOCAB as VOCAB
 
 from puzzle.config import GKDConfig
 from puzzle.gkd import (
+    WorkerArgs,
     batch_rows,
     compute_gkd_loss,
     gkd_loss,
@@ -133,6 +135,23 @@ def test_pack_unpack_and_checkpoint_round_trip(tmp_path, parent, ids):
     assert fresh.lm_head.weight.data_ptr() == fresh.model.embed_tokens.weight.data_ptr()
     exp_avg = [s["exp_avg"] for s in optimizer.state_dict()["state"].values()]
     torch.testing.assert_close([s["exp_avg"] for s in fresh_opt.state_dict()["state"].values()], exp_avg)
+
+
+def test_worker_args_are_frozen_and_pickle():
+    """The driver hands each Ray Train worker one WorkerArgs, which Ray pickles."""
+    args = WorkerArgs(
+        cfg=GKDConfig(lr=0.5),
+        parent_ref=None,
+        child_ref=None,
+        data_ref=None,
+        run_id="abc",
+        steps=8,
+        warmup_steps=1,
+        tokens_per_step=64,
+    )
+    assert pickle.loads(pickle.dumps(args)) == args
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        args.steps = 9  # type: ignore[misc]
 
 
 def test_weights_digest_sees_one_changed_bit(parent):
