@@ -3,7 +3,6 @@ Ray actor that owns the blocks of one or more layers."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -13,7 +12,8 @@ import torch
 from torch import Tensor
 
 from puzzle.bld.plan import BlockSpec
-from puzzle.common.atomic import save_safetensors_atomic
+from puzzle.common.checkpoint import load_state, save_state
+from puzzle.common.schedule import lr_factor
 from puzzle.config import BLDConfig
 from puzzle.library import init_attention, init_ffn, split_subblock, subblock_prefixes
 from puzzle.seeding import derive_seed, seed_everything
@@ -50,16 +50,11 @@ def position_embeddings(model, seq_len: int) -> tuple[Tensor, Tensor]:
 
 
 def lr_at(step: int, total: int, cfg: BLDConfig) -> float:
-    """Learning rate of 1-based `step`: linear warm-up, then constant / cosine / linear decay."""
-    warmup = math.ceil(cfg.warmup_ratio * total)
-    if step <= warmup:
-        return cfg.lr * step / warmup
-    progress = (step - warmup - 1) / max(1, total - warmup)
-    if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.schedule == "linear":
-        return cfg.lr * (1 - progress)
-    return cfg.lr
+    """Learning rate of 1-based `step`: linear warm-up, then constant / cosine / linear decay to 0.
+
+    From the step alone (no scheduler state): a restored block replays steps at the rates it first saw.
+    """
+    return cfg.lr * lr_factor(step - 1, total, math.ceil(cfg.warmup_ratio * total), cfg.schedule, min_ratio=0.0)
 
 
 def block_output(layer, spec: BlockSpec, x: Tensor, pos: tuple[Tensor, Tensor]) -> Tensor:
@@ -289,15 +284,13 @@ class BlockTrainer:
 
 
 def save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
-    save_safetensors_atomic(path, ckpt["tensors"], {"meta": json.dumps(ckpt["meta"])})
+    """Write a BlockRun.checkpoint() as one tensor file, its meta as the file's JSON record (atomically)."""
+    save_state(path, ckpt["tensors"], ckpt["meta"])
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The checkpoint save_checkpoint wrote at `path`, or None if there is none."""
     if not path.exists():
         return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    tensors, meta = load_state(path)
     return {"tensors": tensors, "meta": meta}
