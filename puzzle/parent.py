@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from filelock import FileLock
 
 from puzzle.common.atomic import atomic_dir
+from puzzle.common.schedule import lambda_lr
 from puzzle.data import DataConfig, Document, batches, build_splits, load_documents, split_documents, split_tokens
 from puzzle.errors import ConfigError, PuzzleError
 
@@ -278,17 +279,6 @@ def _scale_residual_init(model: torch.nn.Module, std: float) -> None:
             weight.normal_(0.0, std / math.sqrt(2 * len(layers)))
 
 
-def _lr_lambda(recipe: ParentRecipe) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < recipe.warmup_steps:
-            return (step + 1) / recipe.warmup_steps
-        progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * cosine
-
-    return factor
-
-
 def _endless(dataset: Any, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
     epoch = 0
     while True:
@@ -307,7 +297,7 @@ def train_lm(model: torch.nn.Module, train: Any, recipe: ParentRecipe, log: Call
         lr=recipe.lr,
         betas=(0.9, 0.95),
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe))
+    scheduler = lambda_lr(optimizer, recipe.steps, recipe.warmup_steps, "cosine", recipe.min_lr_ratio)
     stream = _endless(train, recipe.batch_size, recipe.seed)
     model.train()
     tokens, smooth, started = 0, None, time.perf_counter()

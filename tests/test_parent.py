@@ -88,14 +88,6 @@ def test_recipe_validation(kwargs, message):
         ParentRecipe(**kwargs)
 
 
-def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    factor = parent_mod._lr_lambda(ParentRecipe(steps=100, warmup_steps=10, min_lr_ratio=0.1))
-    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
-    values = [factor(s) for s in range(10, 101)]
-    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
-    assert factor(100) == pytest.approx(0.1)
-
-
 def test_evaluate_lm_and_unigram_on_known_answers():
     rows = [[1, 2, 3, 4, 1, 2, 3, 4]] * 3
     split = _Rows(rows)

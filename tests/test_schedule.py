@@ -59,8 +59,10 @@ def test_gkd_values_are_the_old_formulas(schedule):
 
 
 def test_parent_values_are_the_old_formula_through_torchs_lambda_lr():
-    for steps, warmup, min_ratio in [(100, 10, 0.1), (7, 0, 0.0), (997, 50, 0.25), (2, 1, 0.5)]:
-        recipe = ParentRecipe(steps=steps, warmup_steps=warmup, min_lr_ratio=min_ratio)
+    settings = [(100, 10, 0.1), (7, 0, 0.0), (997, 50, 0.25), (2, 1, 0.5)]
+    recipes = [ParentRecipe()] + [ParentRecipe(steps=s, warmup_steps=w, min_lr_ratio=r) for s, w, r in settings]
+    for recipe in recipes:
+        steps = recipe.steps
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
         scheduler = lambda_lr(optimizer, recipe.steps, recipe.warmup_steps, "cosine", recipe.min_lr_ratio)
         for step in range(steps + 1):
