@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from puzzle.common.rows import shuffled_rows
 from puzzle.config import RESOURCE_KEYS, GKDConfig
 
 
@@ -29,15 +30,7 @@ def batch_rows(step: int, micro: int, rank: int, cfg: GKDConfig, num_rows: int, 
     """Row indices of one worker's micro-batch: a fixed function of (step, micro, rank), so a resumed run sees the
     same data order as an uninterrupted one. Rows come from a fresh seeded permutation each epoch."""
     start = ((step * cfg.grad_accum + micro) * cfg.num_workers + rank) * cfg.batch_size
-    positions = torch.arange(start, start + cfg.batch_size)
-    epochs, offsets = positions // num_rows, positions % num_rows
-    rows = torch.empty_like(positions)
-    for epoch in epochs.unique().tolist():
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        perm = torch.randperm(num_rows, generator=generator)
-        mask = epochs == epoch
-        rows[mask] = perm[offsets[mask]]
-    return rows
+    return shuffled_rows(start, cfg.batch_size, num_rows, seed, seed_stride=100_003)
 
 
 def pack_model(model: nn.Module) -> dict[str, Any]:

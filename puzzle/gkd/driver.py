@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from puzzle.common.resources import check_resources
 from puzzle.config import GKDConfig
 from puzzle.errors import ConfigError
 from puzzle.gkd.checkpoint import finished_checkpoint, load_checkpoint
@@ -69,7 +70,12 @@ def run_gkd(
     if not ray.is_initialized():
         raise ConfigError("GKD runs on Ray Train: start or join a cluster first (ray.init or `puzzle run`)")
     use_gpu = cfg.num_gpus > 0
-    _check_cluster(cfg, use_gpu)
+    # Fail clearly instead of hanging when the cluster cannot host the requested workers.
+    check_resources(
+        {"gkd.num_cpus": cfg.num_cpus, "gkd.num_gpus": cfg.num_gpus if use_gpu else 0},
+        workers=cfg.num_workers,
+        workers_key="gkd.num_workers",
+    )
     schedule = plan(cfg, train_ids.shape[1])
     packed_child = pack_model(child)
     if schedule["steps"] == 0:
@@ -139,21 +145,3 @@ def _result(
         resumed_from_step=state.get("resumed_from_step", 0),
         run_name=run_name,
     )
-
-
-def _check_cluster(cfg: GKDConfig, use_gpu: bool) -> None:
-    """Fail clearly instead of hanging when the cluster cannot host the requested workers."""
-    import ray
-
-    available = ray.cluster_resources()
-    need_cpu = cfg.num_cpus * cfg.num_workers
-    if available.get("CPU", 0) < need_cpu:
-        raise ConfigError(
-            f"gkd asks for {cfg.num_workers} worker(s) x {cfg.num_cpus} CPUs but the Ray cluster has "
-            f"{available.get('CPU', 0):g}; lower gkd.num_workers or gkd.num_cpus"
-        )
-    if use_gpu and available.get("GPU", 0) < cfg.num_gpus * cfg.num_workers:
-        raise ConfigError(
-            f"gkd.num_gpus={cfg.num_gpus} x {cfg.num_workers} worker(s) but the Ray cluster has "
-            f"{available.get('GPU', 0):g} GPUs; set gkd.num_gpus=0 to train on CPU"
-        )
