@@ -40,24 +40,9 @@ def bench(repeats: int, cache: str) -> None:
     import torch
     import transformers
 
-    from puzzle.data import DataConfig
     from puzzle.parent import ParentRecipe, ensure_default_parent
 
-    recipe = ParentRecipe(
-        vocab_size=320,
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        steps=6,
-        batch_size=4,
-        warmup_steps=2,
-        eval_max_tokens=2048,
-        data=DataConfig(seq_len=32, max_documents=24),
-    )
+    recipe = ParentRecipe.tiny()
     lines: list[str] = []
     path, build_wall, build_cpu = timed(lambda: ensure_default_parent(recipe, cache_root=cache, log=lines.append))
     weights = os.path.join(path, "model.safetensors")

@@ -126,6 +126,28 @@ class ParentRecipe:
             raise ConfigError(f"unknown parent recipe keys {sorted(unknown)}")
         return cls(**data)
 
+    @classmethod
+    def tiny(cls, **overrides: Any) -> ParentRecipe:
+        """A 2-layer, hidden-32 recipe that builds in seconds on a CPU: for tests and benchmarks of the build itself."""
+        from puzzle.data import DataConfig
+
+        values: dict[str, Any] = dict(
+            vocab_size=320,
+            num_hidden_layers=2,
+            hidden_size=32,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            steps=6,
+            batch_size=4,
+            warmup_steps=2,
+            eval_max_tokens=2048,
+            data=DataConfig(seq_len=32, max_documents=24),
+        )
+        return cls(**{**values, **overrides})
+
     def llama_config(self, **extra: Any) -> Any:
         """The parent's `transformers.LlamaConfig` (the shape this recipe trains), with `extra` fields set."""
         from transformers import LlamaConfig

@@ -16,23 +16,7 @@ from puzzle.parent import ParentRecipe, ensure_default_parent, evaluate_lm, unig
 
 
 def _tiny_recipe(**kw) -> ParentRecipe:
-    values = dict(
-        vocab_size=320,
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        steps=6,
-        batch_size=4,
-        warmup_steps=2,
-        eval_max_tokens=2048,
-        data=DataConfig(seq_len=32, max_documents=24),
-    )
-    values.update(kw)
-    return ParentRecipe(**values)
+    return ParentRecipe.tiny(**kw)
 
 
 class _Rows:
