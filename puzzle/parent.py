@@ -129,8 +129,6 @@ class ParentRecipe:
     @classmethod
     def tiny(cls, **overrides: Any) -> ParentRecipe:
         """A 2-layer, hidden-32 recipe that builds in seconds on a CPU: for tests and benchmarks of the build itself."""
-        from puzzle.data import DataConfig
-
         values: dict[str, Any] = dict(
             vocab_size=320,
             num_hidden_layers=2,
