@@ -12,7 +12,7 @@ architecture, target, budget and per-stage seconds and tokens, and three speed-u
 Plots (matplotlib, Agg): architecture.png (attention and FFN variant per layer), solutions.png (predicted quality
 vs predicted throughput of every search solution, the chosen one marked), gkd_loss.png (the GKD loss curve).
 Every file is written to a temporary name and renamed, so a report never looks finished half-written.
-Run by the pipeline's `report` stage (`puzzle run JOB.yaml`); callable directly: `build_report(...)` then
+Run by the pipeline's `export` stage (`puzzle run JOB.yaml`); callable directly: `build_report(...)` then
 `write_report(out_dir, report, ...)`.
 """
 
