@@ -31,10 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from puzzle.config.schema import SPLITS, DataConfig
 from puzzle.errors import ConfigError, PuzzleError
 
-SPLITS = ("calibration", "train", "validation", "test")
-SOURCES = ("stdlib", "files", "jsonl", "hf")
 # Directory names left out of the stdlib corpus: tests are unusual code (huge literal tables, deliberately
 # broken encodings) and would double the tokenising cost for no gain; site-packages is not the stdlib.
 _STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
@@ -49,77 +48,6 @@ class Document:
     id: str
     """Stable identifier (relative path, `path:line`, `dataset:index`); its hash decides the split."""
     text: str
-
-
-@dataclass
-class DataConfig:
-    """Where the text comes from, how it is split and how long the packed sequences are."""
-
-    source: str = "stdlib"
-    """"stdlib" (the running Python's standard library `*.py` files), "files", "jsonl" or "hf"."""
-    paths: str | list[str] | None = None
-    """Glob(s) for "files" and "jsonl" (`**` recurses); for "hf", optional `data_files` passed to load_dataset."""
-    text_field: str = "text"
-    """Field holding the text in jsonl records and Hugging Face datasets."""
-    hf_path: str | None = None
-    """`datasets.load_dataset` path: a builder ("text", "json", "parquet"), a local data dir, a hub name, or a
-    directory written by `save_to_disk` (read with `load_from_disk`)."""
-    hf_name: str | None = None
-    """`datasets.load_dataset` config name."""
-    hf_split: str = "train"
-    """Which split of the Hugging Face dataset to read (puzzle makes its own splits from it)."""
-    seq_len: int = 256
-    """Tokens per packed sequence; must not exceed the parent's max_position_embeddings."""
-    calibration_fraction: float = 0.02
-    """Fraction of documents used to initialise child blocks."""
-    train_fraction: float = 0.89
-    """Fraction of documents for training (tokenizer, parent, BLD, GKD)."""
-    validation_fraction: float = 0.04
-    """Fraction of documents for scoring block variants."""
-    test_fraction: float = 0.05
-    """Fraction of documents for the final evaluation."""
-    seed: int = 0
-    """Salt of the document hash: changing it reshuffles which document lands in which split."""
-    max_documents: int | None = None
-    """Keep only this many documents (the first in hash order, so a spread sample); None keeps all."""
-    num_proc: int | None = None
-    """Worker processes for tokenising (`datasets.map(num_proc=...)`); None tokenises in this process."""
-
-    def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ConfigError(f"data.source={self.source!r} is not one of {', '.join(SOURCES)}")
-        if self.source in ("files", "jsonl") and not self.paths:
-            raise ConfigError(f"data.source={self.source!r} needs data.paths (a glob or a list of globs)")
-        if self.source == "hf" and not self.hf_path:
-            raise ConfigError('data.source="hf" needs data.hf_path (e.g. "text", "json" or a local dataset dir)')
-        if self.seq_len < 2:
-            raise ConfigError(f"data.seq_len={self.seq_len} must be at least 2 (a next-token target needs two)")
-        fractions = self.fractions()
-        for name, value in fractions.items():
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"data.{name}_fraction={value} must lie in [0, 1]")
-        if self.train_fraction <= 0:
-            raise ConfigError(f"data.train_fraction={self.train_fraction} must be positive")
-        if not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
-            raise ConfigError(f"data split fractions {fractions} sum to {sum(fractions.values()):.6g}, not 1")
-        if self.max_documents is not None and self.max_documents < 1:
-            raise ConfigError(f"data.max_documents={self.max_documents} must be at least 1 (or null for all)")
-        if self.num_proc is not None and self.num_proc < 1:
-            raise ConfigError(f"data.num_proc={self.num_proc} must be at least 1 (or null)")
-
-    def fractions(self) -> dict[str, float]:
-        """Split name -> fraction of documents, in `SPLITS` order."""
-        return {name: float(getattr(self, f"{name}_fraction")) for name in SPLITS}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DataConfig:
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"unknown data config keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**data)
 
 
 # ----------------------------------------------------------------------------------------------- corpora

@@ -64,7 +64,7 @@ class StageContext:
 class Stage:
     name: str
     sections: tuple[str, ...]
-    """Job sections (config.py names) whose values are inputs of this stage."""
+    """Job sections (JobConfig field names) whose values are inputs of this stage."""
     after: tuple[str, ...]
     """Upstream stages whose artifacts this stage reads."""
     run: Callable[[StageContext], StageResult | None]

@@ -25,6 +25,17 @@ def test_commands_without_a_model_import_neither_torch_nor_transformers(module):
     assert proc.returncode == 0, proc.stderr
 
 
+def test_composing_a_job_imports_neither_torch_nor_transformers():
+    """`puzzle submit` composes and checks the job file before sending it; the schemas are plain dataclasses."""
+    proc = _python(
+        "import sys; from puzzle.config import load_job; job = load_job('jobs/demo.yaml'); "
+        "assert job.data.seq_len > 0; "
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_model_classes_are_still_reachable_from_the_package():
     """`puzzle.PuzzleForCausalLM` imports the model on first use, and the auto classes then know nemotron-nas."""
     proc = _python(

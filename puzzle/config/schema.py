@@ -1,42 +1,20 @@
-"""Job configuration: one dataclass per stage (the schemas), Hydra composition of job files, YAML out.
-
-A job file (jobs/*.yaml) has a Hydra `defaults:` list picking one option per config group in conf/
-(parent, data, search_space, target, budget, bld, scoring, profiling, search, gkd, evaluate, cluster,
-logger) and then sets values. `load_job(path, overrides)` composes it with Hydra's compose API, checks
-it against `JobConfig` and converts it once to plain dataclasses: stages never see a DictConfig.
-
-    python -c "from puzzle.config import load_job; print(load_job('jobs/demo.yaml'))"
-"""
+"""The job's schemas: one dataclass per stage, each field documented and checked in `__post_init__`, plus the keys
+that only size a stage (RESOURCE_KEYS). Plain values only: no torch, no Hydra."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from puzzle.errors import ConfigError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# conf/ lives beside the package in the repository; PUZZLE_CONF_DIR points elsewhere.
-CONF_DIR = Path(os.environ.get("PUZZLE_CONF_DIR", PROJECT_ROOT / "conf"))
-SCHEMA_NAME = "puzzle_job_schema"
-
-
-def resolve_path(path: str | os.PathLike[str]) -> Path:
-    """A user path: absolute or ~ as given; a relative one from the cwd, else from the project root."""
-    p = Path(path).expanduser()
-    if p.is_absolute():
-        return p
-    if p.exists() or not (PROJECT_ROOT / p).exists():
-        return p.absolute()
-    return PROJECT_ROOT / p
-
-
+# The data splits, in order, and where text can come from (puzzle.data reads them).
+SPLITS = ("calibration", "train", "validation", "test")
+SOURCES = ("stdlib", "files", "jsonl", "hf")
 WANDB_MODES = ("disabled", "offline", "online")
 BLD_MODES = ("decoupled", "coupled")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -64,6 +42,77 @@ def _check_positive(name: str, value: float | None, allow_zero: bool = False) ->
 def _check_fraction(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ConfigError(f"{name}={value} must lie in [0, 1]")
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from, how it is split and how long the packed sequences are."""
+
+    source: str = "stdlib"
+    """"stdlib" (the running Python's standard library `*.py` files), "files", "jsonl" or "hf"."""
+    paths: str | list[str] | None = None
+    """Glob(s) for "files" and "jsonl" (`**` recurses); for "hf", optional `data_files` passed to load_dataset."""
+    text_field: str = "text"
+    """Field holding the text in jsonl records and Hugging Face datasets."""
+    hf_path: str | None = None
+    """`datasets.load_dataset` path: a builder ("text", "json", "parquet"), a local data dir, a hub name, or a
+    directory written by `save_to_disk` (read with `load_from_disk`)."""
+    hf_name: str | None = None
+    """`datasets.load_dataset` config name."""
+    hf_split: str = "train"
+    """Which split of the Hugging Face dataset to read (puzzle makes its own splits from it)."""
+    seq_len: int = 256
+    """Tokens per packed sequence; must not exceed the parent's max_position_embeddings."""
+    calibration_fraction: float = 0.02
+    """Fraction of documents used to initialise child blocks."""
+    train_fraction: float = 0.89
+    """Fraction of documents for training (tokenizer, parent, BLD, GKD)."""
+    validation_fraction: float = 0.04
+    """Fraction of documents for scoring block variants."""
+    test_fraction: float = 0.05
+    """Fraction of documents for the final evaluation."""
+    seed: int = 0
+    """Salt of the document hash: changing it reshuffles which document lands in which split."""
+    max_documents: int | None = None
+    """Keep only this many documents (the first in hash order, so a spread sample); None keeps all."""
+    num_proc: int | None = None
+    """Worker processes for tokenising (`datasets.map(num_proc=...)`); None tokenises in this process."""
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ConfigError(f"data.source={self.source!r} is not one of {', '.join(SOURCES)}")
+        if self.source in ("files", "jsonl") and not self.paths:
+            raise ConfigError(f"data.source={self.source!r} needs data.paths (a glob or a list of globs)")
+        if self.source == "hf" and not self.hf_path:
+            raise ConfigError('data.source="hf" needs data.hf_path (e.g. "text", "json" or a local dataset dir)')
+        if self.seq_len < 2:
+            raise ConfigError(f"data.seq_len={self.seq_len} must be at least 2 (a next-token target needs two)")
+        fractions = self.fractions()
+        for name, value in fractions.items():
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"data.{name}_fraction={value} must lie in [0, 1]")
+        if self.train_fraction <= 0:
+            raise ConfigError(f"data.train_fraction={self.train_fraction} must be positive")
+        if not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
+            raise ConfigError(f"data split fractions {fractions} sum to {sum(fractions.values()):.6g}, not 1")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ConfigError(f"data.max_documents={self.max_documents} must be at least 1 (or null for all)")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ConfigError(f"data.num_proc={self.num_proc} must be at least 1 (or null)")
+
+    def fractions(self) -> dict[str, float]:
+        """Split name -> fraction of documents, in `SPLITS` order."""
+        return {name: float(getattr(self, f"{name}_fraction")) for name in SPLITS}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataConfig:
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown data config keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**data)
 
 
 @dataclass
@@ -476,7 +525,8 @@ class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     parent: ParentConfig = field(default_factory=ParentConfig)
     data: Any = field(default_factory=dict)
-    """puzzle.data.DataConfig (the data layer owns its schema); a dict until converted in `to_job_config`."""
+    """A DataConfig; a dict until converted in `to_job_config` (OmegaConf's structured configs cannot hold the
+    `str | list[str]` of data.paths)."""
     search_space: SearchSpaceConfig = field(default_factory=SearchSpaceConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -499,195 +549,6 @@ class JobConfig:
         return (Path(self.run.runs_dir).expanduser() / self.name).absolute()
 
 
-def register_configs() -> None:
-    """Register the schema in Hydra's ConfigStore as `puzzle_job_schema`.
-
-    A job may list it first in `defaults` for type checks during composition; `load_job` checks every job
-    against the schema anyway. Shipped jobs leave it out: a `???` merged onto a schema default is lost.
-    """
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=JobConfig)
-
-
-def _data_config(data: Any) -> Any:
-    """Build puzzle.data.DataConfig (the data layer owns it) from the composed `data` section."""
-    # Imported here: puzzle.data loads torch, which reading a job file does not otherwise need.
-    from puzzle.data import DataConfig
-
-    if isinstance(data, DataConfig):
-        return data
-    names = {f.name for f in dataclasses.fields(DataConfig)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"data: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(names))}")
-    return DataConfig(**data)
-
-
-def to_job_config(cfg: Any) -> JobConfig:
-    """Convert a composed DictConfig (or plain dict) to a JobConfig, checking types and unknown keys."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-
-    # ??? must be caught before merging: merging "???" onto a schema default keeps the default silently.
-    container = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    if OmegaConf.select(container, "scoring.metric", default=None) is not None:
-        raise ConfigError(
-            "scoring.metric is not a setting: scoring records kl_div, lm_loss and top1 for every block and "
-            "search.objective picks the one to optimise (e.g. search.objective=metrics.top1 search.maximize=true); "
-            "remove scoring.metric"
-        )
-    missing = sorted(OmegaConf.missing_keys(container))
-    if missing:
-        raise ConfigError(
-            f"{', '.join(missing)} must be set (the job leaves it ???); add {missing[0]}=VALUE to the command line"
-        )
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(JobConfig), container)
-        job = OmegaConf.to_object(merged)
-    except MissingMandatoryValue as err:
-        key = getattr(err, "full_key", None) or "a value"
-        raise ConfigError(f"{key} must be set; add {key}=VALUE to the command line") from None
-    except OmegaConfBaseException as err:
-        raise ConfigError(_one_line(err)) from None
-    except ConfigError:
-        raise
-    except Exception as err:  # OmegaConf wraps __post_init__ errors in its own types on some paths
-        cause = err.__cause__ or err.__context__
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        raise
-    assert isinstance(job, JobConfig)
-    job.data = _data_config(job.data or {})
-    return job
-
-
-def _one_line(err: BaseException) -> str:
-    """Hydra and OmegaConf messages span lines (full_key, object_type, search path); keep what matters on one."""
-    text = str(err).split("Config search path")[0]
-    if err.__cause__ is not None:  # Hydra's "Error merging override X" hides the reason in the cause
-        text += "\n" + str(err.__cause__)
-    lines = [ln.strip().rstrip(":") for ln in text.splitlines() if ln.strip()]
-    drop = ("object_type=", "reference_type=", "Set the environment")
-    keep = [ln.replace("full_key: ", "key ") for ln in lines if not ln.startswith(drop)]
-    return "; ".join(dict.fromkeys(keep)) or type(err).__name__
-
-
-def _hydra_overrides(overrides: Sequence[str], groups: set[str]) -> list[str]:
-    """Let `key=value` reach sections the job does not spell out, and `group=option` pick unpicked groups.
-
-    Hydra refuses to override a key the composed job lacks (struct mode), so a job that leaves, say,
-    `cluster` to the schema defaults could not take `cluster.address=...`. Value overrides become
-    `++key=value` (set or add); unknown keys are still refused, by the schema check in `to_job_config`.
-    A group the job's defaults list does not pick is added with `+group=option`.
-    """
-    out = []
-    for item in overrides:
-        key, sep, _ = item.partition("=")
-        if not sep or key.startswith(("+", "~")) or key.startswith("hydra"):
-            out.append(item)
-        elif "." in key or "[" in key:
-            out.append(f"++{item}")
-        elif key in groups:
-            out.append(item)
-        elif (CONF_DIR / key).is_dir():
-            out.append(f"+{item}")
-        else:
-            out.append(f"++{item}")
-    return out
-
-
-def load_job(job_yaml: str | os.PathLike[str], overrides: Sequence[str] = ()) -> JobConfig:
-    """Compose a job file with the conf/ groups and `key=value` overrides into a JobConfig.
-
-    The job file's directory is added to Hydra's search path, so a job can sit anywhere and may
-    bring its own group options (e.g. my_jobs/target/my_gpu.yaml beside my_jobs/job.yaml).
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    path = Path(job_yaml).expanduser().resolve()
-    if not path.is_file():
-        raise ConfigError(f"job file {job_yaml} not found; pass a path such as jobs/demo.yaml")
-    if path.suffix not in (".yaml", ".yml"):
-        raise ConfigError(f"job file {job_yaml} is not a .yaml file")
-    if not CONF_DIR.is_dir():
-        raise ConfigError(f"config directory {CONF_DIR} not found; set PUZZLE_CONF_DIR to the project's conf/")
-    register_configs()
-    GlobalHydra.instance().clear()
-    # The job's directory is the primary config dir (Hydra looks up the primary config only there);
-    # conf/ joins through the search path, after it, so the job's own group options come first.
-    searchpath = f"hydra.searchpath=[file://{CONF_DIR.resolve()}]"
-    try:
-        with initialize_config_dir(config_dir=str(path.parent), version_base="1.3", job_name="puzzle"):
-            chosen = compose(config_name=path.stem, overrides=[searchpath], return_hydra_config=True)
-            groups = set(chosen.hydra.runtime.choices)
-            cfg = compose(config_name=path.stem, overrides=[searchpath, *_hydra_overrides(overrides, groups)])
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(f"job {path.name}: {_one_line(err)}") from None
-    except yaml.YAMLError as err:  # Hydra lets a syntax error in the job or a group option through, unwrapped
-        raise _yaml_syntax_error(err, path) from None
-    finally:
-        GlobalHydra.instance().clear()
-    job = to_job_config(cfg)
-    if job.run.name is None:
-        job.run.name = path.stem
-    return job
-
-
-def _yaml_syntax_error(err: yaml.YAMLError, job: Path) -> ConfigError:
-    """`FILE:LINE:COLUMN: invalid YAML: what` for a YAML error while composing `job`.
-
-    Hydra parses from a stream, so the error does not name its file: the job file is checked first, then the group
-    options beside it and in conf/, and the first that fails to parse is the one reported.
-    """
-    candidates = [job, *sorted(job.parent.glob("*/*.yaml")), *sorted(CONF_DIR.glob("*/*.yaml"))]
-    for candidate in candidates:
-        try:
-            yaml.safe_load(candidate.read_text())
-        except yaml.YAMLError as found:
-            err = found
-            break
-        except OSError:
-            continue
-    else:
-        candidate = job
-    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
-    where = f"{candidate}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(candidate)
-    problem = getattr(err, "problem", None) or str(err)
-    context = getattr(err, "context", None)
-    detail = f"{problem} ({context})" if context else problem
-    return ConfigError(f"{where}: invalid YAML: {' '.join(detail.split())}")
-
-
-def job_to_dict(job: JobConfig) -> dict[str, Any]:
-    """The job as plain Python values (what config.yaml holds)."""
-    return _plain(dataclasses.asdict(job))
-
-
-def _plain(value: Any) -> Any:
-    """YAML/JSON-safe values: paths become strings, tuples lists."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return value
-
-
-def job_to_yaml(job: JobConfig) -> str:
-    """The job as YAML text (config.yaml in the run directory)."""
-    return yaml.safe_dump(job_to_dict(job), sort_keys=False)
-
-
-def job_from_dict(d: dict[str, Any]) -> JobConfig:
-    """Rebuild a JobConfig from `job_to_dict` output (e.g. a run directory's config.yaml)."""
-    return to_job_config(d)
-
-
 # Keys that only say how much hardware a stage holds or how often it checkpoints, never what it computes. The runner
 # leaves them out of stage hashes and BLD out of its block keys, so changing them reuses finished work. Not here:
 # gkd.num_workers (it sets the global batch) and profiling.num_cpus (the thread count that latencies are measured at).
@@ -698,8 +559,3 @@ RESOURCE_KEYS: dict[str, frozenset[str]] = {
     "profiling": frozenset({"num_gpus"}),
     "gkd": frozenset({"num_cpus", "num_gpus", "checkpoint_every"}),
 }
-
-
-def section_dict(job: JobConfig, section: str) -> Any:
-    """One section of the job as plain values, e.g. for hashing a stage's inputs."""
-    return job_to_dict(job)[section]
