@@ -495,7 +495,7 @@ class PuzzleForCausalLM(PuzzlePreTrainedModel, GenerationMixin):
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
+            **{CACHE_NAME: cache_of(outputs)},
         )
 
 

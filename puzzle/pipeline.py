@@ -429,14 +429,15 @@ def run_evaluate_stage(ctx: StageContext) -> StageResult:
     (at the chosen solution's batch size); writes evaluation.json."""
     from puzzle.evaluate import evaluate_models
 
+    solution = chosen_solution(ctx)
     evaluation = evaluate_models(
         load_parent_model(ctx),
         load_child(ctx),
         load_split(ctx, "test"),
         ctx.job.evaluate,
         ctx.job.target,
-        batch_size=chosen_solution(ctx).get("batch_size"),
-        parent_batch_size=chosen_solution(ctx).get("parent_batch_size"),
+        batch_size=solution.get("batch_size"),
+        parent_batch_size=solution.get("parent_batch_size"),
         # Time the models exactly as profiling timed the blocks (threads, clock, decode steps), so the search's
         # predicted speed-up and the measured one are comparable.
         library_metadata=read_json(ctx.upstream["profile"] / "library.json")["metadata"],
