@@ -3,14 +3,16 @@
     .venv/bin/python benchmarks/bench_bld.py [--steps 8] [--batch-size 8] [--seq-len 128] [--workers 2] [--build-parent]
 
 Prints, for the demo search space (search_space/demo.yaml) on the demo-shaped parent:
-1. BLD on Ray (`puzzle.bld.run_bld`, the stage's own code): tokens/s streamed through the parent, block-tokens/s, and
+1. BLD on Ray (`puzzle.stages.bld.run_bld`, the stage's own code): tokens/s streamed through the parent,
+   block-tokens/s, and
    the time spent in the shared parent forward (driver, incl. ray.put) vs in the trainers (sum over actors).
 2. In one process, one thread, the same blocks trained a few steps two ways: the shared design (one parent forward per
    batch, every block trains on its activations) vs recomputing the parent prefix (embeddings + layers 0..i) for every
    block of layer i. It prints the speed-up of the parent-forward work alone (expected ~ blocks per layer x (L + 1) / 2,
    i.e. >= L/2) and of a whole training step (smaller: the trainers' own work is the same in both).
 
-The parent is the cached default parent (puzzle.parent.ensure_default_parent) when it has already been built here, or
+The parent is the cached default parent (puzzle.stages.parent.ensure_default_parent) when it has already been built
+here, or
 with --build-parent; otherwise a random-init model of the demo shape (8 layers, hidden 256, 4 heads, 2 KV heads,
 head_dim 64, intermediate 768, vocab 4096): throughput does not depend on the weights' values. Tokens are random ids.
 """
@@ -27,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-from puzzle.bld import (
+from puzzle.config import BLDConfig
+from puzzle.config.search_space import SearchSpace
+from puzzle.stages.bld import (
     BlockRun,
     collect_activations,
     initial_layer,
@@ -37,23 +41,21 @@ from puzzle.bld import (
     run_bld,
     variants_from_search_space,
 )
-from puzzle.config import BLDConfig
-from puzzle.search_space import SearchSpace
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def demo_parent(build: bool):
     """(model, description): the cached default parent if present (or built on request), else a random-init one."""
-    from puzzle import parent as parent_mod
-    from puzzle.convert import load_parent, puzzle_config_from_hf
+    from puzzle.hf.convert import load_parent, puzzle_config_from_hf
+    from puzzle.stages import parent as parent_mod
 
     recipe = parent_mod.ParentRecipe()
     cached = parent_mod.default_cache_root() / "parents" / recipe.key()
     if build or parent_mod._is_complete(cached):
         path = parent_mod.ensure_default_parent(recipe, log=lambda _: None)
         return load_parent(path), f"default parent (trained, cached at {path})"
-    from puzzle.modeling_puzzle import PuzzleForCausalLM
+    from puzzle.model.modeling_puzzle import PuzzleForCausalLM
 
     hf = recipe.llama_config()
     torch.manual_seed(0)

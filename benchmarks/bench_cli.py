@@ -82,7 +82,7 @@ def main() -> None:
         f"numpy {version('numpy')}"
     )
     print(f"command: {' '.join(puzzle)}; median of {args.repeats} fresh processes")
-    for module in ("puzzle.cli", "puzzle.search"):
+    for module in ("puzzle.cli", "puzzle.stages.search"):
         heavy = heavy_imports(module)
         found = "imports " + ", ".join(heavy) if heavy else "no torch, no transformers"
         print(f"import {module} + build_parser(): {found}")

@@ -6,8 +6,8 @@ demo-shaped parent, on this machine, at several batch sizes.
 
 The parent is a random-init model of the demo shape (8 layers, hidden 256, 4 heads, 2 KV heads, head_dim 64,
 intermediate 768, vocab 4096): latency does not depend on the weights' values. Children are fixed architectures
-that a 1.5x-2x budget could pick. Prediction uses puzzle.profiling.profile_blocks; the measurement uses
-puzzle.evaluate.measure_throughput (the evaluation stage's code), both at (batch, context).
+that a 1.5x-2x budget could pick. Prediction uses puzzle.stages.profile.profile_blocks; the measurement uses
+puzzle.stages.evaluate.measure_throughput (the evaluation stage's code), both at (batch, context).
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import platform
 
 import torch
 
-from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.evaluate import measure_throughput, timing_from_library
-from puzzle.modeling_puzzle import PuzzleConfig, PuzzleForCausalLM
-from puzzle.profiling import ProfileSettings, profile_blocks
+from puzzle.config import ProfilingConfig
+from puzzle.model.block_config import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.model.modeling_puzzle import PuzzleConfig, PuzzleForCausalLM
+from puzzle.stages.evaluate import measure_throughput, timing_from_library
+from puzzle.stages.profile import profile_blocks
 
 PARENT = BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(intermediate_size=768))
 NOOP_ATTN = AttentionConfig(no_op=True)
@@ -69,7 +70,7 @@ def main() -> None:
         batch_sizes=args.batch_sizes,
         context_len=args.context,
         prompt_len=args.prompt,
-        settings=ProfileSettings(clock=args.clock),
+        settings=ProfilingConfig(clock=args.clock),
         num_threads=args.threads,
         progress=False,
     )

@@ -18,7 +18,7 @@ import time
 
 import pulp
 
-from puzzle.mip import BlockLibrary, Constraint, solve
+from puzzle.stages.search import BlockLibrary, Constraint, solve
 
 HIDDEN, HEADS, HEAD_DIM, INTERMEDIATE = 8192, 64, 128, 28672
 BATCH, CONTEXT, BYTES = 64, 1200, 2

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_modeling.py [--device cpu|cuda] [--dtype float32|bfloat16] [--threads 2]
 
 Builds a random Llama parent (default: 4 layers, hidden 256, 8 heads, 2 KV heads, intermediate 768, vocab 4096),
-converts it with puzzle.convert.puzzle_config_from_hf, checks the logits agree, then times prefill (batch 2 x 128
+converts it with puzzle.hf.convert.puzzle_config_from_hf, checks the logits agree, then times prefill (batch 2 x 128
 tokens) and greedy decoding with a KV cache (batch 2, 32 new tokens) for both models, median of --repeats runs.
 Also times a heterogeneous child of the same parent (no-op attention in half the layers, half-width FFNs) to show the
 model's speed follows its blocks.
@@ -19,8 +19,8 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from puzzle.convert import puzzle_config_from_hf
-from puzzle.modeling_puzzle import PuzzleConfig, PuzzleForCausalLM
+from puzzle.hf.convert import puzzle_config_from_hf
+from puzzle.model.modeling_puzzle import PuzzleConfig, PuzzleForCausalLM
 
 
 def _sync(device: str) -> None:

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_parent_cache.py [--repeats 5]
 
 Builds the tiny recipe of tests/test_parent.py (2 layers, hidden 32, vocab 320, 6 training steps on 24 stdlib
-documents) into a temporary cache with puzzle.parent.ensure_default_parent, then times `--repeats` further calls,
+documents) into a temporary cache with puzzle.stages.parent.ensure_default_parent, then times `--repeats` further calls,
 each of which finds the finished entry (tests/test_parent.py checks that such a call neither rebuilds nor rewrites
 the weights). Prints wall and CPU seconds of the build and of the cache hits (median / max). Target on a loaded
 2-core machine: a cache hit < 2 s (the bound the test used to assert).
@@ -40,7 +40,7 @@ def bench(repeats: int, cache: str) -> None:
     import torch
     import transformers
 
-    from puzzle.parent import ParentRecipe, ensure_default_parent
+    from puzzle.stages.parent import ParentRecipe, ensure_default_parent
 
     recipe = ParentRecipe.tiny()
     lines: list[str] = []

@@ -3,10 +3,11 @@
     .venv/bin/python benchmarks/bench_scoring.py [--threads 1] [--variants 4] [--batches 2] [--build-parent]
 
 Prints, on the embedded default parent when it is already built (or with --build-parent), otherwise on a random-init
-model of the demo shape (puzzle.parent.ParentRecipe's defaults; the shape is printed):
+model of the demo shape (puzzle.stages.parent.ParentRecipe's defaults; the shape is printed):
 1. the speed-up of cached-prefix replace-1-block scoring over naive full forwards, on the same blocks and batches;
 2. the predicted end-to-end decode latency of the all-parent model (sum of its blocks + fixed costs, from
-   puzzle.profiling) next to its measured end-to-end latency (puzzle.profiling.measure_decode_latency), with the
+   puzzle.stages.profile) next to its measured end-to-end latency
+   (puzzle.stages.profile.measure_decode_latency), with the
    ratio, at the demo target (batch 1, context 128, prompt 64) and at batch 8; the same for prefill.
 Block weights are random (latency does not depend on them; the quality numbers are not the point here).
 """
@@ -23,12 +24,13 @@ from pathlib import Path
 
 import torch
 
-from puzzle.block_config import BlockConfig
-from puzzle.modeling_puzzle import PuzzleConfig, PuzzleDecoderLayer, PuzzleForCausalLM
-from puzzle.profiling import ProfileSettings, measure_batch, measure_decode_latency, measure_prefill_latency
-from puzzle.profiling.blocks import flush_cache
-from puzzle.scoring import build_parent_cache, score_layer_cached, score_layer_naive
-from puzzle.search_space import ParentShape, SearchSpace
+from puzzle.config import ProfilingConfig
+from puzzle.config.search_space import ParentShape, SearchSpace
+from puzzle.model.block_config import BlockConfig
+from puzzle.model.modeling_puzzle import PuzzleConfig, PuzzleDecoderLayer, PuzzleForCausalLM
+from puzzle.stages.profile import measure_batch, measure_decode_latency, measure_prefill_latency
+from puzzle.stages.profile.blocks import flush_cache
+from puzzle.stages.score import build_parent_cache, score_layer_cached, score_layer_naive
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,12 +48,12 @@ class RandomSource:
 
 
 def demo_parent(build: bool) -> tuple[PuzzleForCausalLM, str]:
-    from puzzle.parent import ParentRecipe, default_cache_root, ensure_default_parent
+    from puzzle.stages.parent import ParentRecipe, default_cache_root, ensure_default_parent
 
     recipe = ParentRecipe()
     path = default_cache_root() / "parents" / recipe.key()
     if build or (path / "config.json").exists():
-        from puzzle.convert import load_parent
+        from puzzle.hf.convert import load_parent
 
         path = ensure_default_parent(recipe)
         return load_parent(path).eval(), f"the embedded default parent ({path})"
@@ -108,7 +110,7 @@ def bench_scoring(model, variants_per_layer: int, num_batches: int, batch: int, 
     )
 
 
-def bench_latency(model, batch: int, context: int, prompt: int, settings: ProfileSettings) -> None:
+def bench_latency(model, batch: int, context: int, prompt: int, settings: ProfilingConfig) -> None:
     """Predicted (fixed + sum of the parent's blocks) vs measured end-to-end latency of the all-parent model.
 
     The parent is timed end to end in the same round-robin rounds as the block and fixed-cost models (so a burst of
@@ -172,7 +174,7 @@ def main() -> None:
     )
     if not args.skip_scoring:
         bench_scoring(model, args.variants, args.batches, 8, 128)
-    settings = ProfileSettings(
+    settings = ProfilingConfig(
         warmup=3, repeats=args.repeats, decode_steps=8, stack=args.stack, clock=args.clock, flush=args.flush
     )
     print(f"profiling: {settings}")

@@ -5,7 +5,7 @@
 
 Builds a random-weight child (head_dim = hidden / heads; layers cycle through GQA with every KV-head count dividing the
 heads, a no-op attention, a no-op FFN and FFN widths 2x, 1.5x and 0.78x hidden; no linear subblocks), exports it with
-`puzzle.export.save_child`, runs scripts/vllm_generate.py in .venv-vllm (fp32, greedy, ignore_eos) and prints:
+`puzzle.hf.export.save_child`, runs scripts/vllm_generate.py in .venv-vllm (fp32, greedy, ignore_eos) and prints:
 vLLM's engine start-up and generation time, puzzle's `generate()` time for the same prompts (one at a time, KV cache),
 how many prompts / first tokens / steps agree, and the largest |logprob| difference on the chosen tokens.
 """
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from puzzle.configuration_puzzle import PuzzleConfig
-from puzzle.export import save_child
-from puzzle.modeling_puzzle import PuzzleForCausalLM
+from puzzle.hf.export import save_child
+from puzzle.model.configuration_puzzle import PuzzleConfig
+from puzzle.model.modeling_puzzle import PuzzleForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 512

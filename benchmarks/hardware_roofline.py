@@ -4,7 +4,7 @@
 
 Measures a large bf16 GEMM (and an fp8 one via torch._scaled_mm where supported), a device-to-device copy,
 and decode-like GEMVs (batch 1 and 16 against a 8192 x 28672 weight, Llama-70B's FFN up projection); prints
-each beside its roofline_ms estimate from puzzle.hardware, so the gap between estimate and reality is known.
+each beside its roofline_ms estimate from puzzle.common.hardware, so the gap between estimate and reality is known.
 Without CUDA it says so and exits.
 """
 
@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from puzzle.hardware import get_device_spec, roofline_ms  # noqa: E402
+from puzzle.common.hardware import get_device_spec, roofline_ms  # noqa: E402
 
 
 def cuda_ms(fn, repeats: int = 20) -> float:

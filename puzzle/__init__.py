@@ -2,7 +2,7 @@
 
 The model classes are imported on first use (PEP 562): torch and transformers take seconds to import, and
 commands that load no model (`puzzle search`, `status`, `logs`, `stop`, `--help`) must not pay for them.
-Importing `puzzle.modeling_puzzle` (which every model loader does) maps model_type "nemotron-nas" to puzzle's
+Importing `puzzle.model.modeling_puzzle` (which every model loader does) maps model_type "nemotron-nas" to puzzle's
 classes in AutoConfig / AutoModelForCausalLM, so no remote code is run.
 """
 
@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.errors import ConfigError, InfeasibleError, PuzzleError, UnsupportedModelError
+from puzzle.model.block_config import AttentionConfig, BlockConfig, FFNConfig
 
 if TYPE_CHECKING:
-    from puzzle.modeling_puzzle import PuzzleConfig, PuzzleForCausalLM, register_auto_classes
+    from puzzle.model.modeling_puzzle import PuzzleConfig, PuzzleForCausalLM, register_auto_classes
 
 # Names served by __getattr__, and the module that defines them.
 _LAZY = {
-    "PuzzleConfig": "puzzle.modeling_puzzle",
-    "PuzzleForCausalLM": "puzzle.modeling_puzzle",
-    "register_auto_classes": "puzzle.modeling_puzzle",
+    "PuzzleConfig": "puzzle.model.modeling_puzzle",
+    "PuzzleForCausalLM": "puzzle.model.modeling_puzzle",
+    "register_auto_classes": "puzzle.model.modeling_puzzle",
 }
 
 

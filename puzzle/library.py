@@ -1,267 +1,246 @@
-"""Child subblocks initialised from the parent, before any training (docs/method.md section 2).
+"""The block library, library.json: per-layer block variants with their costs (`stats`) and quality scores
+(`metrics`), written by the profile stage (`write_library_json`) and read by the search (`BlockLibrary`).
 
-Every initialiser maps a parent layer's weights (a state dict with keys relative to the layer, e.g.
-"self_attn.k_proj.weight", "mlp.down_proj.weight") to the weights of one child subblock, under the same relative keys
-that `PuzzleDecoderLayer` uses, so `puzzle.bld` can load them into a layer built with `PuzzleDecoderLayer.from_block`:
-
-- fewer KV heads: each child KV head is the mean of the parent K/V heads its query heads used (`mean_pool_kv_heads`);
-- linear attention: W_o @ W_v with the GQA heads expanded (each token attends only to itself), and the bias
-  W_o @ b_v + b_o when the parent's projections have biases (Qwen2's v_proj);
-- narrower FFN: keep the channels with the largest contribution, mean over calibration tokens of
-  |a_c| * ||W_down[:, c]|| where a_c is the activation entering W_down (`ffn_channel_scores`);
-- linear FFN: a least-squares fit of the FFN's output on its (normalised) input over calibration tokens, with
-  W_down @ W_up (gate ignored) as the fallback when there are too few tokens;
-- no-op: nothing.
-
-Parent variants are not initialised at all: the library reuses the parent's own weights for them.
-`init_attention` / `init_ffn` return `(state, method)`; `method` is recorded in the library index.
+NVlabs' interchange format (layer_<i> -> variant name -> {"stats": {...}, "metrics": {...}}) plus puzzle's optional
+extras: top-level `metadata` (device, dtype, batch_sizes, seq_len, the parent's variant per layer, fixed costs of the
+embeddings and LM head per batch size) and per-variant `stats_by_batch` for the batch-size sweep.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Protocol
 
-from puzzle.block_config import AttentionConfig, FFNConfig
-from puzzle.errors import ConfigError, PuzzleError
+from puzzle.common.atomic import write_json_atomic
+from puzzle.errors import PuzzleError
 
-ATTENTION_PREFIXES = ("input_layernorm.", "self_attn.")
-FFN_PREFIXES = ("post_attention_layernorm.", "mlp.")
-
-
-def subblock_prefixes(kind: str) -> tuple[str, ...]:
-    """Relative state-dict prefixes of a layer's "attention" or "ffn" subblock."""
-    if kind == "attention":
-        return ATTENTION_PREFIXES
-    if kind == "ffn":
-        return FFN_PREFIXES
-    raise ValueError(f"unknown subblock kind {kind!r}; expected 'attention' or 'ffn'")
+SECTIONS = ("stats", "metrics")
+_LAYER_RE = re.compile(r"^layer_(\d+)$")
 
 
-def split_subblock(layer_state: dict[str, Tensor], kind: str) -> dict[str, Tensor]:
-    """The part of a layer's state dict that belongs to one subblock."""
-    prefixes = subblock_prefixes(kind)
-    return {k: v for k, v in layer_state.items() if k.startswith(prefixes)}
+def is_number(value: Any) -> bool:
+    """A finite int or float, bool excluded: what every library value and budget figure must be."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Attention
-# --------------------------------------------------------------------------------------------------------------------
+class BlockLibrary:
+    """Per-layer block variants with their costs (`stats`) and quality scores (`metrics`), read from library.json."""
+
+    def __init__(self, layers: dict[str, dict[str, dict[str, Any]]], metadata: dict[str, Any] | None = None) -> None:
+        self.layers = layers
+        self.metadata = metadata or {}
+        self.layer_names = list(layers)
+
+    @classmethod
+    def load(cls, path: str | Path) -> BlockLibrary:
+        path = Path(path)
+        if not path.is_file():
+            raise PuzzleError(f"block library {str(path)!r} does not exist: give the path of a library.json")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise PuzzleError(f"block library {str(path)!r} is not valid JSON: {err}") from err
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BlockLibrary:
+        """Validate `data` (NVlabs format, optionally with puzzle's metadata) and build a library from it."""
+        if not isinstance(data, dict):
+            raise PuzzleError(f"block library must be a JSON object of layer_<i> entries, got {type(data).__name__}")
+        metadata = data.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise PuzzleError("block library: 'metadata' must be an object")
+        indices: dict[int, str] = {}
+        for key in data:
+            if key == "metadata":
+                continue
+            match = _LAYER_RE.match(key)
+            if not match:
+                raise PuzzleError(f"block library: unexpected top-level key {key!r}; expected layer_0, layer_1, ...")
+            indices[int(match.group(1))] = key
+        if not indices:
+            raise PuzzleError("block library has no layers (expected keys layer_0, layer_1, ...)")
+        missing = sorted(set(range(len(indices))) - set(indices))
+        if missing:
+            raise PuzzleError(f"block library: layer_{missing[0]} is missing; layers must be layer_0..layer_{{L-1}}")
+        layers = {indices[i]: data[indices[i]] for i in range(len(indices))}
+        _validate_layers(layers)
+        library = cls(layers, metadata)
+        library._validate_metadata()
+        return library
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.layers)
+        if self.metadata:
+            out["metadata"] = self.metadata
+        return out
+
+    def __len__(self) -> int:
+        return len(self.layer_names)
+
+    def variants(self, layer: str) -> list[str]:
+        return list(self.layers[layer])
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Batch sizes this library was profiled at; the first is the one `stats` holds (the primary)."""
+        if self.metadata.get("batch_sizes"):
+            return [int(b) for b in self.metadata["batch_sizes"]]
+        first = next(iter(self.layers[self.layer_names[0]].values()))
+        return sorted(int(b) for b in first.get("stats_by_batch", {}))
+
+    @property
+    def primary_batch_size(self) -> int | None:
+        sizes = self.batch_sizes
+        return sizes[0] if sizes else None
+
+    @property
+    def parent(self) -> dict[str, str] | None:
+        """The parent's variant name per layer (metadata.parent), or None for a library without it."""
+        return self.metadata.get("parent") or None
+
+    def check_key(self, key: str) -> None:
+        """Raise a PuzzleError unless `key` is a dotted key every variant has, e.g. stats.runtime_ms."""
+        section, _, name = key.partition(".")
+        first = next(iter(self.layers[self.layer_names[0]].values()))
+        if section not in SECTIONS or name not in first.get(section, {}):
+            known = ", ".join(f"{s}.{k}" for s in SECTIONS for k in first.get(s, {}))
+            raise PuzzleError(f"unknown key {key!r}: this library has {known}")
+
+    def value(self, layer: str, variant: str, key: str, batch_size: int | None = None) -> float:
+        """One block's value of dotted `key`; `stats.*` come from stats_by_batch[batch_size] when it is given."""
+        section, _, name = key.partition(".")
+        entry = self.layers[layer][variant]
+        table = entry[section]
+        if section == "stats" and batch_size is not None:
+            by_batch = entry.get("stats_by_batch") or {}
+            if str(batch_size) in by_batch:
+                table = by_batch[str(batch_size)]
+            elif self.primary_batch_size not in (None, batch_size):
+                raise PuzzleError(
+                    f"block library has no stats at batch size {batch_size} ({layer} {variant!r}); "
+                    f"profiled batch sizes: {self.batch_sizes}"
+                )
+        if name not in table:
+            raise PuzzleError(f"block library: {layer} variant {variant!r} has no {key} (batch size {batch_size})")
+        return float(table[name])
+
+    def values(self, key: str, batch_size: int | None = None) -> list[list[float]]:
+        """`key` for every layer and variant, in `layer_names` / `variants(layer)` order."""
+        self.check_key(key)
+        return [[self.value(layer, v, key, batch_size) for v in self.layers[layer]] for layer in self.layer_names]
+
+    def fixed(self, stat: str, batch_size: int | None = None) -> float:
+        """Fixed cost outside the search (embeddings, LM head) of `stat` (e.g. runtime_ms); 0 when not recorded."""
+        fixed = self.metadata.get("fixed") or {}
+        if not fixed:
+            return 0.0
+        b = batch_size if batch_size is not None else self.primary_batch_size
+        if str(b) not in fixed:
+            raise PuzzleError(
+                f"block library has no fixed costs (metadata.fixed) at batch size {b}; "
+                f"profiled batch sizes: {self.batch_sizes}"
+            )
+        return float(fixed[str(b)].get(stat, 0.0))
+
+    def _validate_metadata(self) -> None:
+        meta = self.metadata
+        sizes, parent, fixed = meta.get("batch_sizes") or [], meta.get("parent") or {}, meta.get("fixed") or {}
+        if not isinstance(sizes, list) or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes
+        ):
+            raise PuzzleError(f"block library metadata.batch_sizes is {sizes!r}; expected a list of positive integers")
+        if not isinstance(parent, dict) or not isinstance(fixed, dict):
+            raise PuzzleError("block library metadata.parent and metadata.fixed must be objects")
+        for layer in self.layer_names if parent else []:
+            if parent.get(layer) not in self.layers[layer]:
+                raise PuzzleError(
+                    f"block library metadata.parent: {layer} is {parent.get(layer)!r}, not one of its variants"
+                )
+        for b, stats in fixed.items():
+            _check_numbers(stats, f"block library metadata.fixed[{b!r}]")
 
 
-def kv_head_of_query(num_attention_heads: int, num_kv_heads: int) -> Tensor:
-    """For each query head, the index of the KV head it reads (GQA groups are contiguous)."""
-    if num_kv_heads < 1 or num_attention_heads % num_kv_heads:
-        raise ConfigError(f"{num_kv_heads} KV heads do not divide {num_attention_heads} attention heads")
-    return torch.arange(num_attention_heads) // (num_attention_heads // num_kv_heads)
+def _validate_layers(layers: dict[str, Any]) -> None:
+    """Every variant has numeric `stats` and `metrics` with the same keys as every other variant."""
+    reference: dict[str, set[str]] | None = None
+    for layer, variants in layers.items():
+        if not isinstance(variants, dict) or not variants:
+            raise PuzzleError(f"block library: {layer} must be a non-empty object of variants")
+        for variant, entry in variants.items():
+            where = f"block library: {layer} variant {variant!r}"
+            if not isinstance(entry, dict):
+                raise PuzzleError(f"{where} must be an object with 'stats' and 'metrics'")
+            for section in SECTIONS:
+                table = entry.get(section)
+                if not isinstance(table, dict):
+                    raise PuzzleError(f"{where} has no '{section}' object")
+                _check_numbers(table, f"{where} {section}")
+            for b, table in (entry.get("stats_by_batch") or {}).items():
+                _check_numbers(table, f"{where} stats_by_batch[{b!r}]")
+            keys = {s: set(entry[s]) for s in SECTIONS}
+            if reference is None:
+                reference = keys
+                continue
+            for s in SECTIONS:
+                odd = sorted(keys[s] ^ reference[s])
+                if odd:
+                    state = "lacks" if odd[0] in reference[s] else "has an extra"
+                    raise PuzzleError(f"{where} {state} {s}.{odd[0]}; every variant must have the same keys")
 
 
-def mean_pool_kv_heads(
-    weight: Tensor, num_attention_heads: int, num_kv_heads: int, new_kv_heads: int, head_dim: int
-) -> Tensor:
-    """Pool a K or V projection (weight [kv * head_dim, hidden] or bias [kv * head_dim]) to `new_kv_heads` heads.
+def _check_numbers(table: Any, where: str) -> None:
+    if not isinstance(table, dict):
+        raise PuzzleError(f"{where} must be an object of numbers")
+    for name, v in table.items():
+        if not is_number(v):
+            raise PuzzleError(f"{where}.{name} is {v!r}, expected a finite number")
 
-    Child KV head j serves query heads [j * g, (j + 1) * g) with g = heads / new_kv_heads; it becomes the mean, over
-    those query heads, of the parent KV head each of them used. When the parent's KV count is a multiple of the child's,
-    that is exactly the mean of the parent KV heads in the group (GQA paper's mean pooling).
+
+class CostTable(Protocol):
+    """What the writer reads of the profile stage's cost table (`puzzle.stages.profile.BlockCosts`)."""
+
+    blocks: dict[str, dict[str, dict[str, dict[str, float]]]]
+    """layer -> variant -> batch size (as a string) -> stats."""
+    fixed: dict[str, Any]
+    metadata: dict[str, Any]
+
+
+def build_library_json(
+    scores: dict[str, dict[str, dict[str, float]]], costs: CostTable, metadata: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The block library in NVlabs' format plus puzzle's metadata and per-batch stats.
+
+    {"metadata": {device, dtype, source, batch_sizes, seq_len, prefill_len, parent, fixed, ...},
+     "layer_i": {name: {"stats": <first batch size>, "stats_by_batch": {"b": stats}, "metrics": scores}}}
+    Every variant must have both scores and costs.
     """
-    if new_kv_heads > num_kv_heads:
-        raise ConfigError(f"cannot initialise {new_kv_heads} KV heads from a parent layer with {num_kv_heads}")
-    parent_of_query = kv_head_of_query(num_attention_heads, num_kv_heads)
-    child_of_query = kv_head_of_query(num_attention_heads, new_kv_heads)
-    heads = weight.reshape(num_kv_heads, head_dim, *weight.shape[1:])
-    pooled = torch.stack([heads[parent_of_query[child_of_query == j]].mean(dim=0) for j in range(new_kv_heads)])
-    return pooled.reshape(new_kv_heads * head_dim, *weight.shape[1:]).contiguous()
+    primary = str(costs.metadata["batch_sizes"][0])
+    library: dict[str, Any] = {"metadata": {**costs.metadata, "fixed": costs.fixed, **(metadata or {})}}
+    for layer in sorted(costs.blocks, key=lambda name: int(name.split("_")[-1])):
+        layer_scores = scores.get(layer, {})
+        missing = sorted(set(costs.blocks[layer]) ^ set(layer_scores))
+        if missing:
+            raise PuzzleError(f"{layer}: variants {missing} have costs or scores but not both; rerun score and profile")
+        library[layer] = {
+            name: {"stats": by_batch[primary], "stats_by_batch": by_batch, "metrics": dict(layer_scores[name])}
+            for name, by_batch in costs.blocks[layer].items()
+        }
+    extra = sorted(set(scores) - set(costs.blocks))
+    if extra:
+        raise PuzzleError(f"scores for {extra} have no costs; rerun the profile stage")
+    return library
 
 
-def expand_kv_heads(weight: Tensor, num_attention_heads: int, num_kv_heads: int, head_dim: int) -> Tensor:
-    """Repeat each KV head for every query head that reads it: [kv * hd, hidden] -> [heads * hd, hidden]."""
-    heads = weight.reshape(num_kv_heads, head_dim, -1)
-    return heads[kv_head_of_query(num_attention_heads, num_kv_heads)].reshape(num_attention_heads * head_dim, -1)
-
-
-def linear_attention_weight(
-    v_weight: Tensor, o_weight: Tensor, num_attention_heads: int, num_kv_heads: int, head_dim: int
-) -> Tensor:
-    """W_o @ W_v with GQA heads expanded: the attention's map when every token attends only to itself."""
-    return o_weight @ expand_kv_heads(v_weight, num_attention_heads, num_kv_heads, head_dim)
-
-
-def linear_attention_bias(
-    v_bias: Tensor | None,
-    o_weight: Tensor,
-    o_bias: Tensor | None,
-    num_attention_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-) -> Tensor | None:
-    """W_o @ b_v (GQA heads expanded) + b_o: what a token attending only to itself gets besides W_o W_v x.
-
-    Attention weights sum to 1, so each head's output carries its KV head's value bias in full; None without biases.
-    """
-    if v_bias is None and o_bias is None:
-        return None
-    bias = torch.zeros(o_weight.shape[0], dtype=o_weight.dtype, device=o_weight.device)
-    if v_bias is not None:
-        expanded = expand_kv_heads(v_bias.reshape(-1, 1), num_attention_heads, num_kv_heads, head_dim).reshape(-1)
-        bias = bias + o_weight @ expanded
-    if o_bias is not None:
-        bias = bias + o_bias
-    return bias
-
-
-def init_attention(
-    parent_state: dict[str, Tensor], config, variant: AttentionConfig, parent_variant: AttentionConfig
-) -> tuple[dict[str, Tensor] | None, str]:
-    """Initial weights of attention subblock `variant` from a parent layer whose attention is `parent_variant`.
-
-    `parent_state` is the parent layer's state dict (relative keys); `config` the parent's `PuzzleConfig`. Returns
-    (state with "input_layernorm." / "self_attn." keys, init method), or (None, method) for parent and no-op variants,
-    which hold no weights of their own in the library.
-    """
-    if variant == parent_variant:
-        return None, "parent"
-    if variant.no_op:
-        return None, "no_op"
-    heads, head_dim = config.num_attention_heads, config.head_dim
-    if not parent_variant.is_gqa:
-        raise PuzzleError(
-            f"cannot initialise {variant.name} from a parent layer whose attention is {parent_variant.name}; "
-            "start from a parent whose layers have GQA attention"
-        )
-    parent_kv = parent_variant.num_key_value_heads(heads)
-    state = {"input_layernorm.weight": parent_state["input_layernorm.weight"].clone()}
-    attn = {k[len("self_attn.") :]: v for k, v in parent_state.items() if k.startswith("self_attn.")}
-    if variant.replace_with_linear:
-        w = linear_attention_weight(attn["v_proj.weight"], attn["o_proj.weight"], heads, parent_kv, head_dim)
-        state["self_attn.linear_attn.weight"] = w.contiguous()
-        b = linear_attention_bias(
-            attn.get("v_proj.bias"), attn["o_proj.weight"], attn.get("o_proj.bias"), heads, parent_kv, head_dim
-        )
-        if b is not None:  # PuzzleLinearAttention has a bias exactly when the parent's q/k/v or o_proj have one
-            state["self_attn.linear_attn.bias"] = b.contiguous()
-        return state, "linear_wo_wv"
-    new_kv = variant.num_key_value_heads(heads)
-    for name, tensor in attn.items():
-        if name.startswith(("k_proj.", "v_proj.")):
-            tensor = mean_pool_kv_heads(tensor, heads, parent_kv, new_kv, head_dim)
-        state["self_attn." + name] = tensor.clone()
-    return state, "kv_mean_pool"
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# FFN
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Llama's RMSNorm (computed in float32), as applied before the FFN."""
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
-
-
-def _act(config):
-    from transformers.activations import ACT2FN
-
-    return ACT2FN[config.hidden_act]
-
-
-def swiglu_activations(mlp: dict[str, Tensor], x: Tensor, config) -> Tensor:
-    """a = act(W_gate x) * (W_up x): the activation entering W_down, [tokens, intermediate]."""
-    gate = torch.nn.functional.linear(x, mlp["gate_proj.weight"], mlp.get("gate_proj.bias"))
-    up = torch.nn.functional.linear(x, mlp["up_proj.weight"], mlp.get("up_proj.bias"))
-    return _act(config)(gate) * up
-
-
-def ffn_channel_scores(mlp: dict[str, Tensor], x: Tensor, config, chunk: int = 4096) -> Tensor:
-    """Channel contribution: mean over tokens of |a_c| * ||W_down[:, c]||_2, for normalised FFN inputs x [N, hidden]."""
-    total = torch.zeros(mlp["down_proj.weight"].shape[1], dtype=torch.float64)
-    for rows in x.split(chunk):  # chunks keep the [tokens, intermediate] activations small
-        total += swiglu_activations(mlp, rows, config).abs().double().sum(dim=0)
-    return (total / x.shape[0]).to(x.dtype) * mlp["down_proj.weight"].norm(dim=0)
-
-
-def prune_ffn(mlp: dict[str, Tensor], scores: Tensor, new_size: int) -> dict[str, Tensor]:
-    """Keep the `new_size` top-scoring channels (rows of W_gate, W_up; columns of W_down), in their original order."""
-    keep = torch.topk(scores, new_size).indices.sort().values
-    out = {}
-    for name, tensor in mlp.items():
-        if name.startswith(("gate_proj.", "up_proj.")):
-            tensor = tensor[keep]
-        elif name == "down_proj.weight":
-            tensor = tensor[:, keep]
-        out[name] = tensor.contiguous().clone()
-    return out
-
-
-def linear_ffn_lstsq(x: Tensor, y: Tensor, ridge: float = 1e-6) -> Tensor:
-    """W minimising ||x W^T - y||^2 (+ a tiny ridge, relative to the input scale, for rank-deficient inputs): [out, in].
-
-    Solved through the normal equations in float64, which only needs the [in, in] and [in, out] Gram matrices.
-    """
-    x64, y64 = x.double(), y.double()
-    gram = x64.T @ x64
-    damp = ridge * gram.diagonal().mean().clamp_min(1e-12)
-    gram = gram + damp * torch.eye(gram.shape[0], dtype=gram.dtype)
-    return torch.linalg.solve(gram, x64.T @ y64).T.to(x.dtype).contiguous()
-
-
-def _swiglu_output_chunked(mlp: dict[str, Tensor], x: Tensor, config, chunk: int = 4096) -> Tensor:
-    return torch.cat([swiglu_output(mlp, rows, config) for rows in x.split(chunk)])
-
-
-def swiglu_output(mlp: dict[str, Tensor], x: Tensor, config) -> Tensor:
-    """The parent FFN's output for normalised inputs x."""
-    a = swiglu_activations(mlp, x, config)
-    return torch.nn.functional.linear(a, mlp["down_proj.weight"], mlp.get("down_proj.bias"))
-
-
-def init_ffn(
-    parent_state: dict[str, Tensor],
-    config,
-    variant: FFNConfig,
-    parent_variant: FFNConfig,
-    ffn_inputs: Tensor | None = None,
-    min_lstsq_ratio: float = 2.0,
-) -> tuple[dict[str, Tensor] | None, str]:
-    """Initial weights of FFN subblock `variant` from a parent layer whose FFN is `parent_variant`.
-
-    `ffn_inputs` are calibration hidden states entering the FFN subblock (before post_attention_layernorm), [N, hidden]
-    or [b, s, hidden]. Channel scores need them; the least-squares linear FFN is used when there are at least
-    `min_lstsq_ratio` x hidden tokens, otherwise W_down @ W_up. Returns (state with "post_attention_layernorm." / "mlp."
-    keys, init method), or (None, method) for parent and no-op variants.
-    """
-    if variant == parent_variant:
-        return None, "parent"
-    if variant.no_op:
-        return None, "no_op"
-    if not parent_variant.is_mlp:
-        raise PuzzleError(
-            f"cannot initialise {variant.name} from a parent layer whose FFN is {parent_variant.name}; "
-            "start from a parent whose layers have SwiGLU FFNs"
-        )
-    norm_w = parent_state["post_attention_layernorm.weight"]
-    state = {"post_attention_layernorm.weight": norm_w.clone()}
-    mlp = {k[len("mlp.") :]: v for k, v in parent_state.items() if k.startswith("mlp.")}
-    mlp32 = {k: v.float() for k, v in mlp.items()}  # scores and fits in float32 whatever the parent's dtype
-    x = None
-    if ffn_inputs is not None:
-        x = rms_norm(ffn_inputs.reshape(-1, ffn_inputs.shape[-1]).float(), norm_w.float(), config.rms_norm_eps)
-    if variant.replace_with_linear:
-        if x is not None and x.shape[0] >= min_lstsq_ratio * x.shape[1]:
-            w = linear_ffn_lstsq(x, _swiglu_output_chunked(mlp32, x, config))
-            method = "lstsq"
-        else:
-            w, method = mlp32["down_proj.weight"] @ mlp32["up_proj.weight"], "wdown_wup"
-        state["mlp.linear_mlp.weight"] = w.to(mlp["down_proj.weight"].dtype).contiguous()
-        return state, method
-    if variant.intermediate_size > parent_variant.intermediate_size:
-        raise ConfigError(
-            f"{variant.name} is wider than the parent layer's FFN ({parent_variant.intermediate_size}); "
-            "FFN variants can only shrink the parent"
-        )
-    if x is None:
-        raise PuzzleError(f"{variant.name} needs calibration tokens for its channel scores; pass calibration data")
-    scores = ffn_channel_scores(mlp32, x, config)
-    state.update({"mlp." + k: v for k, v in prune_ffn(mlp, scores, variant.intermediate_size).items()})
-    return state, "channel_contribution"
+def write_library_json(
+    path: str | os.PathLike,
+    scores: dict[str, dict[str, dict[str, float]]],
+    costs: CostTable,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write library.json (atomically) from scores, costs and extra metadata; returns the path."""
+    return write_json_atomic(path, build_library_json(scores, costs, metadata))

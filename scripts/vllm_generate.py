@@ -22,7 +22,7 @@ from pathlib import Path
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("export", help="directory written by puzzle.export.save_child")
+    parser.add_argument("export", help="directory written by puzzle.hf.export.save_child")
     parser.add_argument("--prompts", required=True, help="JSON list of token-id lists, or @FILE holding one")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--max-model-len", type=int, default=None, help="default: the config's max positions")

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from puzzle.assemble import architecture_table, assemble_child, blocks_from_solution
-from puzzle.bld import BlockStore
-from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.convert import load_parent
 from puzzle.errors import ConfigError
+from puzzle.hf.convert import load_parent
+from puzzle.model.block_config import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.stages.bld import BlockStore
+from puzzle.stages.gkd.assemble import architecture_table, assemble_child, blocks_from_solution
 from tests.tiny import save_tiny_parent
 
 NAMES = [
@@ -49,7 +49,7 @@ def parent(tmp_path):
 @pytest.fixture
 def store(tmp_path, parent):
     """A library holding one trained attention variant (layer 1) and one FFN variant (layer 0) with random weights."""
-    store = BlockStore(tmp_path / "library")
+    store = BlockStore(tmp_path / "store")
     cfg = parent.config
     entry = {"init": "test", "nmse_init": 1.0, "nmse_trained": 0.5, "tokens": 0, "seconds": 0.0, "parent": False}
     ffn = {

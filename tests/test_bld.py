@@ -1,4 +1,5 @@
-"""Blockwise local distillation (puzzle.bld): planning, block keys, the shared parent forward, exact checkpoints, the
+"""Blockwise local distillation (puzzle.stages.bld): planning, block keys, the shared parent forward, exact checkpoints,
+the
 block stores, and BLD on a real Ray cluster (training lowers every block's held-out error, resume, a killed trainer,
 coupled mode, and through the runner: a rerun trains only blocks whose key is new)."""
 
@@ -13,7 +14,10 @@ import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from puzzle.bld import (
+from puzzle.config import RESOURCE_KEYS, BLDConfig
+from puzzle.errors import ConfigError, PuzzleError
+from puzzle.model.block_config import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.stages.bld import (
     BlockCache,
     BlockRun,
     BlockStore,
@@ -28,10 +32,7 @@ from puzzle.bld import (
     run_bld,
     save_checkpoint,
 )
-from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.config import RESOURCE_KEYS, BLDConfig
-from puzzle.errors import ConfigError, PuzzleError
-from puzzle.pipeline import loaded_parent_fingerprint
+from puzzle.stages.parent import loaded_parent_fingerprint
 from tests.tiny import save_tiny_parent
 
 SEQ = 16
@@ -45,7 +46,7 @@ CFG.update(calibration_tokens=24 * SEQ, warmup_ratio=0.1, schedule="cosine")
 
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory):
-    from puzzle.convert import load_parent
+    from puzzle.hf.convert import load_parent
 
     return load_parent(save_tiny_parent(tmp_path_factory.mktemp("parent")))
 
@@ -137,14 +138,14 @@ def test_block_keys_change_only_with_what_determines_the_block(parent):
 
 
 def test_every_bld_setting_but_resources_is_in_the_block_key():
-    from puzzle.bld import training_signature
+    from puzzle.stages.bld import training_signature
 
     fields = {f.name for f in dataclasses.fields(BLDConfig)}
     assert set(training_signature(BLDConfig())) == fields - RESOURCE_KEYS["bld"]
 
 
 def test_block_cache_never_shows_a_half_written_block(tmp_path, monkeypatch):
-    import puzzle.bld.store as store_module
+    import puzzle.stages.bld.store as store_module
 
     cache = BlockCache(tmp_path / "blocks")
     state = {"mlp.up_proj.weight": torch.ones(2, 2)}
@@ -365,13 +366,13 @@ def _weights(run_dir: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.mark.integration
 def test_rerun_through_the_runner_trains_only_blocks_whose_key_is_new(tmp_path, ray_session):
-    from puzzle.runner import run_job
+    from puzzle.runner.run import run_job
 
     job = _bld_job(tmp_path)
     bld = job.run_dir / "stages" / "bld"
 
     def last_run() -> dict:
-        return json.loads((bld / "library" / "last_run.json").read_text())
+        return json.loads((bld / "store" / "last_run.json").read_text())
 
     run_job(job, until="bld")
     first = json.loads((bld / "manifest.json").read_text())
@@ -395,7 +396,7 @@ def test_rerun_through_the_runner_trains_only_blocks_whose_key_is_new(tmp_path, 
     assert grown["summary"]["trained"] == 2 and grown["summary"]["cached"] == grown["summary"]["blocks"] - 2
     after = _weights(job.run_dir)
     assert {k: v for k, v in after.items() if k in trained} == trained and len(after) == 6  # old files untouched
-    library = BlockStore(bld / "library")
+    library = BlockStore(bld / "store")
     assert "ffn_16" in library.variants(0, "ffn")
 
     # Back to the first search space: every block is in the store, nothing trains, and the library is the first one.
@@ -403,7 +404,7 @@ def test_rerun_through_the_runner_trains_only_blocks_whose_key_is_new(tmp_path, 
     run_job(job, until="bld")
     again = json.loads((bld / "manifest.json").read_text())
     assert last_run()["trained"] == [] and again["output_hash"] == first["output_hash"]
-    assert "ffn_16" not in BlockStore(bld / "library").variants(0, "ffn")
+    assert "ffn_16" not in BlockStore(bld / "store").variants(0, "ffn")
 
 
 @pytest.mark.integration

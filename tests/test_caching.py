@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from puzzle.config import RESOURCE_KEYS, BudgetConfig, JobConfig, RunConfig
-from puzzle.pipeline import Stage, StageResult, build_stages
-from puzzle.runner import run_job
-from puzzle.seeding import derive_seed
+from puzzle.common.seeding import derive_seed
+from puzzle.config import RESOURCE_KEYS, Budget, JobConfig, RunConfig
+from puzzle.runner.pipeline import build_stages
+from puzzle.runner.run import run_job
+from puzzle.runner.stage import Stage, StageResult
 from tests.tiny import save_tiny_parent
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def declared_stages(calls: list[str], draws: dict[str, float] | None = None) -> 
 def job(tmp_path) -> JobConfig:
     space = tmp_path / "space.yaml"
     shutil.copy(ROOT / "search_space" / "demo.yaml", space)
-    job = JobConfig(run=RunConfig(name="c", runs_dir=str(tmp_path / "runs")), budget=BudgetConfig(speedup=2.0))
+    job = JobConfig(run=RunConfig(name="c", runs_dir=str(tmp_path / "runs")), budget=Budget(speedup=2.0))
     job.parent.path = str(save_tiny_parent(tmp_path))
     job.search_space.path = str(space)
     return job
@@ -70,7 +71,7 @@ def rerun(job: JobConfig, **stage_kw) -> list[str]:
 
 
 def test_every_resource_key_is_a_field_of_its_section():
-    from puzzle.data import DataConfig
+    from puzzle.stages.data import DataConfig
 
     for section, keys in RESOURCE_KEYS.items():
         schema = DataConfig if section == "data" else type(getattr(JobConfig(), section))
@@ -167,7 +168,7 @@ def test_kept_store_survives_reruns_for_changed_inputs_and_from_clears_it(job):
 # ------------------------------------------------------------------------------------ the whole pipeline
 
 
-def _pipeline_job(tmp_path: Path, name: str, seed: int) -> JobConfig:
+def _pipeline_job(tmp_path: Path, name: str, seed: int, *extra: str) -> JobConfig:
     """The demo job shrunk by debug=default on the tiny parent; profiles shared through one cache, so every run sees
     the same measured costs (timings are the only input that is not a function of the seed)."""
     import random
@@ -185,10 +186,11 @@ def _pipeline_job(tmp_path: Path, name: str, seed: int) -> JobConfig:
         "parent=local", f"parent.path={parent}", "parent.dtype=float32", "data=files",
         f"data.paths={corpus / '*.txt'}", "data.seq_len=16", "debug=default", "budget.speedup=1.01",
         "cluster.num_cpus=2", f"profiling.cache_path={tmp_path / 'profiles.json'}", "profiling.reuse_timings=true",
-        f"run.name={name}", f"run.seed={seed}",
+        f"run.name={name}", f"run.seed={seed}", "search.measure_rounds=0", *extra,
     ]  # fmt: skip
     # Timings are the one input that is not a function of the seed: the runs share one profile cache (the demo's own
-    # config measures afresh each run), so the search sees the same costs and only the seed can change the export.
+    # config measures afresh each run) and the search trusts it (no closed loop, which times each run anew), so the
+    # search sees the same costs and only the seed can change the export.
     job = load_job(ROOT / "jobs" / "demo.yaml", overrides)
     job.run.runs_dir = str(tmp_path / "runs")
     return job
@@ -234,3 +236,25 @@ def test_run_seed_decides_the_export_and_only_changed_inputs_rerun(tmp_path, ray
     differs = export_c.keys() != export_a.keys() or any(not torch.equal(export_a[k], export_c[k]) for k in export_a)
     assert differs  # another seed: other BLD and GKD data orders, another child
     assert json.loads((c.run_dir / "stages" / "bld" / "manifest.json").read_text())["summary"]["trained"] > 0
+
+
+@pytest.mark.integration
+def test_a_closed_loop_search_measures_each_round_on_the_target(tmp_path, ray_session):
+    """Through the runner, on the tiny parent: the search stage times each round's architecture (BLD blocks) beside
+    the parent and records every round in solutions.json. A corrected budget can be beyond the tiny library, so the
+    loop may stop early; either way each round it ran is recorded with measured figures, and the chosen solutions
+    are that round's."""
+    job = _pipeline_job(tmp_path, "loop", 0, "search.measure_rounds=3", "search.measure_repeats=2")
+    run_job(job, until="search")
+    searched = json.loads((job.run_dir / "solutions.json").read_text())
+    loop = searched["closed_loop"]
+    assert 1 <= len(loop["rounds"]) <= 3
+    for r in loop["rounds"]:
+        assert r["measured"]["speedup"] > 0 and r["predicted"]["speedup"] > 0
+        assert r["met"] == (r["measured"]["speedup"] >= 1.01)
+        assert r["correction"]["speedup"] == pytest.approx(r["measured"]["speedup"] / r["predicted"]["speedup"])
+    assert loop["met"] == any(r["met"] for r in loop["rounds"])
+    chosen = loop["rounds"][loop["chosen_round"] - 1]
+    assert searched["solutions"][0]["layers"] == chosen["layers"]
+    if loop["met"]:
+        assert loop["chosen_round"] == len(loop["rounds"])  # the loop stops on the first round that meets it

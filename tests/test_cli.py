@@ -15,7 +15,9 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("module", ["puzzle.cli", "puzzle.search", "puzzle.mip", "puzzle.jobs", "puzzle"])
+@pytest.mark.parametrize(
+    "module", ["puzzle.cli", "puzzle.stages.search", "puzzle.stages.search.cli", "puzzle.runner.jobs", "puzzle"]
+)
 def test_commands_without_a_model_import_neither_torch_nor_transformers(module):
     proc = _python(
         f"import sys, {module}, puzzle.cli; puzzle.cli.build_parser(); "

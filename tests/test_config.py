@@ -155,7 +155,7 @@ def test_yaml_round_trip():
 
 
 def test_data_section_becomes_the_data_layers_config():
-    from puzzle.data import DataConfig
+    from puzzle.stages.data import DataConfig
 
     job = load_job(PROJECT_ROOT / "jobs/demo.yaml", ["data.seq_len=32"])
     assert isinstance(job.data, DataConfig)
@@ -191,7 +191,7 @@ def _count_fields() -> list[tuple[str, type, str]]:
     import dataclasses
 
     from puzzle.config import EvaluateConfig, GKDConfig, ProfilingConfig, ScoringConfig, SearchConfig
-    from puzzle.data import DataConfig
+    from puzzle.stages.data import DataConfig
 
     sections = {"bld": BLDConfig, "scoring": ScoringConfig, "profiling": ProfilingConfig, "search": SearchConfig}
     sections |= {"gkd": GKDConfig, "evaluate": EvaluateConfig, "target": TargetConfig, "data": DataConfig}
@@ -265,7 +265,7 @@ def test_group_option_with_a_yaml_syntax_error_is_the_file_reported(tmp_path: Pa
 
 def test_scoring_metrics_are_the_ones_scoring_records():
     from puzzle.config import SCORING_METRICS
-    from puzzle.scoring import METRICS
+    from puzzle.stages.score import METRICS
 
     assert SCORING_METRICS == METRICS
 
@@ -327,7 +327,7 @@ def test_gkd_optimiser_keys_change_the_run_fingerprint():
     import torch
 
     from puzzle.config import GKDConfig
-    from puzzle.gkd import fingerprint
+    from puzzle.stages.gkd import fingerprint
 
     packed = {"config": {}, "state": {"w": torch.zeros(2)}}
     ids = torch.zeros(1, 4, dtype=torch.long)
@@ -341,7 +341,7 @@ def test_gkd_resource_keys_leave_the_run_fingerprint_alone():
     import torch
 
     from puzzle.config import GKDConfig
-    from puzzle.gkd import fingerprint
+    from puzzle.stages.gkd import fingerprint
 
     packed = {"config": {}, "state": {"w": torch.zeros(2)}}
     ids = torch.zeros(1, 4, dtype=torch.long)

@@ -1,4 +1,4 @@
-"""Parent conversion (puzzle.convert): parity with the HF parents, and each refused parent's error."""
+"""Parent conversion (puzzle.hf.convert): parity with the HF parents, and each refused parent's error."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 from tiny import LLAMA3_ROPE, TINY_VOCAB, save_tiny_parent, tiny_config, tiny_parent
 from transformers import AutoModelForCausalLM
 
-from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.convert import load_parent, parent_block_configs, puzzle_config_from_hf
 from puzzle.errors import PuzzleError, UnsupportedModelError
+from puzzle.hf.convert import load_parent, parent_block_configs, puzzle_config_from_hf
+from puzzle.model.block_config import AttentionConfig, BlockConfig, FFNConfig
 
 PARENTS = [
     ("llama", {}),
@@ -53,7 +53,7 @@ def test_llama3_rope_scaling_is_carried_and_matters(tmp_path):
 def test_qwen2_biases_on_qkv_only():
     cfg = puzzle_config_from_hf(tiny_config("qwen2"))
     assert cfg.qkv_bias is True and cfg.attention_bias is False
-    from puzzle.modeling_puzzle import PuzzleForCausalLM
+    from puzzle.model.modeling_puzzle import PuzzleForCausalLM
 
     attn = PuzzleForCausalLM(cfg).model.layers[0].self_attn
     assert attn.q_proj.bias is not None and attn.k_proj.bias is not None and attn.v_proj.bias is not None

@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from puzzle.data import (
+from puzzle.errors import ConfigError, PuzzleError
+from puzzle.stages.data import (
     SPLITS,
     DataConfig,
     Document,
@@ -19,8 +20,7 @@ from puzzle.data import (
     split_documents,
     stdlib_root,
 )
-from puzzle.errors import ConfigError, PuzzleError
-from puzzle.parent import train_tokenizer
+from puzzle.stages.parent import train_tokenizer
 
 WORDS = "def class return self value index items result None import for while if else data list".split()
 

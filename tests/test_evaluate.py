@@ -12,9 +12,9 @@ from tiny import CHILD_BLOCKS, tiny_puzzle_config
 from tiny import TINY_VOCAB as VOCAB
 
 from puzzle.config import EvaluateConfig, TargetConfig
-from puzzle.evaluate import evaluate_models, evaluate_quality, iter_batches, kv_cache_bytes, param_bytes
-from puzzle.export import save_child
-from puzzle.modeling_puzzle import PuzzleForCausalLM
+from puzzle.hf.export import save_child
+from puzzle.model.modeling_puzzle import PuzzleForCausalLM
+from puzzle.stages.evaluate import evaluate_models, evaluate_quality, iter_batches, kv_cache_bytes, param_bytes
 
 
 def tiny(block_configs=None, seed=0) -> PuzzleForCausalLM:
@@ -145,7 +145,7 @@ def test_parent_is_measured_at_its_baseline_batch_when_it_differs(parent):
 
 
 def test_exported_checkpoint_gives_the_evaluated_childs_logits(tmp_path, parent, child):
-    from puzzle.convert import load_parent
+    from puzzle.hf.convert import load_parent
 
     ids = torch.randint(0, VOCAB, (4, 16))
     evaluated = evaluate_quality({"child": child}, parent, ids, batch_size=2)["child"]
@@ -164,7 +164,7 @@ def test_token_rows_accepts_datasets_tensors_and_batches():
     import datasets
 
     from puzzle.errors import ConfigError
-    from puzzle.evaluate import token_rows
+    from puzzle.stages.evaluate import token_rows
 
     rows = [[1, 2, 3], [4, 5, 6]]
     expected = torch.tensor(rows)
@@ -179,7 +179,7 @@ def test_token_rows_accepts_datasets_tensors_and_batches():
 
 def test_throughput_is_timed_like_the_library(monkeypatch, parent, child):
     """With a measured library, evaluation uses its thread count, decode steps, clock and cache flushing."""
-    import puzzle.profiling as profiling
+    import puzzle.stages.profile as profiling
 
     seen = []
     real_decode, real_prefill = profiling.measure_decode_latency, profiling.measure_prefill_latency

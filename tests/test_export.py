@@ -1,4 +1,4 @@
-"""Export (puzzle.export): checkpoint layout, DeciLM config, atomic writes, and a round trip without puzzle."""
+"""Export (puzzle.hf.export): checkpoint layout, DeciLM config, atomic writes, and a round trip without puzzle."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from safetensors.torch import load_file, save_file
 from tiny import TINY_VOCAB, save_tiny_parent, tiny_demo_child, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from puzzle.configuration_puzzle import PuzzleConfig
-from puzzle.convert import load_parent
 from puzzle.errors import PuzzleError
-from puzzle.export import save_child
-from puzzle.modeling_puzzle import PuzzleForCausalLM
+from puzzle.hf.convert import load_parent
+from puzzle.hf.export import save_child
+from puzzle.model.configuration_puzzle import PuzzleConfig
+from puzzle.model.modeling_puzzle import PuzzleForCausalLM
 
 BLOCKS = [
     {"attention": {"no_op": True}, "ffn": {"intermediate_size": 40}},
@@ -172,7 +172,7 @@ def test_exported_demo_shaped_child_generates_the_same_with_and_without_the_cach
 
 
 def test_export_layout_and_decilm_config(child, tmp_path, caplog):
-    with caplog.at_level("WARNING", logger="puzzle.export"):
+    with caplog.at_level("WARNING", logger="puzzle.hf.export"):
         export = save_child(child, tmp_path / "export")
     assert "replace_with_linear subblocks in layers [1, 2]" in caplog.text
     names = set(os.listdir(export))

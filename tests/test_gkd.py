@@ -14,7 +14,8 @@ from tiny import CHILD_BLOCKS, tiny_puzzle_config
 from tiny import TINY_VOCAB as VOCAB
 
 from puzzle.config import GKDConfig
-from puzzle.gkd import (
+from puzzle.model.modeling_puzzle import PuzzleForCausalLM
+from puzzle.stages.gkd import (
     WorkerArgs,
     batch_rows,
     compute_gkd_loss,
@@ -29,7 +30,6 @@ from puzzle.gkd import (
     unpack_model,
     weights_digest,
 )
-from puzzle.modeling_puzzle import PuzzleForCausalLM
 
 
 @pytest.fixture
@@ -197,21 +197,21 @@ def test_gkd_stage_picks_one_of_the_top_k_solutions(ray_session, tmp_path):
     """A known answer: of a pruned child and the parent's own architecture (listed second), short GKD must keep the
     parent's, which starts at KL 0 and stays near it; each candidate's reported validation KL is checked against a
     brute-force KL of its distilled weights."""
-    from puzzle.assemble import assemble_child
-    from puzzle.bld import BlockStore
-    from puzzle.convert import load_parent
-    from puzzle.gkd import run_gkd_stage
+    from puzzle.hf.convert import load_parent
+    from puzzle.stages.bld import BlockStore
+    from puzzle.stages.gkd import distill_solutions
+    from puzzle.stages.gkd.assemble import assemble_child
     from tests.tiny import save_tiny_parent
 
     parent = load_parent(save_tiny_parent(tmp_path, num_hidden_layers=2))
-    store = BlockStore(tmp_path / "library")  # parent and no-op variants need no library weights
+    store = BlockStore(tmp_path / "store")  # parent and no-op variants need no trained weights
     pruned = {"layer_0": "attn_no_op+ffn_64", "layer_1": "attn_group2+ffn_no_op"}
     whole = {"layer_0": "attn_group2+ffn_64", "layer_1": "attn_group2+ffn_64"}  # 4 heads / 2 KV heads, FFN 64
     assert [parent.config.block_config(i).name for i in range(2)] == list(whole.values())
     train_ids = torch.randint(0, 128, (32, 16))
     val_ids = torch.randint(0, 128, (8, 16))
     cfg = GKDConfig(tokens=4 * 4 * 16, batch_size=4, lr=3e-3, warmup_ratio=0.0, checkpoint_every=10, topk_tokens=64)
-    out = run_gkd_stage(parent, store, [pruned, whole], train_ids, val_ids, cfg, tmp_path / "work", topk=2)
+    out = distill_solutions(parent, store, [pruned, whole], train_ids, val_ids, cfg, tmp_path / "work", topk=2)
     assert out["index"] == 1
     assert [out["model"].config.block_config(i).name for i in range(2)] == list(whole.values())
     assert out["result"].steps == 4 and out["result"].finished

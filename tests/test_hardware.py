@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from puzzle.common.hardware import DEVICES, dtype_bytes, get_device_spec, known_devices, normalize_dtype, roofline_ms
 from puzzle.errors import ConfigError
-from puzzle.hardware import DEVICES, dtype_bytes, get_device_spec, known_devices, normalize_dtype, roofline_ms
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ import pytest
 from puzzle import cli
 from puzzle.config import PROJECT_ROOT
 from puzzle.errors import ConfigError
-from puzzle.jobs import EXCLUDES, auth_headers, default_address, entrypoint
+from puzzle.runner.jobs import EXCLUDES, auth_headers, default_address, entrypoint
 
 
 def free_port() -> int:

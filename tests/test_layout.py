@@ -180,10 +180,12 @@ def test_the_graph_sees_lazy_and_relative_imports():
     """The reader resolves what the real package uses, so an empty cycle list means something."""
     graph = import_graph()
     assert "puzzle.errors" in graph["puzzle.config.schema"]  # module level
-    assert "puzzle.convert" in graph["puzzle.pipeline"]  # inside a function
-    assert "puzzle.modeling_puzzle" in graph["puzzle.assemble"]  # under TYPE_CHECKING
-    assert "puzzle.block_config" in graph["puzzle.configuration_puzzle"]  # relative (`from .block_config import`)
-    assert graph["puzzle.profiling"], "puzzle/profiling/__init__.py re-exports its submodules"
+    assert "puzzle.runner.validate" in graph["puzzle.stages.parent"]  # inside a function
+    assert "puzzle.model.modeling_puzzle" in graph["puzzle.stages.gkd.assemble"]  # under TYPE_CHECKING
+    assert (
+        "puzzle.model.block_config" in graph["puzzle.model.configuration_puzzle"]
+    )  # relative (`from .block_config import`)
+    assert graph["puzzle.stages.profile"], "puzzle/stages/profile/__init__.py re-exports its submodules"
 
 
 def test_find_cycles_names_the_cycle():
@@ -223,3 +225,31 @@ def test_no_private_names_imported_across_modules():
     assert not found, "private names used across puzzle modules (make them public or keep them at home):\n" + "\n".join(
         sorted(set(found))
     )
+
+
+MAX_LINES = 600
+
+
+def test_no_module_is_over_600_lines():
+    """A module that grows past this does several jobs; split it by job, as gkd/ and config/ were."""
+    long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+STAGES = ("parent", "data", "bld", "score", "profile", "search", "gkd", "evaluate", "export")
+
+
+def test_every_stage_has_a_module_of_its_name():
+    """A reader finds each stage's code under puzzle/stages/ by the stage's name, with its adapter `run`, and the
+    pipeline runs exactly that adapter."""
+    from puzzle.runner.pipeline import build_stages
+
+    assert tuple(s.name for s in build_stages()) == STAGES
+    adapters = {s.name: s.run.__qualname__ for s in build_stages()}
+    for stage in STAGES:
+        module = f"{PACKAGE}.stages.{stage}"
+        adapter = module if module in MODULES and MODULES[module].name != "__init__.py" else f"{module}.stage"
+        assert adapter in MODULES, f"stage {stage}: no puzzle/stages/{stage}.py or puzzle/stages/{stage}/stage.py"
+        tree = ast.parse(MODULES[adapter].read_text())
+        assert any(isinstance(n, ast.FunctionDef) and n.name == "run" for n in tree.body), f"{adapter} has no run()"
+        assert adapters[stage] == f"{adapter}.run"

@@ -1,4 +1,4 @@
-"""Initialisers of child subblocks (puzzle.library) against reference computations on tiny weights."""
+"""Initialisers of child subblocks (puzzle.stages.bld.init) against reference computations on tiny weights."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import torch
 from tiny import tiny_parent
 from torch.testing import assert_close
 
-from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.convert import puzzle_config_from_hf
 from puzzle.errors import ConfigError, PuzzleError
-from puzzle.library import (
+from puzzle.hf.convert import puzzle_config_from_hf
+from puzzle.model.block_config import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.model.modeling_puzzle import PuzzleDecoderLayer
+from puzzle.stages.bld.init import (
     ffn_channel_scores,
     init_attention,
     init_ffn,
@@ -24,7 +25,6 @@ from puzzle.library import (
     split_subblock,
     swiglu_output,
 )
-from puzzle.modeling_puzzle import PuzzleDecoderLayer
 
 HIDDEN, HEADS, HEAD_DIM, INTER = 32, 4, 8, 48
 GQA2 = AttentionConfig(n_heads_in_group=2)  # the parent attention of the tiny layer: 4 heads on 2 KV heads

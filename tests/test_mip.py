@@ -14,7 +14,7 @@ import pytest
 
 from puzzle.cli import main
 from puzzle.errors import ConfigError, InfeasibleError, PuzzleError
-from puzzle.mip import (
+from puzzle.stages.search import (
     BlockLibrary,
     Budget,
     Constraint,
@@ -356,7 +356,7 @@ def test_budget_to_constraints_subtracts_fixed_costs():
         ("stats.prefill_runtime_ms", 45.0),
         ("stats.num_params", 1300.0),
     ]
-    with pytest.raises(ConfigError, match="speedup must be a positive number"):
+    with pytest.raises(ConfigError, match="budget.speedup=.* must be"):
         Budget(speedup=-1.0)
     with pytest.raises(ConfigError, match="unknown budget key 'tps'"):
         Budget.from_dict({"tps": 3})
@@ -559,7 +559,7 @@ def test_dominated_variant_is_used_when_diversity_needs_it():
 def test_solution_not_proven_optimal_when_the_solver_stops_early(monkeypatch):
     import pulp
 
-    from puzzle.search import mip
+    from puzzle.stages.search import mip
 
     # A node limit of 1 stops CBC after the root; the incumbent is feasible but not proven optimal.
     monkeypatch.setattr(mip, "_make_solver", lambda *a: pulp.PULP_CBC_CMD(msg=False, maxNodes=1))
@@ -583,7 +583,7 @@ def test_search_rejects_unprofiled_batch_size_and_serialises():
 def test_read_choice_insists_on_one_variant_per_layer():
     import pulp
 
-    from puzzle.search.mip import _read_choice
+    from puzzle.stages.search.mip import _read_choice
 
     x = {(i, j): pulp.LpVariable(f"x_{i}_{j}", cat=pulp.LpBinary) for i in range(2) for j in range(3)}
     assert _read_choice(x, 2) is None  # nothing solved yet
@@ -678,7 +678,7 @@ def test_parent_that_fits_nowhere_is_measured_at_its_best(caplog):
     library = llama_h100_library()
     # 2.5 GiB = 2560 MiB: the parent needs 2632 even at batch 1. The baseline ignores the memory budget (its best at
     # any batch size, 64), which keeps the speed-up at least as demanding as without a memory budget.
-    with caplog.at_level("WARNING", logger="puzzle.search.budget"):
+    with caplog.at_level("WARNING", logger="puzzle.stages.search.budget"):
         baseline = parent_baseline(library, Budget(speedup=1.5, memory_gib=2.5), [1, 16, 64])
     assert (baseline.batch_size, baseline.fits_budget) == (64, False)
     assert "at none of the batch sizes" in caplog.text

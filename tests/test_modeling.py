@@ -1,4 +1,5 @@
-"""The heterogeneous model (puzzle.modeling_puzzle): every variant, KV cache with no-op layers, layer-level API."""
+"""The heterogeneous model (puzzle.model.modeling_puzzle): every variant, KV cache with no-op layers, layer-level
+API."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import torch
 from tiny import DEMO_CHILD_BLOCKS, TINY_VOCAB, tiny_demo_child
 from torch.testing import assert_close
 
-from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.configuration_puzzle import PuzzleConfig
 from puzzle.errors import ConfigError
-from puzzle.modeling_puzzle import (
+from puzzle.model.block_config import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.model.configuration_puzzle import PuzzleConfig
+from puzzle.model.modeling_puzzle import (
     PuzzleAttention,
     PuzzleDecoderLayer,
     PuzzleForCausalLM,

@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 
-from puzzle import parent as parent_mod
-from puzzle.data import DataConfig
 from puzzle.errors import ConfigError
-from puzzle.parent import ParentRecipe, ensure_default_parent, evaluate_lm, unigram_baseline
+from puzzle.stages import parent as parent_mod
+from puzzle.stages.data import DataConfig
+from puzzle.stages.parent import ParentRecipe, ensure_default_parent, evaluate_lm, unigram_baseline
 
 
 def _tiny_recipe(**kw) -> ParentRecipe:

@@ -7,26 +7,25 @@ import json
 import pytest
 import torch
 
-from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.common.hardware import get_device_spec
+from puzzle.config import ProfilingConfig
 from puzzle.errors import PuzzleError
-from puzzle.hardware import get_device_spec
-from puzzle.modeling_puzzle import PuzzleConfig, PuzzleDecoderLayer, PuzzleForCausalLM
-from puzzle.profiling import (
+from puzzle.library import build_library_json, write_library_json
+from puzzle.model.block_config import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.model.modeling_puzzle import PuzzleConfig, PuzzleDecoderLayer, PuzzleForCausalLM
+from puzzle.stages.profile import (
     BlockCosts,
     LatencyStats,
     ProfileCache,
-    ProfileSettings,
     block_shape,
     block_work,
-    build_library_json,
     measure_decode_latency,
     measure_prefill_latency,
     profile_blocks,
     resolve_device,
-    write_library_json,
 )
 
-FAST = ProfileSettings(warmup=0, repeats=2, decode_steps=2, stack=2)
+FAST = ProfilingConfig(warmup=0, repeats=2, decode_steps=2, stack=2)
 
 
 # Intra-op threads only slow tiny matmuls down (and badly so on a shared machine).
@@ -165,7 +164,7 @@ STAT_KEYS = ("num_params", "kv_bytes_per_token", "kv_cache_mib", "memory_mib", "
 
 
 def test_library_json_is_nvlabs_compatible_and_loads_in_the_search(tmp_path):
-    from puzzle.mip import BlockLibrary
+    from puzzle.stages.search import BlockLibrary
 
     cfg = tiny_config()
     costs = profile_blocks(
@@ -225,9 +224,9 @@ def test_library_json_refuses_scores_without_costs():
 
 def test_score_and_profile_stages_write_a_library_the_search_solves(tmp_path):
     from puzzle.config import ProfilingConfig, ScoringConfig, TargetConfig
-    from puzzle.mip import BlockLibrary, Budget, search
-    from puzzle.profiling import run_profiling
-    from puzzle.scoring import run_scoring
+    from puzzle.stages.profile import run_profiling
+    from puzzle.stages.score import run_scoring
+    from puzzle.stages.search import BlockLibrary, Budget, search
 
     class Source:
         def build_layer(self, parent_model, layer_idx, block):
@@ -257,7 +256,7 @@ def test_score_and_profile_stages_write_a_library_the_search_solves(tmp_path):
 
 def test_scoring_on_gpus_without_cuda_is_a_clear_error():
     from puzzle.config import ScoringConfig
-    from puzzle.scoring import run_scoring
+    from puzzle.stages.score import run_scoring
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -268,22 +267,22 @@ def test_scoring_on_gpus_without_cuda_is_a_clear_error():
 
 def test_clock_and_cache_flush_settings():
     from puzzle.errors import ConfigError
-    from puzzle.profiling.blocks import flush_cache, working_set_bytes
-    from puzzle.profiling.timing import Stopwatch, clock, last_level_cache_bytes
+    from puzzle.stages.profile.blocks import flush_cache, working_set_bytes
+    from puzzle.stages.profile.timing import Stopwatch, clock, last_level_cache_bytes
 
     with pytest.raises(ConfigError, match="clock='cpu' cannot time cuda work"):
         clock("cpu", torch.device("cuda"))
     with pytest.raises(ConfigError, match="unknown clock"):
         clock("sundial", torch.device("cpu"))
-    with pytest.raises(ConfigError, match="profiling.flush='sometimes'"):
-        ProfileSettings(flush="sometimes")
+    with pytest.raises(ConfigError, match="profiling.flush='sometimes' is not one of"):
+        ProfilingConfig(flush="sometimes")
     cfg = tiny_config()
     parent = block_shape(cfg, PARENT)
     expected = (128 * 32 + 32 + 2 * parent.num_params + 2 * 3 * 8 * parent.kv_elements_per_token) * 4
     assert working_set_bytes(cfg, 3, 8, 4) == expected
     cpu, f32 = torch.device("cpu"), torch.float32
-    assert not flush_cache(ProfileSettings(flush="auto"), cfg, 1, 8, f32, cpu)  # a tiny parent fits in any cache
-    assert flush_cache(ProfileSettings(flush="always"), cfg, 1, 8, f32, cpu)
+    assert not flush_cache(ProfilingConfig(flush="auto"), cfg, 1, 8, f32, cpu)  # a tiny parent fits in any cache
+    assert flush_cache(ProfilingConfig(flush="always"), cfg, 1, 8, f32, cpu)
     assert last_level_cache_bytes(cpu) >= 2**20
     watch = Stopwatch(cpu, "cpu", flush=True)
     assert watch.buffer is not None and watch.buffer.numel() * 4 == 2 * last_level_cache_bytes(cpu)
@@ -303,8 +302,8 @@ def test_profile_blocks_in_one_ray_task(ray_session, tmp_path):
 
 
 def test_interleaved_rounds_and_paired_marginal_costs():
-    from puzzle.profiling.blocks import _paired
-    from puzzle.profiling.timing import interleaved_repeats
+    from puzzle.stages.profile.blocks import _paired
+    from puzzle.stages.profile.timing import interleaved_repeats
 
     calls = []
     samples = interleaved_repeats([lambda: calls.append("a") or 1.0, lambda: calls.append("b") or 2.0], 1, 3)

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from puzzle.errors import PuzzleError
-from puzzle.report import build_report, check_report, predict_from_library, render_markdown, write_report
-from puzzle.search import BlockLibrary, predict
+from puzzle.stages.export import build_report, check_report, predict_from_library, render_markdown, write_report
+from puzzle.stages.search import BlockLibrary, predict
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -193,8 +193,8 @@ def test_missing_fields_are_named(evaluation, library):
 
 
 def test_export_and_report_writes_the_checkpoint_and_the_report(tmp_path, evaluation, library):
-    from puzzle.modeling_puzzle import PuzzleConfig, PuzzleForCausalLM
-    from puzzle.report import export_and_report
+    from puzzle.model.modeling_puzzle import PuzzleConfig, PuzzleForCausalLM
+    from puzzle.stages.export import export_and_report
 
     blocks = [
         {"attention": {"no_op": True}, "ffn": {"intermediate_size": 16}},
@@ -220,3 +220,32 @@ def test_export_and_report_writes_the_checkpoint_and_the_report(tmp_path, evalua
     data = json.loads(paths["report.json"].read_text())
     assert data["export"] == "export" and paths["export"] == tmp_path / "run" / "export"
     assert [row["ffn"] for row in data["architecture"]] == ["ffn_16", "ffn_no_op"]
+
+
+def test_a_closed_loop_search_is_reported_round_by_round(evaluation, library):
+    """Each round's budget, prediction and measurement reach report.json and report.md, with how far the loop's
+    measurement of the chosen architecture was from the evaluate stage's."""
+    layers = {"layer_0": "S", "layer_1": "P"}
+    loop = {
+        "met": True,
+        "chosen_round": 2,
+        "stopped": "budget met as measured",
+        "rounds": [
+            {"round": 1, "budget": {"speedup": 2.0}, "layers": layers, "batch_size": 1, "parent_batch_size": 1,
+             "predicted": {"speedup": 2.0}, "measured": {"speedup": 1.8}, "met": False,
+             "correction": {"speedup": 0.9}},
+            {"round": 2, "budget": {"speedup": 2.2222}, "layers": layers, "batch_size": 1, "parent_batch_size": 1,
+             "predicted": {"speedup": 2.25}, "measured": {"speedup": 2.4}, "met": True,
+             "correction": {"speedup": 1.0667}},
+        ],
+    }  # fmt: skip
+    evaluation = {**evaluation, "speedup_measured_budget": 2.5}
+    report, _ = _report(evaluation, library, closed_loop=loop)
+    assert report["closed_loop"]["chosen_round"] == 2
+    assert report["speedup_closed_loop"] == 2.4
+    assert report["speedup_closed_loop_error"] == pytest.approx(2.5 / 2.4 - 1.0)
+    markdown = render_markdown(report)
+    assert "## Closed-loop budget" in markdown
+    assert "| 1 | speedup 2 | speedup 2 | speedup 1.8 | speedup 0.900 | no |" in markdown
+    assert "| 2 | speedup 2.222 | speedup 2.25 | speedup 2.4 | speedup 1.067 | yes |" in markdown
+    assert "measured 2.40x in the loop and 2.50x distilled" in markdown

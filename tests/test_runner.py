@@ -1,7 +1,7 @@
 """The job runner's mechanics: config.yaml, manifests, caching by input hash, --from/--until, atomic stage
 directories, resuming after a crash or a kill, the run lock, and the real parent and data stages on a tiny parent.
 
-Fake stage functions below exist only to exercise the runner; the real stages are in puzzle.pipeline.
+Fake stage functions below exist only to exercise the runner; the real stages are in puzzle.runner.pipeline.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import pytest
 import yaml
 
 from puzzle import cli
-from puzzle.config import BudgetConfig, JobConfig, RunConfig
+from puzzle.config import Budget, JobConfig, RunConfig
 from puzzle.errors import PuzzleError
-from puzzle.pipeline import Stage, StageResult, build_stages
-from puzzle.runner import headline, run_job, run_lock
+from puzzle.runner.pipeline import build_stages
+from puzzle.runner.run import headline, run_job, run_lock
+from puzzle.runner.stage import Stage, StageResult
 
 REPORT = {
     "parent": {"params": 1000, "test": {"lm_loss": 2.0, "top1": 0.5}, "throughput": {"decode_tok_s": 100.0}},
@@ -58,7 +59,7 @@ def fake_stages(calls: list[str], fail: str | None = None) -> list[Stage]:
 
 
 def make_job(tmp_path: Path, **bld) -> JobConfig:
-    job = JobConfig(run=RunConfig(name="t", runs_dir=str(tmp_path / "runs")), budget=BudgetConfig(speedup=2.0))
+    job = JobConfig(run=RunConfig(name="t", runs_dir=str(tmp_path / "runs")), budget=Budget(speedup=2.0))
     for key, value in bld.items():
         setattr(job.bld, key, value)
     return job
@@ -182,7 +183,7 @@ def test_headline_tolerates_missing_fields(tmp_path):
 
 
 def test_logging_is_disabled_by_default_and_wandb_offline_writes_locally(tmp_path, monkeypatch):
-    from puzzle.progress import NullLogger, make_logger
+    from puzzle.common.progress import NullLogger, make_logger
 
     logger = make_logger("disabled", project="p", entity=None, name="n", config={}, run_dir=tmp_path)
     assert isinstance(logger, NullLogger)
@@ -197,9 +198,9 @@ def test_logging_is_disabled_by_default_and_wandb_offline_writes_locally(tmp_pat
 KILL_SCRIPT = textwrap.dedent(
     """
     import os, sys, time
-    from puzzle.config import BudgetConfig, JobConfig, RunConfig
-    from puzzle.pipeline import Stage, StageResult
-    from puzzle.runner import run_job
+    from puzzle.config import Budget, JobConfig, RunConfig
+    from puzzle.runner.stage import Stage, StageResult
+    from puzzle.runner.run import run_job
 
     def a(ctx):
         (ctx.out_dir / "a.txt").write_text("a")
@@ -218,7 +219,7 @@ KILL_SCRIPT = textwrap.dedent(
         return StageResult(tokens=10 - start)
 
     stages = [Stage("a", ("bld",), (), a), Stage("b", ("gkd",), ("a",), b, publish=("b.txt",))]
-    job = JobConfig(run=RunConfig(name="k", runs_dir=sys.argv[1]), budget=BudgetConfig(speedup=2.0))
+    job = JobConfig(run=RunConfig(name="k", runs_dir=sys.argv[1]), budget=Budget(speedup=2.0))
     run_job(job, stages=stages, validate=False)
     """
 )

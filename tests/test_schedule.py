@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from puzzle.bld import lr_at
 from puzzle.common.schedule import lambda_lr, lr_factor
 from puzzle.config import BLDConfig
-from puzzle.parent import ParentRecipe
+from puzzle.stages.bld import lr_at
+from puzzle.stages.parent import ParentRecipe
 
 TOTALS = (1, 2, 3, 7, 10, 100, 997)
 

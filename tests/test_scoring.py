@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.errors import ConfigError
-from puzzle.modeling_puzzle import PuzzleConfig, PuzzleDecoderLayer, PuzzleForCausalLM
-from puzzle.scoring import build_parent_cache, score_blocks, score_layer_cached, score_layer_naive
+from puzzle.model.block_config import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.model.modeling_puzzle import PuzzleConfig, PuzzleDecoderLayer, PuzzleForCausalLM
+from puzzle.stages.score import build_parent_cache, score_blocks, score_layer_cached, score_layer_naive
 
 VOCAB = 128
 

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from puzzle.block_config import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.config.search_space import ParentShape, SearchSpace, ffn_width
 from puzzle.errors import ConfigError
-from puzzle.search_space import ParentShape, SearchSpace, ffn_width
+from puzzle.model.block_config import AttentionConfig, BlockConfig, FFNConfig
 
 SPACES = Path(__file__).resolve().parents[1] / "search_space"
 

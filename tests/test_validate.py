@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from puzzle import cli
-from puzzle.config import BudgetConfig, JobConfig
+from puzzle.config import Budget, JobConfig
 from puzzle.errors import ConfigError
-from puzzle.validate import check_cluster_resources, check_parent_checkpoint, check_target
+from puzzle.runner.validate import check_cluster_resources, check_parent_checkpoint, check_target
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,7 @@ def test_cuda_requested_without_cuda(tmp_path, capsys):
 
 
 def _no_cuda() -> None:
-    from puzzle.validate import cuda_device_count
+    from puzzle.runner.validate import cuda_device_count
 
     if cuda_device_count():
         pytest.skip("this machine has CUDA")
@@ -226,9 +226,9 @@ def test_every_gpu_request_is_named(tmp_path, capsys):
 
 def test_gpus_for_a_submitted_job_are_the_clusters_business():
     """`puzzle submit` validates with local=False: the cluster's GPUs count, not this machine's."""
-    from puzzle.validate import validate_job
+    from puzzle.runner.validate import validate_job
 
-    job = JobConfig(budget=BudgetConfig(speedup=2.0))
+    job = JobConfig(budget=Budget(speedup=2.0))
     job.bld.num_gpus = 1
     validate_job(job, local=False)
 
@@ -237,7 +237,7 @@ def test_gpus_for_a_submitted_job_are_the_clusters_business():
 
 
 def test_gpus_requested_on_a_cluster_without_them():
-    job = JobConfig(budget=BudgetConfig(speedup=2.0))
+    job = JobConfig(budget=Budget(speedup=2.0))
     job.bld.num_gpus = 0.5
     with pytest.raises(ConfigError, match=r"bld.num_gpus=0.5 but the Ray cluster has no GPUs"):
         check_cluster_resources(job, {"CPU": 8.0})
@@ -249,8 +249,8 @@ def test_gpus_requested_on_a_cluster_without_them():
 
 def test_gpu_check_runs_against_the_real_cluster_before_any_ray_stage(tmp_path, capsys, ray_session, monkeypatch):
     """Through the CLI: a Ray stage is about to run on a GPU-less cluster with a GPU request: refused first."""
-    from puzzle import runner
-    from puzzle.pipeline import Stage
+    from puzzle.runner import run as runner
+    from puzzle.runner.stage import Stage
 
     calls = []
     fake = [Stage("parent", ("parent",), (), lambda ctx: calls.append("ran"), uses_ray=True)]

@@ -19,9 +19,9 @@ import torch
 from tiny import TINY_VOCAB, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from puzzle.configuration_puzzle import PuzzleConfig
-from puzzle.export import linear_layers, save_child
-from puzzle.modeling_puzzle import PuzzleForCausalLM
+from puzzle.hf.export import linear_layers, save_child
+from puzzle.model.configuration_puzzle import PuzzleConfig
+from puzzle.model.modeling_puzzle import PuzzleForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("PUZZLE_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))

@@ -68,7 +68,7 @@ CHILD_BLOCKS = [
 
 def tiny_puzzle_config(block_configs: list[dict] | None = None, **overrides: Any):
     """A 3-layer PuzzleConfig (hidden 32, FFN 64, 4 heads, 2 KV heads, vocab TINY_VOCAB); keyword overrides win."""
-    from puzzle.modeling_puzzle import PuzzleConfig
+    from puzzle.model.modeling_puzzle import PuzzleConfig
 
     values = dict(
         vocab_size=TINY_VOCAB,
@@ -98,7 +98,7 @@ DEMO_CHILD_BLOCKS = [
 
 def tiny_demo_child(seed: int = 0) -> torch.nn.Module:
     """A `PuzzleForCausalLM` with `DEMO_CHILD_BLOCKS`, no EOS (greedy runs never stop early), weights scaled up."""
-    from puzzle.modeling_puzzle import PuzzleForCausalLM
+    from puzzle.model.modeling_puzzle import PuzzleForCausalLM
 
     config = tiny_puzzle_config(
         DEMO_CHILD_BLOCKS, num_hidden_layers=len(DEMO_CHILD_BLOCKS), bos_token_id=1, eos_token_id=None, pad_token_id=0

@@ -13,7 +13,7 @@ from puzzle.errors import ConfigError
 
 def token_rows(data: Any, what: str = "") -> Tensor:
     """A [rows, seq_len] LongTensor from a tensor, an iterable of rows or of [batch, seq_len] batches (tensors or
-    lists), or a datasets.Dataset with an "input_ids" column (puzzle.data.build_splits' packed splits).
+    lists), or a datasets.Dataset with an "input_ids" column (puzzle.stages.data.build_splits' packed splits).
 
     what: the data's role ("calibration", "train", ...), named in errors.
     """

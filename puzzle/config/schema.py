@@ -12,14 +12,14 @@ from typing import Any
 
 from puzzle.errors import ConfigError
 
-# The data splits, in order, and where text can come from (puzzle.data reads them).
+# The data splits, in order, and where text can come from (puzzle.stages.data reads them).
 SPLITS = ("calibration", "train", "validation", "test")
 SOURCES = ("stdlib", "files", "jsonl", "hf")
 WANDB_MODES = ("disabled", "offline", "online")
 BLD_MODES = ("decoupled", "coupled")
 SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("float32", "bfloat16", "float16")
-# What replace-1-block scoring records for every block (puzzle.scoring.METRICS, kept equal by a test): the
+# What replace-1-block scoring records for every block (puzzle.stages.score.METRICS, kept equal by a test): the
 # library's metrics.* keys, one of which search.objective optimises.
 SCORING_METRICS = ("kl_div", "lm_loss", "top1")
 # Metrics where higher is better; the others are losses.
@@ -174,17 +174,18 @@ class TargetConfig:
 
 
 @dataclass
-class BudgetConfig:
-    """The budget in human terms; every field is optional, at least one must be set."""
+class Budget:
+    """The deployment budget in human terms; every field is optional, a job sets at least one. Totals include the
+    fixed costs (embeddings, LM head). The search (`puzzle.stages.search`) reads it as is."""
 
     speedup: float | None = None
     """Minimum decode throughput over the parent's best on the same target (its best over the target's batch sizes
     at which it fits the memory and latency budgets), e.g. 2.0 for 2x. The child may be served at a larger batch than
     the parent when it fits one in the same memory; a larger batch the parent could use too is no speed-up."""
     throughput_tok_s: float | None = None
-    """Minimum decode throughput in generated tokens/s at the target batch size."""
+    """Minimum decode throughput in generated tokens/s at the batch size: batch / decode step latency."""
     decode_latency_ms: float | None = None
-    """Maximum decode latency per generated token (whole batch), ms."""
+    """Maximum latency of one decode step (one token for every sequence in the batch), ms."""
     prefill_latency_ms: float | None = None
     """Maximum prefill latency (time to first token), ms."""
     memory_gib: float | None = None
@@ -194,17 +195,40 @@ class BudgetConfig:
 
     def __post_init__(self) -> None:
         for name, value in self.fields_set().items():
+            number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            if not number:
+                raise ConfigError(f"budget.{name}={value!r} must be a positive number")
             if value <= 0:
                 raise ConfigError(f"budget.{name}={value} must be > 0")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Budget:
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"unknown budget key {unknown[0]!r}; known: {', '.join(cls.__dataclass_fields__)}")
+        return cls(**d)
 
     def fields_set(self) -> dict[str, float]:
         """The budget entries that are set, by name."""
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
+    def limits(self) -> Budget:
+        """Only the limits a deployment of any model must meet at the batch it serves: memory and latencies.
+
+        These decide at which batch sizes the parent itself is a valid deployment (`parent_baseline`). Throughput
+        and speed-up are targets, not limits, and a parameter cap does not depend on the batch: it says how much
+        smaller than the parent the child must be, so it cannot rule out one batch size for the parent.
+        """
+        return Budget(
+            memory_gib=self.memory_gib,
+            decode_latency_ms=self.decode_latency_ms,
+            prefill_latency_ms=self.prefill_latency_ms,
+        )
+
 
 @dataclass
 class BLDConfig:
-    """Block library: initialisation from the parent and blockwise local distillation (BLD)."""
+    """The BLD stage: every variant initialised from the parent, then trained by blockwise local distillation."""
 
     tokens: int = 200_000
     """Training tokens per block."""
@@ -260,10 +284,6 @@ class BLDConfig:
         _check_positive("bld.num_workers", self.num_workers)
         _check_positive("bld.num_cpus", self.num_cpus, allow_zero=True)
         _check_positive("bld.num_gpus", self.num_gpus, allow_zero=True)
-
-
-# The library stage is initialisation + BLD; both names refer to the same schema.
-LibraryConfig = BLDConfig
 
 
 @dataclass
@@ -333,6 +353,11 @@ class ProfilingConfig:
         _check_choice("profiling.clock", self.clock, ("wall", "cpu"))
         _check_choice("profiling.flush", self.flush, ("auto", "always", "never"))
 
+    def timing(self) -> dict[str, Any]:
+        """The settings that decide what a timing measures: part of every profile-cache key and recorded in
+        library.json's metadata, so the evaluation times whole models the same way."""
+        return {k: getattr(self, k) for k in ("warmup", "repeats", "decode_steps", "stack", "clock", "flush")}
+
 
 @dataclass
 class SearchConfig:
@@ -354,9 +379,21 @@ class SearchConfig:
     """Relative optimality gap at which the solver may stop."""
     topk_gkd: int = 1
     """Short GKD of the top-k solutions, keeping the best on validation (1 = the MIP's best only)."""
+    measure_rounds: int = 0
+    """Closed loop: measure the chosen architecture end to end on the target (assembled from BLD blocks, timed beside
+    the parent as the evaluate stage times them), correct the budget from the measurement and solve again, for at most
+    this many rounds (0: trust the summed block costs). Needs budget.speedup, throughput_tok_s or decode_latency_ms."""
+    measure_tolerance: float = 0.0
+    """A measured figure within this fraction of the budget counts as meeting it (0: strictly)."""
+    measure_repeats: int = 5
+    """Timing rounds per closed-loop measurement (parent and child alternate; the median is kept)."""
 
     def __post_init__(self) -> None:
         _check_choice("search.solver", self.solver, ("cbc", "highs"))
+        _check_positive("search.measure_rounds", self.measure_rounds, allow_zero=True)
+        _check_positive("search.measure_repeats", self.measure_repeats)
+        if not 0.0 <= self.measure_tolerance < 1.0:
+            raise ConfigError(f"search.measure_tolerance={self.measure_tolerance} must be in [0, 1)")
         _check_positive("search.num_solutions", self.num_solutions)
         _check_positive("search.diversity", self.diversity, allow_zero=True)
         _check_positive("search.time_limit", self.time_limit)
@@ -510,7 +547,7 @@ class RunConfig:
     runs_dir: str = "runs"
     """Parent directory of run directories (relative to the cwd; submitted jobs get an absolute path)."""
     seed: int = 0
-    """Seeds every random source of the run (puzzle.seeding): each stage, BLD block, GKD worker and scoring task
+    """Seeds every random source of the run (puzzle.common.seeding): each stage, BLD block, GKD worker and scoring task
     gets a seed derived from it. data.seed alone picks the data split, so runs with different seeds share a test set."""
 
     def __post_init__(self) -> None:
@@ -529,7 +566,7 @@ class JobConfig:
     `str | list[str]` of data.paths)."""
     search_space: SearchSpaceConfig = field(default_factory=SearchSpaceConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
-    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    budget: Budget = field(default_factory=Budget)
     bld: BLDConfig = field(default_factory=BLDConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)

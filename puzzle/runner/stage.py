@@ -1,0 +1,94 @@
+"""The contract between the runner and a stage: what a stage is (`Stage`), what its adapter gets (`StageContext`)
+and what it returns (`StageResult`).
+
+An adapter `run(ctx) -> StageResult` reads upstream artifacts from `ctx.upstream[name]`, writes only into `ctx.out_dir`
+(a temporary directory the runner renames when the adapter returns) and keeps resumable state in `ctx.work_dir` (kept
+across a crash, cleared when its inputs change); work that is keyed by its own content, and so stays valid when the
+stage's inputs change, goes under a run-directory path the stage declares in `keep` (BLD's blocks/).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from puzzle.common.progress import NullLogger, RunLogger
+from puzzle.config import JobConfig
+from puzzle.errors import PuzzleError
+
+PARENT_JSON = "parent.json"
+"""The parent stage's record of the parent (`StageContext.parent_info`)."""
+
+
+@dataclass
+class StageResult:
+    """What an adapter reports back; the runner records it in the stage's manifest.json."""
+
+    tokens: int = 0
+    """Tokens the stage processed (trained on, scored, evaluated), for the report."""
+    output_hash: str | None = None
+    """A digest of what the stage produced when it is not determined by its inputs alone (e.g. a checkpoint)."""
+    summary: dict[str, Any] = field(default_factory=dict)
+    """Small JSON-able facts worth keeping in the manifest (counts, chosen batch size, ...)."""
+
+
+@dataclass
+class StageContext:
+    """Everything an adapter may use. Stages get plain dataclasses, never a DictConfig."""
+
+    job: JobConfig
+    run_dir: Path
+    out_dir: Path
+    work_dir: Path
+    upstream: dict[str, Path]
+    logger: RunLogger = field(default_factory=NullLogger)
+
+    def parent_info(self) -> dict[str, Any]:
+        """What the parent stage recorded (parent.json): path, fingerprint (of the checkpoint), dtype,
+        loaded_fingerprint (of both), model_type, sizes. Every stage after it reads the parent through this."""
+        return read_json(self.upstream["parent"] / PARENT_JSON)
+
+    def find_upstream(self, filename: str) -> Path:
+        """The latest upstream stage's copy of `filename` (stages run in order, later ones refine earlier)."""
+        for name in reversed(list(self.upstream)):
+            path = self.upstream[name] / filename
+            if path.exists():
+                return path
+        first = next(iter(self.upstream), "parent")
+        raise PuzzleError(f"no upstream stage of this job produced {filename}; rerun with --from {first}")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    sections: tuple[str, ...]
+    """Job sections (JobConfig field names) whose values are inputs of this stage."""
+    after: tuple[str, ...]
+    """Upstream stages whose artifacts this stage reads."""
+    run: Callable[[StageContext], StageResult | None]
+    """The adapter."""
+    publish: tuple[str, ...] = ()
+    """Files or directories of the stage directory linked into the run directory's top level."""
+    uses_ray: bool = False
+    """Whether the stage submits Ray work (the runner then connects to Ray before running anything)."""
+    always_run: bool = False
+    """Run even when cached (cheap stages whose real inputs live outside the run, e.g. a checkpoint on disk)."""
+    keep: tuple[str, ...] = ()
+    """Run-directory paths of content-addressed work that survive a rerun for changed inputs (only --from clears
+    them): every entry is keyed by what determines it, so an entry is either still valid or never looked up."""
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON values (summaries may hold paths, tuples or numpy scalars)."""
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))

@@ -1,0 +1,88 @@
+"""Blockwise local distillation (BLD) on Ray, and the block library it writes (docs/method.md section 3).
+
+Every child subblock learns to imitate its parent layer in isolation: its input is the parent's hidden state entering
+layer i (or, for an FFN variant, the state after the parent's attention), its target the parent's output of layer i, and
+its loss the normalised MSE  ||out_child - out_parent||^2 / ||out_parent - in||^2  (1.0 = no better than skipping it).
+
+- Decoupled mode (default): each attention variant trains beside the frozen parent FFN, each FFN variant beside the
+  frozen parent attention, so a layer with m attention and n FFN variants costs m + n blocks; pairs are composed later
+  without training. Coupled mode trains each (attention, FFN) pair. Parent and no-op variants are never trained.
+- The parent's forward pass runs ONCE per batch, on the driver, which captures every layer's input, post-attention
+  state and output, puts each tensor into the Ray object store once and hands the references to `BlockTrainer` actors
+  (each owns one or more layers' blocks, with num_cpus / num_gpus from `BLDConfig`). No parent prefix is recomputed.
+- Content-addressed: a block's key (`block_hash`) covers the parent as loaded (weights and dtype), its layer, kind and
+  variant, the data, and the training hyperparameters with the seed (every BLD setting but the resource-only ones:
+  workers, CPUs, GPUs, checkpoint cadence). Finished blocks live in a `BlockCache` under their key, which the pipeline
+  keeps in the run directory (runs/<name>/blocks/) across reruns of the stage: a block whose key is there is never
+  trained again, so adding a variant trains only the new blocks. Trainers return checkpoints (weights and AdamW state)
+  every `checkpoint_every` steps and the driver writes them under the block's key: a killed run resumes from them,
+  and a trainer actor that dies is restarted by Ray and replays its missing steps from its last checkpoint. Training
+  is deterministic per block (fixed data order, each block seeded from its key), so the finished library equals an
+  uninterrupted run's, however blocks are spread over trainers.
+
+A job's library on disk (`BlockStore`): root/index.json maps "layer_{i}" -> "attention" | "ffn" | "block" -> variant
+name -> entry {file, init, nmse_init, nmse_trained, tokens, seconds, hash, parent}; `file` is a safetensors file of the
+subblock's weights (keys relative to the layer, linked from the cache) or null for parent variants (their weights are
+the parent's) and no-ops.
+
+Entry point: `run_bld(parent, variants, calibration, train, cfg, out_dir, block_dir=...)`; the pipeline's bld stage
+calls it (`puzzle run jobs/demo.yaml`).
+
+Modules: `store` (BlockCache, BlockStore), `plan` (blocks, keys, assignment), `train` (shared forward, BlockRun,
+BlockTrainer), `driver` (run_bld).
+"""
+
+from puzzle.stages.bld.driver import batch_rows, collect_activations, run_bld
+from puzzle.stages.bld.plan import (
+    BLD_VERSION,
+    BlockSpec,
+    assign_blocks,
+    block_hash,
+    parent_fingerprint,
+    plan_blocks,
+    tokens_fingerprint,
+    training_signature,
+    variants_from_search_space,
+)
+from puzzle.stages.bld.store import BlockCache, BlockStore
+from puzzle.stages.bld.train import (
+    BlockRun,
+    BlockTrainer,
+    block_output,
+    evaluate_block,
+    initial_layer,
+    load_checkpoint,
+    lr_at,
+    normalised_mse,
+    parent_activations,
+    position_embeddings,
+    save_checkpoint,
+)
+
+__all__ = [
+    "BLD_VERSION",
+    "BlockCache",
+    "BlockRun",
+    "BlockSpec",
+    "BlockStore",
+    "BlockTrainer",
+    "assign_blocks",
+    "batch_rows",
+    "block_hash",
+    "block_output",
+    "collect_activations",
+    "evaluate_block",
+    "initial_layer",
+    "load_checkpoint",
+    "lr_at",
+    "normalised_mse",
+    "parent_activations",
+    "parent_fingerprint",
+    "plan_blocks",
+    "position_embeddings",
+    "run_bld",
+    "save_checkpoint",
+    "tokens_fingerprint",
+    "training_signature",
+    "variants_from_search_space",
+]

@@ -1,0 +1,167 @@
+"""Closed-loop budgets: solve, measure the chosen architecture end to end, correct the budget, solve again.
+
+The search meets a budget on summed per-block costs, and blocks do not add up exactly: framework overhead, cache
+effects and (on a shared machine) drift between profiling and now all move the whole model's speed away from the sum
+(docs/method.md, "Closed-loop budgets"). So with `search.measure_rounds = N > 0`, each round
+
+1. solves under the budget as the solver sees it (round 1: the user's budget);
+2. measures the chosen architecture on the target (`measure(solution)`: in the pipeline, the child assembled from
+   BLD blocks and the parent timed side by side, exactly as the evaluate stage times them);
+3. stops when every measured figure meets the user's budget (within `tolerance`), else corrects: each corrected
+   budget entry is scaled by how far the measurement fell from the user's target,
+
+       target_(k+1) = target_k * user_target / measured_k
+
+   so an architecture that measured 1.8x against a 2.0x budget sends the next solve to 2.0 * 2.0 / 1.8 = 2.22x
+   predicted, and a repeat of the same architecture keeps tightening. The loop stops after N rounds either way and
+   says which (`LoopResult.met`).
+
+Corrected entries: `speedup` and `throughput_tok_s` (higher is better) and `decode_latency_ms` (lower is better). The
+others are computed, not timed (memory, parameters), or not measured here (prefill latency) and stay as given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from puzzle.config import Budget
+from puzzle.errors import ConfigError, InfeasibleError
+
+if TYPE_CHECKING:
+    from puzzle.stages.search.mip import Solution
+
+HIGHER_IS_BETTER = {"speedup": True, "throughput_tok_s": True, "decode_latency_ms": False}
+"""The budget entries the loop measures and corrects, with their direction."""
+
+
+@dataclass
+class Round:
+    """One solve + measurement: what the solver was asked, what it predicted, what was measured."""
+
+    round: int
+    budget: dict[str, float]
+    """The budget the solver was given this round (round 1: the user's)."""
+    layers: dict[str, str]
+    batch_size: int | None
+    parent_batch_size: int | None
+    predicted: dict[str, float]
+    measured: dict[str, float]
+    met: bool
+    correction: dict[str, float] = field(default_factory=dict)
+    """measured / predicted per corrected entry: the cost model's error on this architecture."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class LoopResult:
+    solutions: list[Solution]
+    """The chosen round's solutions (its first is the architecture measured)."""
+    rounds: list[Round]
+    met: bool
+    chosen_round: int
+    """1-based; the last round that met the budget, else the round whose measurement came closest."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "met": self.met,
+            "chosen_round": self.chosen_round,
+            "stopped": "budget met as measured" if self.met else f"round limit ({len(self.rounds)}) reached",
+            "rounds": [r.to_dict() for r in self.rounds],
+        }
+
+
+def measured_entries(budget: Budget) -> dict[str, float]:
+    """The budget entries the loop can measure, by name."""
+    return {k: v for k, v in budget.fields_set().items() if k in HIGHER_IS_BETTER}
+
+
+def meets(name: str, measured: float, target: float, tolerance: float) -> bool:
+    if HIGHER_IS_BETTER[name]:
+        return measured >= target * (1.0 - tolerance)
+    return measured <= target * (1.0 + tolerance)
+
+
+def shortfall(name: str, measured: float, target: float) -> float:
+    """How far a measurement is from meeting its target, as a fraction of it (0 when met)."""
+    gap = (target - measured) / target if HIGHER_IS_BETTER[name] else (measured - target) / target
+    return max(0.0, gap)
+
+
+def closed_loop(
+    solve: Callable[[Budget], list[Solution]],
+    measure: Callable[[Solution], dict[str, float]],
+    budget: Budget,
+    *,
+    rounds: int,
+    tolerance: float = 0.0,
+    log: Callable[[str], None] = print,
+) -> LoopResult:
+    """Solve and measure until the measured figures meet `budget` (within `tolerance`) or `rounds` rounds are done.
+
+    solve: budget -> solutions (best first), e.g. `puzzle.stages.search.search` with the library bound.
+    measure: solution -> measured {speedup, throughput_tok_s, decode_latency_ms} for its first architecture.
+    Raises ConfigError when the budget has no entry the loop can measure, and InfeasibleError when a corrected
+    budget is beyond the library on the first round that needs it (the last measured round is then reported in
+    the message).
+    """
+    if rounds < 1:
+        raise ConfigError(f"search.measure_rounds={rounds}: the closed loop needs at least one round")
+    targets = measured_entries(budget)
+    if not targets:
+        raise ConfigError(
+            "search.measure_rounds > 0 needs a budget the loop can measure: budget.speedup, throughput_tok_s or "
+            "decode_latency_ms"
+        )
+    asked = budget
+    history: list[Round] = []
+    solutions_by_round: list[list[Solution]] = []
+    for k in range(1, rounds + 1):
+        try:
+            solutions = solve(asked)
+        except InfeasibleError as err:
+            if not history:
+                raise
+            log(f"[search] round {k}: the corrected budget {asked.fields_set()} is beyond the library ({err})")
+            break
+        best = solutions[0]
+        measured = measure(best)
+        met = all(meets(name, measured[name], target, tolerance) for name, target in targets.items())
+        correction = {name: measured[name] / best.predicted[name] for name in targets if best.predicted.get(name)}
+        history.append(
+            Round(
+                round=k,
+                budget=asked.fields_set(),
+                layers=dict(best.layers),
+                batch_size=best.batch_size,
+                parent_batch_size=best.parent_batch_size,
+                predicted={name: best.predicted.get(name, float("nan")) for name in targets},
+                measured={name: measured[name] for name in targets},
+                met=met,
+                correction=correction,
+            )
+        )
+        solutions_by_round.append(solutions)
+        figures = ", ".join(
+            f"{name} {best.predicted.get(name, float('nan')):.4g} predicted / {measured[name]:.4g} measured"
+            for name in targets
+        )
+        log(f"[search] round {k}: {figures}: {'meets' if met else 'misses'} the budget")
+        if met:
+            break
+        current = asked.fields_set()
+        for name, target in targets.items():
+            current[name] = current[name] * target / measured[name]
+        asked = Budget.from_dict(current)
+    met_rounds = [r for r in history if r.met]
+    if met_rounds:
+        chosen = met_rounds[-1]
+    else:
+        chosen = min(history, key=lambda r: sum(shortfall(n, r.measured[n], t) for n, t in targets.items()))
+    return LoopResult(
+        solutions=solutions_by_round[chosen.round - 1], rounds=history, met=bool(met_rounds), chosen_round=chosen.round
+    )
