@@ -13,7 +13,7 @@ TORCH ?= 2.13.0
 # Default test selection; .ci/run widens it to include the integration tests.
 PUZZLE_TEST_MARKERS ?= not slow and not integration
 
-.PHONY: help install demo test test-latest lock lint format clean bench vllm-env
+.PHONY: help install demo compare test test-latest lock lint format clean bench vllm-env
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ install: $(STAMP) ## create .venv with the locked versions (requirements.lock) a
 
 demo: $(STAMP) ## run jobs/demo.yaml end to end on the embedded default parent
 	$(BIN)/puzzle run jobs/demo.yaml
+
+compare: $(STAMP) ## the demo's child against depth, width, random and greedy baselines (jobs/demo_compare.yaml)
+	$(BIN)/puzzle run jobs/demo_compare.yaml
 
 test: $(STAMP) ## run the test suite (fast tests by default)
 	$(BIN)/python -m pytest -q -m "$(PUZZLE_TEST_MARKERS)" --timeout=900

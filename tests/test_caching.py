@@ -95,18 +95,20 @@ def test_resource_only_keys_rerun_nothing(job):
     assert rerun(job) == ["parent"]  # the parent stage always checks its checkpoint; nothing else runs
 
 
-def test_evaluation_settings_rerun_only_evaluate_and_export(job):
+def test_evaluation_settings_rerun_only_evaluate_and_what_reads_it(job):
+    """evaluate, export and compare (the comparison evaluates every child with these settings; a job without
+    compare.baselines or budgets makes it a no-op)."""
     rerun(job)
     job.evaluate.repeats = 5
-    assert rerun(job) == ["parent", "evaluate", "export"]
+    assert rerun(job) == ["parent", "evaluate", "export", "compare"]
     job.evaluate.batch_size = 3
-    assert rerun(job) == ["parent", "evaluate", "export"]
+    assert rerun(job) == ["parent", "evaluate", "export", "compare"]
 
 
 def test_a_key_that_changes_results_reruns_its_stage_and_everything_downstream(job):
     rerun(job)
     job.gkd.num_workers = 2  # the global batch: not a resource-only key for GKD
-    assert rerun(job) == ["parent", "gkd", "evaluate", "export"]
+    assert rerun(job) == ["parent", "gkd", "evaluate", "export", "compare"]
     job.bld.lr = 5e-3
     assert rerun(job) == ["parent", *STAGES[2:]]
 
@@ -228,7 +230,7 @@ def test_run_seed_decides_the_export_and_only_changed_inputs_rerun(tmp_path, ray
     a.evaluate.repeats = 2
     run_job(a)
     after = _finished(a)
-    assert [name for name in AFTER_PARENT if after[name] != before[name]] == ["evaluate", "export"]
+    assert [name for name in AFTER_PARENT if after[name] != before[name]] == ["evaluate", "export", "compare"]
 
     c = _pipeline_job(tmp_path, "c", seed=1)
     run_job(c)
@@ -258,3 +260,36 @@ def test_a_closed_loop_search_measures_each_round_on_the_target(tmp_path, ray_se
     assert searched["solutions"][0]["layers"] == chosen["layers"]
     if loop["met"]:
         assert loop["chosen_round"] == len(loop["rounds"])  # the loop stops on the first round that meets it
+
+
+@pytest.mark.integration
+def test_the_compare_stage_runs_baselines_and_resumes_finished_pairs(tmp_path, ray_session, capsys, monkeypatch):
+    """Through the runner on the tiny parent: a crash in the middle of the comparison loses no finished pair (the
+    rerun says so and distils only the rest), and every method gets a row with the same GKD tokens. The other two
+    baselines' pickers are covered in test_compare.py."""
+    import puzzle.stages.compare.stage as compare_stage
+
+    job = _pipeline_job(tmp_path, "cmp", 0, "compare.baselines=[depth,width]", "compare.budgets=[1.01]")
+    real = compare_stage.compare_one
+
+    def crash_on_width(ctx, method, *args, **kwargs):
+        if method == "width":
+            raise RuntimeError("simulated crash")
+        return real(ctx, method, *args, **kwargs)
+
+    monkeypatch.setattr(compare_stage, "compare_one", crash_on_width)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_job(job)
+    monkeypatch.setattr(compare_stage, "compare_one", real)
+    capsys.readouterr()
+    run_job(job)
+    assert capsys.readouterr().out.count("finished earlier") == 2  # puzzle (the pipeline's) and depth
+    data = json.loads((job.run_dir / "compare.json").read_text())
+    rows = {row["method"]: row for row in data["rows"]}
+    assert list(rows) == ["puzzle", "depth", "width"]
+    reached = [row for row in rows.values() if row["reached"]]
+    assert rows["puzzle"]["reached"] and rows["depth"]["reached"]
+    assert {row["gkd_tokens"] for row in reached} == {rows["puzzle"]["gkd_tokens"]}  # the same GKD for everyone
+    for row in reached:
+        assert row["speedup_measured"] > 0 and 0.0 <= row["test"]["top1"] <= 1.0
+    assert (job.run_dir / "compare.png").stat().st_size > 0 and "| depth |" in (job.run_dir / "compare.md").read_text()

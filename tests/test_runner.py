@@ -164,7 +164,7 @@ def test_a_stage_that_previously_succeeded_then_fails_loses_its_old_results(tmp_
 def test_pipeline_order_and_wiring():
     stages = build_stages()
     names = [s.name for s in stages]
-    assert names == ["parent", "data", "bld", "score", "profile", "search", "gkd", "evaluate", "export"]
+    assert names == ["parent", "data", "bld", "score", "profile", "search", "gkd", "evaluate", "export", "compare"]
     for i, stage in enumerate(stages):
         assert set(stage.after) <= set(names[:i]), f"{stage.name} depends on a later stage"
 

@@ -8,6 +8,7 @@ it against `JobConfig` and converts it once to plain dataclasses: stages never s
     python -c "from puzzle.config import load_job; print(load_job('jobs/demo.yaml'))"
 """
 
+from puzzle.config.checks import BLD_MODES, DTYPES, SCHEDULES, SCORING_METRICS, SOURCES, SPLITS, WANDB_MODES
 from puzzle.config.compose import (
     SCHEMA_NAME,
     job_from_dict,
@@ -20,29 +21,25 @@ from puzzle.config.compose import (
 )
 from puzzle.config.paths import CONF_DIR, PROJECT_ROOT, resolve_path
 from puzzle.config.schema import (
-    BLD_MODES,
-    DTYPES,
     RESOURCE_KEYS,
-    SCHEDULES,
-    SCORING_METRICS,
-    SOURCES,
-    SPLITS,
-    WANDB_MODES,
-    BLDConfig,
     Budget,
     ClusterConfig,
     DataConfig,
-    EvaluateConfig,
-    GKDConfig,
     JobConfig,
     LoggerConfig,
     ParentConfig,
-    ProfilingConfig,
     RunConfig,
-    ScoringConfig,
-    SearchConfig,
     SearchSpaceConfig,
     TargetConfig,
+)
+from puzzle.config.stages import (
+    BLDConfig,
+    CompareConfig,
+    EvaluateConfig,
+    GKDConfig,
+    ProfilingConfig,
+    ScoringConfig,
+    SearchConfig,
 )
 
 __all__ = [
@@ -61,6 +58,7 @@ __all__ = [
     "Budget",
     "ClusterConfig",
     "DataConfig",
+    "CompareConfig",
     "EvaluateConfig",
     "GKDConfig",
     "JobConfig",

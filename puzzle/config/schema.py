@@ -1,47 +1,26 @@
-"""The job's schemas: one dataclass per stage, each field documented and checked in `__post_init__`, plus the keys
-that only size a stage (RESOURCE_KEYS). Plain values only: no torch, no Hydra."""
+"""The job's schema: `JobConfig` and its input sections (run, parent, data, search space, target, budget, cluster,
+logger), the stage sections from `puzzle.config.stages`, and the keys that only size a stage (RESOURCE_KEYS). Plain
+values only: no torch, no Hydra."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from puzzle.config.checks import DTYPES, SOURCES, SPLITS, WANDB_MODES, check_choice, check_positive
+from puzzle.config.stages import (
+    BLDConfig,
+    CompareConfig,
+    EvaluateConfig,
+    GKDConfig,
+    ProfilingConfig,
+    ScoringConfig,
+    SearchConfig,
+)
 from puzzle.errors import ConfigError
-
-# The data splits, in order, and where text can come from (puzzle.stages.data reads them).
-SPLITS = ("calibration", "train", "validation", "test")
-SOURCES = ("stdlib", "files", "jsonl", "hf")
-WANDB_MODES = ("disabled", "offline", "online")
-BLD_MODES = ("decoupled", "coupled")
-SCHEDULES = ("constant", "cosine", "linear")
-DTYPES = ("float32", "bfloat16", "float16")
-# What replace-1-block scoring records for every block (puzzle.stages.score.METRICS, kept equal by a test): the
-# library's metrics.* keys, one of which search.objective optimises.
-SCORING_METRICS = ("kl_div", "lm_loss", "top1")
-# Metrics where higher is better; the others are losses.
-_MAXIMIZED_METRICS = ("top1",)
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
-
-
-def _check_positive(name: str, value: float | None, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{name}={value} must be {bound}")
-
-
-def _check_fraction(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{name}={value} must lie in [0, 1]")
 
 
 @dataclass
@@ -129,7 +108,7 @@ class ParentConfig:
     """Dtype the parent's weights are loaded in."""
 
     def __post_init__(self) -> None:
-        _check_choice("parent.dtype", self.dtype, DTYPES)
+        check_choice("parent.dtype", self.dtype, DTYPES)
 
 
 @dataclass
@@ -158,14 +137,14 @@ class TargetConfig:
     """Context length for decode latency and KV-cache memory; None means prompt_len + gen_len."""
 
     def __post_init__(self) -> None:
-        _check_choice("target.dtype", self.dtype, DTYPES)
+        check_choice("target.dtype", self.dtype, DTYPES)
         if not self.batch_sizes:
             raise ConfigError("target.batch_sizes is empty; give at least one batch size, e.g. [1]")
         for b in self.batch_sizes:
-            _check_positive("target.batch_sizes[]", b)
-        _check_positive("target.prompt_len", self.prompt_len)
-        _check_positive("target.gen_len", self.gen_len)
-        _check_positive("target.seq_len", self.seq_len)
+            check_positive("target.batch_sizes[]", b)
+        check_positive("target.prompt_len", self.prompt_len)
+        check_positive("target.gen_len", self.gen_len)
+        check_positive("target.seq_len", self.seq_len)
 
     @property
     def context_len(self) -> int:
@@ -227,283 +206,6 @@ class Budget:
 
 
 @dataclass
-class BLDConfig:
-    """The BLD stage: every variant initialised from the parent, then trained by blockwise local distillation."""
-
-    tokens: int = 200_000
-    """Training tokens per block."""
-    lr: float = 1e-3
-    """Peak learning rate (BLD tolerates higher rates than global training)."""
-    schedule: str = "cosine"
-    """Learning-rate schedule after warm-up."""
-    warmup_ratio: float = 0.05
-    """Fraction of steps spent warming up."""
-    batch_size: int = 8
-    """Sequences per step."""
-    mode: str = "decoupled"
-    """"decoupled" trains attention and FFN variants separately (m + n blocks per layer); "coupled" trains pairs."""
-    num_workers: int = 2
-    """Ray trainer actors."""
-    num_cpus: float = 1.0
-    """CPUs per trainer actor."""
-    num_gpus: float = 0.0
-    """GPUs per trainer actor (fractions allowed)."""
-    calibration_tokens: int = 16_384
-    """Calibration tokens for initialisation (channel scores, least-squares linear FFN)."""
-    seed: int = 0
-    """Mixed with run.seed into BLD's seed (data order, per-block RNG); change run.seed to change the whole run."""
-    heldout_fraction: float = 0.25
-    """Share of the calibration sequences held out to measure each block's normalised MSE before and after BLD."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    grad_clip: float = 1.0
-    """Gradient-norm clip per block (0 disables)."""
-    checkpoint_every: int = 50
-    """Steps between trainer checkpoints (resume and worker restarts replay at most this many steps; 0 disables)."""
-    max_restarts: int = 3
-    """Times Ray restarts a trainer actor that died; its blocks resume from their last checkpoint."""
-    max_inflight_steps: int = 2
-    """Parent-forward batches in flight ahead of the slowest trainer (bounds object-store memory)."""
-
-    def __post_init__(self) -> None:
-        _check_choice("bld.mode", self.mode, BLD_MODES)
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ConfigError(f"bld.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-        _check_positive("bld.checkpoint_every", self.checkpoint_every, allow_zero=True)
-        _check_positive("bld.max_restarts", self.max_restarts, allow_zero=True)
-        _check_positive("bld.max_inflight_steps", self.max_inflight_steps)
-        _check_positive("bld.grad_clip", self.grad_clip, allow_zero=True)
-        _check_positive("bld.weight_decay", self.weight_decay, allow_zero=True)
-        _check_choice("bld.schedule", self.schedule, SCHEDULES)
-        # Zero tokens trains nothing, yet the stage would still start its Ray trainers.
-        _check_positive("bld.tokens", self.tokens)
-        _check_positive("bld.calibration_tokens", self.calibration_tokens)
-        _check_fraction("bld.warmup_ratio", self.warmup_ratio)
-        _check_positive("bld.lr", self.lr)
-        _check_positive("bld.batch_size", self.batch_size)
-        _check_positive("bld.num_workers", self.num_workers)
-        _check_positive("bld.num_cpus", self.num_cpus, allow_zero=True)
-        _check_positive("bld.num_gpus", self.num_gpus, allow_zero=True)
-
-
-@dataclass
-class ScoringConfig:
-    """Replace-1-block quality scoring on the validation split: kl_div, lm_loss and top1 of every block are recorded
-    (as the library's metrics.*); search.objective picks the one the search optimises."""
-
-    num_batches: int | None = None
-    """Validation batches to score on; None uses `tokens`."""
-    tokens: int = 16_384
-    """Validation tokens to score on (when num_batches is None)."""
-    batch_size: int = 8
-    num_cpus: float = 1.0
-    """CPUs per scoring task."""
-    num_gpus: float = 0.0
-    """GPUs per scoring task."""
-    group_size: int = 4
-    """Variants of one layer scored by one Ray task (the parent's cached activations are shared within it)."""
-
-    def __post_init__(self) -> None:
-        _check_positive("scoring.tokens", self.tokens)
-        _check_positive("scoring.batch_size", self.batch_size)
-        _check_positive("scoring.num_cpus", self.num_cpus, allow_zero=True)
-        _check_positive("scoring.num_batches", self.num_batches)
-        _check_positive("scoring.num_gpus", self.num_gpus, allow_zero=True)
-        _check_positive("scoring.group_size", self.group_size)
-
-
-@dataclass
-class ProfilingConfig:
-    """Per-block latency and memory on the target device."""
-
-    warmup: int = 3
-    """Untimed runs before measuring."""
-    repeats: int = 10
-    """Timed runs; the median is kept, the spread recorded."""
-    estimate_device: str | None = None
-    """Also write roofline estimates for this named GPU (e.g. "h100"), labelled estimated."""
-    num_cpus: float = 1.0
-    """CPUs held while measuring; also the torch thread count unless num_threads is set."""
-    num_gpus: float = 0.0
-    decode_steps: int = 8
-    """Single-token decode steps timed per run (per block and end to end alike)."""
-    stack: int = 4
-    """Copies of a block timed together (distinct weights), so it does not run from a warm cache."""
-    num_threads: int | None = None
-    """torch threads while measuring; None uses num_cpus. Evaluation must use the same to compare."""
-    cache_path: str | None = None
-    """JSON cache of measurements; None uses $PUZZLE_CACHE/profiles.json (default ~/.cache/puzzle)."""
-    reuse_timings: bool = True
-    """Reuse block timings that earlier runs measured on this machine (the cache above). False measures every block
-    afresh in each run, close in time to the evaluation that checks the prediction: for a shared machine whose speed
-    drifts over minutes, where a timing from an hour ago mispredicts the speed-up measured now."""
-    clock: str = "wall"
-    """"wall", or "cpu" (process CPU time: repeatable with one thread on a shared machine; CPU targets only)."""
-    flush: str = "auto"
-    """Cold cache before each timed step: "always", "never", or "auto" (when the parent outgrows the CPU/GPU cache)."""
-
-    def __post_init__(self) -> None:
-        _check_positive("profiling.warmup", self.warmup, allow_zero=True)
-        _check_positive("profiling.repeats", self.repeats)
-        _check_positive("profiling.num_cpus", self.num_cpus, allow_zero=True)
-        _check_positive("profiling.num_gpus", self.num_gpus, allow_zero=True)
-        _check_positive("profiling.decode_steps", self.decode_steps)
-        _check_positive("profiling.stack", self.stack)
-        _check_positive("profiling.num_threads", self.num_threads)
-        _check_choice("profiling.clock", self.clock, ("wall", "cpu"))
-        _check_choice("profiling.flush", self.flush, ("auto", "always", "never"))
-
-    def timing(self) -> dict[str, Any]:
-        """The settings that decide what a timing measures: part of every profile-cache key and recorded in
-        library.json's metadata, so the evaluation times whole models the same way."""
-        return {k: getattr(self, k) for k in ("warmup", "repeats", "decode_steps", "stack", "clock", "flush")}
-
-
-@dataclass
-class SearchConfig:
-    """The mixed-integer program over the block library."""
-
-    objective: str = "metrics.kl_div"
-    """Library key to optimise: metrics.kl_div, metrics.lm_loss, metrics.top1 (with maximize) or a stats.* key."""
-    maximize: bool = False
-    """Maximise the objective (e.g. metrics.top1) instead of minimising it."""
-    num_solutions: int = 1
-    """Diverse solutions to return."""
-    diversity: int = 1
-    """Each solution differs from every earlier one in at least this many layers."""
-    solver: str = "cbc"
-    """"cbc" (bundled with PuLP) or "highs" (needs highspy)."""
-    time_limit: float | None = 60.0
-    """Seconds per solve; None for no limit."""
-    gap_rel: float | None = None
-    """Relative optimality gap at which the solver may stop."""
-    topk_gkd: int = 1
-    """Short GKD of the top-k solutions, keeping the best on validation (1 = the MIP's best only)."""
-    measure_rounds: int = 0
-    """Closed loop: measure the chosen architecture end to end on the target (assembled from BLD blocks, timed beside
-    the parent as the evaluate stage times them), correct the budget from the measurement and solve again, for at most
-    this many rounds (0: trust the summed block costs). Needs budget.speedup, throughput_tok_s or decode_latency_ms."""
-    measure_tolerance: float = 0.0
-    """A measured figure within this fraction of the budget counts as meeting it (0: strictly)."""
-    measure_repeats: int = 5
-    """Timing rounds per closed-loop measurement (parent and child alternate; the median is kept)."""
-
-    def __post_init__(self) -> None:
-        _check_choice("search.solver", self.solver, ("cbc", "highs"))
-        _check_positive("search.measure_rounds", self.measure_rounds, allow_zero=True)
-        _check_positive("search.measure_repeats", self.measure_repeats)
-        if not 0.0 <= self.measure_tolerance < 1.0:
-            raise ConfigError(f"search.measure_tolerance={self.measure_tolerance} must be in [0, 1)")
-        _check_positive("search.num_solutions", self.num_solutions)
-        _check_positive("search.diversity", self.diversity, allow_zero=True)
-        _check_positive("search.time_limit", self.time_limit)
-        _check_positive("search.gap_rel", self.gap_rel, allow_zero=True)
-        _check_objective(self.objective, self.maximize)
-        _check_positive("search.topk_gkd", self.topk_gkd)
-        if self.topk_gkd > self.num_solutions:
-            raise ConfigError(
-                f"search.topk_gkd={self.topk_gkd} exceeds search.num_solutions={self.num_solutions}; raise the latter"
-            )
-
-
-def _check_objective(objective: str, maximize: bool) -> None:
-    """search.objective names a key the block library has, optimised in the direction that makes sense."""
-    section, _, name = objective.partition(".")
-    choices = ", ".join(f"metrics.{m}" for m in SCORING_METRICS)
-    if section == "stats" and name:
-        return  # profiling's measurements (runtime_ms, memory_mib, ...): either direction is a choice
-    if section != "metrics" or name not in SCORING_METRICS:
-        raise ConfigError(
-            f"search.objective={objective!r} is not a score the library records; use {choices} or a stats.* key"
-        )
-    if (name in _MAXIMIZED_METRICS) != maximize:
-        better = "higher" if name in _MAXIMIZED_METRICS else "lower"
-        raise ConfigError(
-            f"search.objective={objective} is better {better}, but search.maximize={str(maximize).lower()} would "
-            f"pick the worst blocks; set search.maximize={str(not maximize).lower()}"
-        )
-
-
-@dataclass
-class GKDConfig:
-    """Global knowledge distillation of the assembled child against the parent."""
-
-    tokens: int = 200_000
-    """Training tokens; 0 skips distillation (the assembled child goes on as it is)."""
-    lr: float = 1e-4
-    schedule: str = "cosine"
-    warmup_ratio: float = 0.05
-    batch_size: int = 8
-    grad_accum: int = 1
-    """Gradient-accumulation steps per optimiser step."""
-    cosine_weight: float = 1.0
-    """Weight of sum over layers of (1 - cos(h_child, h_parent))."""
-    kl_weight: float = 1.0
-    """Weight of KL(p_parent || q_child)."""
-    lm_weight: float = 0.0
-    """Weight of the LM loss (off by default, as in the paper)."""
-    num_workers: int = 1
-    """Ray Train data-parallel workers."""
-    num_cpus: float = 1.0
-    """CPUs per worker."""
-    num_gpus: float = 0.0
-    """GPUs per worker."""
-    checkpoint_every: int = 50
-    """Optimiser steps between resumable checkpoints."""
-    topk_tokens: int | None = None
-    """Tokens for each candidate's short GKD when search.topk_gkd > 1; None uses tokens / 10."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    grad_clip: float = 1.0
-    """Gradient-norm clip (0 disables)."""
-    min_lr_ratio: float = 0.1
-    """Floor of the cosine / linear decay as a fraction of lr (the rate the schedule ends at)."""
-    seed: int = 0
-    """Mixed with run.seed into GKD's seed (data order, per-worker RNG); change run.seed to change the whole run."""
-
-    def __post_init__(self) -> None:
-        _check_choice("gkd.schedule", self.schedule, SCHEDULES)
-        _check_positive("gkd.tokens", self.tokens, allow_zero=True)  # 0: the assembled child, undistilled
-        _check_positive("gkd.topk_tokens", self.topk_tokens)
-        _check_fraction("gkd.warmup_ratio", self.warmup_ratio)
-        _check_positive("gkd.num_cpus", self.num_cpus, allow_zero=True)
-        _check_positive("gkd.weight_decay", self.weight_decay, allow_zero=True)
-        _check_positive("gkd.grad_clip", self.grad_clip, allow_zero=True)
-        _check_fraction("gkd.min_lr_ratio", self.min_lr_ratio)
-        _check_positive("gkd.lr", self.lr)
-        _check_positive("gkd.batch_size", self.batch_size)
-        _check_positive("gkd.grad_accum", self.grad_accum)
-        _check_positive("gkd.num_workers", self.num_workers)
-        _check_positive("gkd.num_gpus", self.num_gpus, allow_zero=True)
-        _check_positive("gkd.checkpoint_every", self.checkpoint_every)
-        for name in ("cosine_weight", "kl_weight", "lm_weight"):
-            _check_positive(f"gkd.{name}", getattr(self, name), allow_zero=True)
-
-
-@dataclass
-class EvaluateConfig:
-    """Parent vs child on the test split: quality and end-to-end throughput."""
-
-    tokens: int = 32_768
-    """Test tokens for quality metrics."""
-    batch_size: int = 8
-    """Batch size for quality metrics."""
-    prompt_len: int | None = None
-    """Prompt length for the throughput run; None uses target.prompt_len."""
-    gen_len: int | None = None
-    """Generated tokens for the throughput run; None uses target.gen_len."""
-    repeats: int = 3
-    """Throughput runs; the median is reported."""
-
-    def __post_init__(self) -> None:
-        _check_positive("evaluate.tokens", self.tokens)
-        _check_positive("evaluate.batch_size", self.batch_size)
-        _check_positive("evaluate.prompt_len", self.prompt_len)
-        _check_positive("evaluate.gen_len", self.gen_len)
-        _check_positive("evaluate.repeats", self.repeats)
-
-
-@dataclass
 class ClusterConfig:
     """Where Ray runs: a local cluster started for the job, or an existing one."""
 
@@ -519,10 +221,10 @@ class ClusterConfig:
     """Seconds to wait for an existing cluster before failing."""
 
     def __post_init__(self) -> None:
-        _check_positive("cluster.num_cpus", self.num_cpus)
-        _check_positive("cluster.num_gpus", self.num_gpus, allow_zero=True)
-        _check_positive("cluster.object_store_mib", self.object_store_mib)
-        _check_positive("cluster.connect_timeout_s", self.connect_timeout_s)
+        check_positive("cluster.num_cpus", self.num_cpus)
+        check_positive("cluster.num_gpus", self.num_gpus, allow_zero=True)
+        check_positive("cluster.object_store_mib", self.object_store_mib)
+        check_positive("cluster.connect_timeout_s", self.connect_timeout_s)
 
 
 @dataclass
@@ -535,7 +237,7 @@ class LoggerConfig:
     entity: str | None = None
 
     def __post_init__(self) -> None:
-        _check_choice("logger.mode", self.mode, WANDB_MODES)
+        check_choice("logger.mode", self.mode, WANDB_MODES)
 
 
 @dataclass
@@ -573,6 +275,7 @@ class JobConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     gkd: GKDConfig = field(default_factory=GKDConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 

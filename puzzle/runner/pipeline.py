@@ -1,6 +1,6 @@
 """The pipeline: the ordered list of a job's stages, each with the job sections and upstream stages it reads.
 
-    parent -> data -> bld -> score -> profile -> search -> gkd -> evaluate -> export
+    parent -> data -> bld -> score -> profile -> search -> gkd -> evaluate -> export -> compare
 
 Each stage's code is the module of the same name under `puzzle.stages` (for a package, its `stage` module), which
 exposes the adapter `run(ctx) -> StageResult` (`puzzle.runner.stage`). The runner hashes a stage's sections and its
@@ -86,6 +86,14 @@ def build_stages() -> list[Stage]:
             sections=("target", "budget", "search"),
             after=("parent", "profile", "search", "gkd", "evaluate"),
             publish=("export", "report.json", "report.md", "*.png"),
+        ),
+        Stage(
+            "compare",
+            run=adapter("compare.stage"),
+            sections=("compare", "search", "budget", "target", "gkd", "evaluate"),
+            after=("parent", "data", "bld", "profile", "search", "gkd", "evaluate"),
+            publish=("compare.json", "compare.md", "compare.png"),
+            uses_ray=True,
         ),
     ]
 

@@ -108,18 +108,11 @@ def check_budget(job: JobConfig, library_path: Path | None = None) -> None:
         check_measurable(job, entries)
     if library_path is None or not library_path.is_file() or not _library_is_current(job, library_path):
         return
-    from puzzle.stages.search import BlockLibrary, search
+    from puzzle.library import BlockLibrary
+    from puzzle.stages.search.budget import job_solver
 
     try:
-        search(
-            BlockLibrary.load(library_path),
-            job.budget,
-            objective=job.search.objective,
-            maximize=job.search.maximize,
-            batch_sizes=job.target.batch_sizes,
-            solver=job.search.solver,
-            time_limit=job.search.time_limit,
-        )
+        job_solver(BlockLibrary.load(library_path), job, num_solutions=1)(job.budget)
     except InfeasibleError as err:
         raise InfeasibleError(f"budget infeasible for {library_path}: {err}") from None
     except PuzzleError:

@@ -312,7 +312,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _fmt(value: Any, spec: str = ".4g") -> str:
+def fmt(value: Any, spec: str = ".4g") -> str:
     if value is None:
         return "-"
     if isinstance(value, float) and math.isnan(value):
@@ -357,10 +357,10 @@ def render_markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:
     lines = [
         "# puzzle report",
         "",
-        f"Decode speed-up: **{_fmt(report['speedup_measured'], '.2f')}x measured**, "
-        f"{_fmt(same, '.2f')}x predicted, parent and child both at batch {setup.get('batch_size', '?')} "
-        f"(error {_fmt(100 * report.get('speedup_prediction_error', math.nan), '+.1f')}%); "
-        f"child keeps {_fmt(100 * report.get('top1_retained', math.nan), '.1f')}% of the parent's top-1 accuracy.",
+        f"Decode speed-up: **{fmt(report['speedup_measured'], '.2f')}x measured**, "
+        f"{fmt(same, '.2f')}x predicted, parent and child both at batch {setup.get('batch_size', '?')} "
+        f"(error {fmt(100 * report.get('speedup_prediction_error', math.nan), '+.1f')}%); "
+        f"child keeps {fmt(100 * report.get('top1_retained', math.nan), '.1f')}% of the parent's top-1 accuracy.",
         "",
         _baseline_sentence(report),
         "",
@@ -372,13 +372,13 @@ def render_markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:
         "| | parent | child |",
         "|---|---:|---:|",
     ]
-    lines += [f"| {name} | {_fmt(p, spec)} | {_fmt(c, spec)} |" for name, p, c, spec in rows]
+    lines += [f"| {name} | {fmt(p, spec)} | {fmt(c, spec)} |" for name, p, c, spec in rows]
     lines += _closed_loop_lines(report)
     lines += ["", "## Architecture", "", "| layer | attention | FFN |", "|---:|---|---|"]
     lines += [f"| {row['layer']} | {row['attention']} | {row['ffn']} |" for row in report["architecture"]]
     lines += ["", "## Stages", "", "| stage | seconds | tokens |", "|---|---:|---:|"]
     lines += [
-        f"| {name} | {_fmt(s.get('seconds'), '.1f')} | {_fmt(s.get('tokens'), ',d')} |"
+        f"| {name} | {fmt(s.get('seconds'), '.1f')} | {fmt(s.get('tokens'), ',d')} |"
         for name, s in report["stages"].items()
     ]
     if report.get("export"):
@@ -404,17 +404,17 @@ def _closed_loop_lines(report: dict[str, Any]) -> list[str]:
         "|---:|---|---|---|---|---|",
     ]
     for r in loop["rounds"]:
-        fig = {k: ", ".join(f"{n} {_fmt(v, '.4g')}" for n, v in r[k].items()) for k in ("predicted", "measured")}
-        corr = ", ".join(f"{n} {_fmt(v, '.3f')}" for n, v in r.get("correction", {}).items())
-        budget = ", ".join(f"{n} {_fmt(v, '.4g')}" for n, v in r["budget"].items())
+        fig = {k: ", ".join(f"{n} {fmt(v, '.4g')}" for n, v in r[k].items()) for k in ("predicted", "measured")}
+        corr = ", ".join(f"{n} {fmt(v, '.3f')}" for n, v in r.get("correction", {}).items())
+        budget = ", ".join(f"{n} {fmt(v, '.4g')}" for n, v in r["budget"].items())
         met = "yes" if r["met"] else "no"
         lines.append(f"| {r['round']} | {budget} | {fig['predicted']} | {fig['measured']} | {corr} | {met} |")
     if report.get("speedup_closed_loop") is not None:
         lines += [
             "",
-            f"The chosen architecture measured {_fmt(report['speedup_closed_loop'], '.2f')}x in the loop and "
-            f"{_fmt(report['speedup_measured_budget'], '.2f')}x distilled, in the evaluate stage "
-            f"({_fmt(100 * report['speedup_closed_loop_error'], '+.1f')}%).",
+            f"The chosen architecture measured {fmt(report['speedup_closed_loop'], '.2f')}x in the loop and "
+            f"{fmt(report['speedup_measured_budget'], '.2f')}x distilled, in the evaluate stage "
+            f"({fmt(100 * report['speedup_closed_loop_error'], '+.1f')}%).",
         ]
     return lines
 
@@ -431,16 +431,16 @@ def _baseline_sentence(report: dict[str, Any]) -> str:
     )
     measured = report.get("speedup_measured_budget")
     return (
-        f"Budget speed-up: **{_fmt(report['speedup_predicted'], '.2f')}x predicted**, "
-        f"{_fmt(measured, '.2f')}x measured, the child at batch {child_b} "
-        f"over the parent at batch {parent_b} ({_fmt(base, ',.0f')} tokens/s predicted: {why})."
+        f"Budget speed-up: **{fmt(report['speedup_predicted'], '.2f')}x predicted**, "
+        f"{fmt(measured, '.2f')}x measured, the child at batch {child_b} "
+        f"over the parent at batch {parent_b} ({fmt(base, ',.0f')} tokens/s predicted: {why})."
     )
 
 
 # ----------------------------------------------------------------------------- plots
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a display
@@ -449,8 +449,8 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path) -> Path:
-    plt = _pyplot()
+def save_figure(fig: Any, path: Path) -> Path:
+    plt = pyplot()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
@@ -459,7 +459,7 @@ def _save(fig: Any, path: Path) -> Path:
 
 def plot_architecture(path: Path, architecture: list[dict[str, Any]], report: dict[str, Any]) -> Path:
     """Per layer: the child's KV heads and FFN width as bars (no-op 0, linear hatched), variant names on top."""
-    plt = _pyplot()
+    plt = pyplot()
     layers = [row["layer"] for row in architecture]
     fig, (ax_attn, ax_ffn) = plt.subplots(2, 1, figsize=(max(6, 0.6 * len(layers) + 2), 5), sharex=True)
     for ax, key, kind, label in (
@@ -487,10 +487,10 @@ def plot_architecture(path: Path, architecture: list[dict[str, Any]], report: di
     ax_ffn.set_xlabel("layer")
     ax_ffn.set_xticks(layers)
     ax_attn.set_title(
-        f"child architecture (decode speed-up {_fmt(report.get('speedup_measured'), '.2f')}x measured); "
+        f"child architecture (decode speed-up {fmt(report.get('speedup_measured'), '.2f')}x measured); "
         "orange = linear (bar height not to scale), empty = no-op"
     )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_solutions(
@@ -504,7 +504,7 @@ def plot_solutions(
 ) -> Path:
     """Predicted quality (the search objective) vs predicted decode throughput of each solution at its batch size,
     and of the parent at `parent_batch_size` (its speed-up baseline; default `batch_size`)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     lib = _as_library(library)
     xs = [predict_from_library(lib, s["layers"], s.get("batch_size") or batch_size)["decode_tok_s"] for s in solutions]
@@ -527,12 +527,12 @@ def plot_solutions(
     ax.set_ylabel(f"predicted {objective} (sum over blocks)")
     ax.set_title("search solutions")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_gkd_loss(path: Path, history: Sequence[dict[str, float]]) -> Path:
     """The GKD loss and its cosine and KL parts against training tokens."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     tokens = [h["tokens"] for h in history]
     for key, style in (("loss", "-"), ("cosine", "--"), ("kl", ":")):
@@ -544,7 +544,7 @@ def plot_gkd_loss(path: Path, history: Sequence[dict[str, float]]) -> Path:
         ax.set_yscale("log")
     ax.set_title("global knowledge distillation")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------- stage adapter

@@ -12,12 +12,13 @@ profiling stage's BlockCosts and the report call them too).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from puzzle.config import Budget
+from puzzle.config import Budget, JobConfig
 from puzzle.errors import ConfigError, InfeasibleError, PuzzleError
 from puzzle.library import BlockLibrary
 from puzzle.stages.search.mip import Constraint, Solution, Term, check_solution, raw_terms, solve_terms
@@ -311,3 +312,23 @@ def search(
         results, key=lambda b: (sign * results[b][0].objective, -results[b][0].predicted.get("throughput_tok_s", 0))
     )
     return results[best]
+
+
+def job_solver(
+    library: BlockLibrary, job: JobConfig, num_solutions: int | None = None
+) -> Callable[..., list[Solution]]:
+    """`solve(budget) -> [Solution]`: the search over `library` with the job's search settings and target batch sizes
+    (`num_solutions` overrides search.num_solutions)."""
+    cfg = job.search
+    return functools.partial(
+        search,
+        library,
+        objective=cfg.objective,
+        batch_sizes=job.target.batch_sizes,
+        maximize=cfg.maximize,
+        num_solutions=num_solutions or cfg.num_solutions,
+        diversity=cfg.diversity,
+        solver=cfg.solver,
+        time_limit=cfg.time_limit,
+        gap_rel=cfg.gap_rel,
+    )

@@ -7,14 +7,13 @@ distilled child, and the budget is corrected until the measurement meets it. sol
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
 from puzzle.common.progress import say
 from puzzle.library import BlockLibrary
 from puzzle.runner.stage import StageContext, StageResult, write_json
-from puzzle.stages.search.budget import search
+from puzzle.stages.search.budget import job_solver
 from puzzle.stages.search.loop import closed_loop
 from puzzle.stages.search.mip import Solution
 
@@ -63,22 +62,11 @@ def run(ctx: StageContext) -> StageResult:
     search.measure_rounds > 0); writes solutions.json."""
     library = BlockLibrary.load(ctx.find_upstream("library.json"))
     cfg = ctx.job.search
-    solve = functools.partial(
-        search,
-        library,
-        objective=cfg.objective,
-        batch_sizes=ctx.job.target.batch_sizes,
-        maximize=cfg.maximize,
-        num_solutions=cfg.num_solutions,
-        diversity=cfg.diversity,
-        solver=cfg.solver,
-        time_limit=cfg.time_limit,
-        gap_rel=cfg.gap_rel,
-    )
+    solve = job_solver(library, ctx.job)
     out: dict[str, Any] = {"objective": cfg.objective, "maximize": cfg.maximize, "budget": ctx.job.budget.fields_set()}
     if cfg.measure_rounds > 0:
         loop = closed_loop(
-            lambda budget: solve(budget=budget),
+            solve,
             measure_on_target(ctx, library),
             ctx.job.budget,
             rounds=cfg.measure_rounds,
@@ -90,7 +78,7 @@ def run(ctx: StageContext) -> StageResult:
         if not loop.met:
             say(f"search: the budget was not met as measured after {len(loop.rounds)} round(s); keeping the closest")
     else:
-        solutions = solve(budget=ctx.job.budget)
+        solutions = solve(ctx.job.budget)
     out["solutions"] = [s.to_dict() for s in solutions]
     write_json(ctx.out_dir / "solutions.json", out)
     best = solutions[0]
