@@ -96,3 +96,27 @@ def test_a_budget_the_loop_cannot_measure_is_refused_before_compute():
     check_budget(JobConfig(budget=Budget(speedup=2.0), search=SearchConfig(measure_rounds=3)))
     with pytest.raises(ConfigError, match="measure_tolerance"):
         SearchConfig(measure_tolerance=1.5)
+
+
+def test_overshoot_lands_on_the_budget_from_above():
+    """With measure_overshoot, 2.5x against a 2.0x budget is a miss too: the next solve is asked for less (2.0 * 2.0 /
+    2.5 = 1.6x predicted), and 2.04x then lands within 3 %. Without it, 2.5x meets the budget at once."""
+    asked: list[Budget] = []
+    measurements = iter([2.5, 2.04])
+    result = closed_loop(
+        solver(asked),
+        lambda s: {"speedup": next(measurements)},
+        Budget(speedup=2.0),
+        rounds=4,
+        tolerance=0.03,
+        overshoot=0.03,
+        log=lambda m: None,
+    )
+    assert result.met and result.chosen_round == 2
+    assert asked[1].speedup == pytest.approx(1.6)
+    never = closed_loop(
+        solver([]), lambda s: {"speedup": 2.5}, Budget(speedup=2.0), rounds=2, overshoot=0.03, log=lambda m: None
+    )
+    assert not never.met and len(never.rounds) == 2
+    once = closed_loop(solver([]), lambda s: {"speedup": 2.5}, Budget(speedup=2.0), rounds=2, log=lambda m: None)
+    assert once.met and len(once.rounds) == 1

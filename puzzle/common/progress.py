@@ -8,6 +8,7 @@ returns a no-op logger unless the job's logger.mode is offline or online; wandb 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -25,6 +26,15 @@ PREFIX = "[puzzle]"
 def say(message: str, file: TextIO | None = None) -> None:
     """One line to stdout (flushed, so Ray Job logs and pipes show it at once)."""
     print(f"{PREFIX} {message}", file=file or sys.stdout, flush=True)
+
+
+def fmt(value: Any, spec: str = ".4g") -> str:
+    """A number for a table: `spec` formatting, "-" for a missing value, "n/a" for NaN."""
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "n/a"
+    return format(value, spec) if isinstance(value, int | float) else str(value)
 
 
 def format_seconds(seconds: float) -> str:

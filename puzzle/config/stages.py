@@ -177,6 +177,9 @@ class SearchConfig:
     this many rounds (0: trust the summed block costs). Needs budget.speedup, throughput_tok_s or decode_latency_ms."""
     measure_tolerance: float = 0.0
     """A measured figure within this fraction of the budget counts as meeting it (0: strictly)."""
+    measure_overshoot: float | None = None
+    """Also re-solve when the measured figure is past the budget by more than this fraction (None: any surplus is
+    fine), to land on the budget: the compare stage's methods then meet at the same measured speed-up."""
     measure_repeats: int = 5
     """Timing rounds per closed-loop measurement (parent and child alternate; the median is kept)."""
 
@@ -184,6 +187,7 @@ class SearchConfig:
         check_choice("search.solver", self.solver, ("cbc", "highs"))
         check_positive("search.measure_rounds", self.measure_rounds, allow_zero=True)
         check_positive("search.measure_repeats", self.measure_repeats)
+        check_positive("search.measure_overshoot", self.measure_overshoot, allow_zero=True)
         if not 0.0 <= self.measure_tolerance < 1.0:
             raise ConfigError(f"search.measure_tolerance={self.measure_tolerance} must be in [0, 1)")
         check_positive("search.num_solutions", self.num_solutions)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from puzzle.common.atomic import atomic_dir, link_atomic, remove_path, write_atomic
-from puzzle.common.progress import RunLogger, make_logger, say, stage_skipped, stage_timer
+from puzzle.common.progress import RunLogger, fmt, make_logger, say, stage_skipped, stage_timer
 from puzzle.common.seeding import derive_seed, seed_everything
 from puzzle.config import RESOURCE_KEYS, JobConfig, job_to_dict, job_to_yaml, load_job, resolve_path, section_dict
 from puzzle.errors import PuzzleError
@@ -273,10 +273,6 @@ def connect_ray(job: JobConfig) -> bool:
 # ------------------------------------------------------------------------------------------------- report
 
 
-def _fmt(value: Any, spec: str = ".4g") -> str:
-    return format(value, spec) if isinstance(value, int | float) else "-"
-
-
 def headline(report: dict[str, Any], run_dir: Path) -> str:
     """The table printed at the end of a run: parent vs child quality, speed-up, memory, where results are."""
     parent, child = report.get("parent", {}), report.get("child", {})
@@ -298,10 +294,10 @@ def headline(report: dict[str, Any], run_dir: Path) -> str:
         return d if not isinstance(d, dict) else None
 
     lines = [f"{'':<22}{'parent':>14}{'child':>14}"]
-    lines += [f"{label:<22}{_fmt(get(parent, keys)):>14}{_fmt(get(child, keys)):>14}" for label, keys in rows]
+    lines += [f"{label:<22}{fmt(get(parent, keys)):>14}{fmt(get(child, keys)):>14}" for label, keys in rows]
     lines.append(
-        f"speed-up (decode): measured {_fmt(report.get('speedup_measured'), '.2f')}x, "
-        f"predicted {_fmt(report.get('speedup_predicted'), '.2f')}x"
+        f"speed-up (decode): measured {fmt(report.get('speedup_measured'), '.2f')}x, "
+        f"predicted {fmt(report.get('speedup_predicted'), '.2f')}x"
     )
     export = run_dir / "export"
     lines.append(f"export: {export if export.exists() else '-'}")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from puzzle.common.atomic import atomic_file, write_atomic
+from puzzle.common.progress import fmt
 from puzzle.errors import PuzzleError
 from puzzle.runner.stage import StageContext, StageResult, read_json
 from puzzle.stages.gkd.child import load_child
@@ -310,14 +311,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def fmt(value: Any, spec: str = ".4g") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and math.isnan(value):
-        return "n/a"
-    return format(value, spec) if isinstance(value, int | float) else str(value)
 
 
 def render_markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:

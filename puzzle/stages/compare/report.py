@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from puzzle.common.atomic import write_atomic, write_json_atomic
-from puzzle.stages.export import fmt, pyplot, save_figure
+from puzzle.common.progress import fmt
+from puzzle.stages.export import pyplot, save_figure
 
 
 def describe(layers: dict[str, str]) -> str:

@@ -125,6 +125,7 @@ def compare_one(
                 budget,
                 rounds=job.search.measure_rounds,
                 tolerance=job.search.measure_tolerance,
+                overshoot=job.search.measure_overshoot,
                 log=say,
             )
             solution, loop = result.solutions[0], result.to_dict()

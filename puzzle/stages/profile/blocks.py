@@ -21,8 +21,8 @@ from puzzle.model.block_config import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.stages.profile.costs import (
     BlockCosts,
     block_shape,
+    cost_table,
     fixed_num_params,
-    memory_stats,
     parent_names,
     unique_blocks,
 )
@@ -378,22 +378,8 @@ def _latency_stats(result: dict[str, Any]) -> dict[str, float]:
 
 
 def _assemble_costs(config, variants, results, batch_sizes, context_len, dtype) -> BlockCosts:
-    elem = torch_dtype(dtype).itemsize
-    shapes = {block.name: block_shape(config, block) for block in unique_blocks(variants)}
-    blocks: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
-    for i, layer_blocks in enumerate(variants):
-        blocks[f"layer_{i}"] = {}
-        for block in layer_blocks:
-            shape = shapes[block.name]
-            blocks[f"layer_{i}"][block.name] = {
-                str(b): {
-                    **_latency_stats(results[f"{block.name}@{b}"]),
-                    **memory_stats(shape.num_params, shape.kv_elements_per_token, b, context_len, elem),
-                }
-                for b in batch_sizes
-            }
-    fixed = {
-        str(b): {**_latency_stats(results[f"fixed@{b}"]), **memory_stats(fixed_num_params(config), 0, b, 0, elem)}
-        for b in batch_sizes
-    }
+    def latency(block: BlockConfig | None, b: int) -> dict[str, float]:
+        return _latency_stats(results[f"{block.name if block is not None else 'fixed'}@{b}"])
+
+    blocks, fixed = cost_table(config, variants, batch_sizes, context_len, torch_dtype(dtype).itemsize, latency)
     return BlockCosts(blocks=blocks, fixed=fixed, metadata={})

@@ -7,7 +7,7 @@ those live here, so the estimate depends on none of the measuring code (which ha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,3 +125,31 @@ class BlockCosts:
             {"batch_sizes": self.metadata["batch_sizes"], "fixed": self.fixed},
         )
         return block_totals(library, layers, batch_size)
+
+
+def cost_table(
+    config: Any,
+    variants: Sequence[Sequence[BlockConfig]],
+    batch_sizes: Sequence[int],
+    context_len: int,
+    elem: int,
+    latency: Callable[[BlockConfig | None, int], dict[str, float]],
+) -> tuple[dict[str, dict[str, dict[str, dict[str, float]]]], dict[str, dict[str, float]]]:
+    """(blocks, fixed) of a `BlockCosts`: layer -> variant -> batch size -> `latency(block, b)` plus the block's memory
+    stats, and batch size -> `latency(None, b)` plus the fixed parameters' memory. Measured and estimated costs differ
+    only in `latency`."""
+    shapes = {block.name: block_shape(config, block) for block in unique_blocks(variants)}
+    blocks: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for i, layer_blocks in enumerate(variants):
+        blocks[f"layer_{i}"] = {}
+        for block in layer_blocks:
+            shape = shapes[block.name]
+            blocks[f"layer_{i}"][block.name] = {
+                str(b): {
+                    **latency(block, b),
+                    **memory_stats(shape.num_params, shape.kv_elements_per_token, b, context_len, elem),
+                }
+                for b in batch_sizes
+            }
+    fixed = {str(b): {**latency(None, b), **memory_stats(fixed_num_params(config), 0, b, 0, elem)} for b in batch_sizes}
+    return blocks, fixed

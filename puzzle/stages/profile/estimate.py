@@ -9,10 +9,8 @@ from puzzle.model.block_config import BlockConfig
 from puzzle.stages.profile.costs import (
     BlockCosts,
     block_shape,
-    fixed_num_params,
-    memory_stats,
+    cost_table,
     parent_names,
-    unique_blocks,
 )
 
 
@@ -64,26 +62,12 @@ def estimate_blocks(
             "prefill_runtime_ms": roofline_ms(*work["prefill"], spec, dtype),
         }
 
-    blocks: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
-    shapes = {block.name: block_shape(config, block) for block in unique_blocks(variants)}
-    for i, layer_blocks in enumerate(variants):
-        blocks[f"layer_{i}"] = {}
-        for block in layer_blocks:
-            shape = shapes[block.name]
-            blocks[f"layer_{i}"][block.name] = {
-                str(b): {
-                    **stats(block_work(config, block, b, context_len, prompt_len, elem)),
-                    **memory_stats(shape.num_params, shape.kv_elements_per_token, b, context_len, elem),
-                }
-                for b in batch_sizes
-            }
-    fixed = {
-        str(b): {
-            **stats(fixed_work(config, b, prompt_len, elem)),
-            **memory_stats(fixed_num_params(config), 0, b, 0, elem),
-        }
-        for b in batch_sizes
-    }
+    def latency(block: BlockConfig | None, b: int) -> dict[str, float]:
+        if block is None:
+            return stats(fixed_work(config, b, prompt_len, elem))
+        return stats(block_work(config, block, b, context_len, prompt_len, elem))
+
+    blocks, fixed = cost_table(config, variants, batch_sizes, context_len, elem, latency)
     metadata = {
         "source": "estimated",
         "device": spec.name,

@@ -14,7 +14,9 @@ effects and (on a shared machine) drift between profiling and now all move the w
 
    so an architecture that measured 1.8x against a 2.0x budget sends the next solve to 2.0 * 2.0 / 1.8 = 2.22x
    predicted, and a repeat of the same architecture keeps tightening. The loop stops after N rounds either way and
-   says which (`LoopResult.met`).
+   says which (`LoopResult.met`). With `overshoot` (search.measure_overshoot) a measurement past the budget by more
+   than that fraction is a miss too, corrected the other way: the comparison of methods uses it to land every method
+   on the same measured speed-up.
 
 Corrected entries: `speedup` and `throughput_tok_s` (higher is better) and `decode_latency_ms` (lower is better). The
 others are computed, not timed (memory, parameters), or not measured here (prefill latency) and stay as given.
@@ -80,16 +82,21 @@ def measured_entries(budget: Budget) -> dict[str, float]:
     return {k: v for k, v in budget.fields_set().items() if k in HIGHER_IS_BETTER}
 
 
-def meets(name: str, measured: float, target: float, tolerance: float) -> bool:
+def meets(name: str, measured: float, target: float, tolerance: float, overshoot: float | None = None) -> bool:
+    """Whether `measured` meets `target` within `tolerance`; with `overshoot`, also not past it by more than that
+    fraction (for landing on a budget, as a comparison of methods at equal speed needs)."""
     if HIGHER_IS_BETTER[name]:
-        return measured >= target * (1.0 - tolerance)
-    return measured <= target * (1.0 + tolerance)
+        ok = measured >= target * (1.0 - tolerance)
+        return ok and (overshoot is None or measured <= target * (1.0 + overshoot))
+    ok = measured <= target * (1.0 + tolerance)
+    return ok and (overshoot is None or measured >= target * (1.0 - overshoot))
 
 
-def shortfall(name: str, measured: float, target: float) -> float:
-    """How far a measurement is from meeting its target, as a fraction of it (0 when met)."""
+def shortfall(name: str, measured: float, target: float, overshoot: float | None = None) -> float:
+    """How far a measurement is from meeting its target, as a fraction of it (0 when met); with `overshoot`, how
+    far it is from the target either way."""
     gap = (target - measured) / target if HIGHER_IS_BETTER[name] else (measured - target) / target
-    return max(0.0, gap)
+    return abs(gap) if overshoot is not None else max(0.0, gap)
 
 
 def closed_loop(
@@ -99,6 +106,7 @@ def closed_loop(
     *,
     rounds: int,
     tolerance: float = 0.0,
+    overshoot: float | None = None,
     log: Callable[[str], None] = print,
 ) -> LoopResult:
     """Solve and measure until the measured figures meet `budget` (within `tolerance`) or `rounds` rounds are done.
@@ -130,7 +138,7 @@ def closed_loop(
             break
         best = solutions[0]
         measured = measure(best)
-        met = all(meets(name, measured[name], target, tolerance) for name, target in targets.items())
+        met = all(meets(name, measured[name], target, tolerance, overshoot) for name, target in targets.items())
         correction = {name: measured[name] / best.predicted[name] for name in targets if best.predicted.get(name)}
         history.append(
             Round(
@@ -161,7 +169,7 @@ def closed_loop(
     if met_rounds:
         chosen = met_rounds[-1]
     else:
-        chosen = min(history, key=lambda r: sum(shortfall(n, r.measured[n], t) for n, t in targets.items()))
+        chosen = min(history, key=lambda r: sum(shortfall(n, r.measured[n], t, overshoot) for n, t in targets.items()))
     return LoopResult(
         solutions=solutions_by_round[chosen.round - 1], rounds=history, met=bool(met_rounds), chosen_round=chosen.round
     )

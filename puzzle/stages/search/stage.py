@@ -71,6 +71,7 @@ def run(ctx: StageContext) -> StageResult:
             ctx.job.budget,
             rounds=cfg.measure_rounds,
             tolerance=cfg.measure_tolerance,
+            overshoot=cfg.measure_overshoot,
             log=say,
         )
         solutions = loop.solutions
