@@ -85,6 +85,8 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], parent: dict[str, Any], met
         if points:
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, marker="o", label=method)
+        else:
+            ax.plot([], [], linestyle="none", label=f"{method}: no budget reached")
     ax.set_xlabel("measured decode speed-up over the parent (x)")
     ax.set_ylabel("test top-1 accuracy")
     ax.grid(alpha=0.3)
