@@ -47,11 +47,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def demo_parent(build: bool):
     """(model, description): the cached default parent if present (or built on request), else a random-init one."""
+    from puzzle.config.paths import default_cache_root
     from puzzle.hf.convert import load_parent, puzzle_config_from_hf
     from puzzle.stages import parent as parent_mod
 
     recipe = parent_mod.ParentRecipe()
-    cached = parent_mod.default_cache_root() / "parents" / recipe.key()
+    cached = default_cache_root() / "parents" / recipe.key()
     if build or parent_mod._is_complete(cached):
         path = parent_mod.ensure_default_parent(recipe, log=lambda _: None)
         return load_parent(path), f"default parent (trained, cached at {path})"

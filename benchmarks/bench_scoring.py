@@ -48,7 +48,8 @@ class RandomSource:
 
 
 def demo_parent(build: bool) -> tuple[PuzzleForCausalLM, str]:
-    from puzzle.stages.parent import ParentRecipe, default_cache_root, ensure_default_parent
+    from puzzle.config.paths import default_cache_root
+    from puzzle.stages.parent import ParentRecipe, ensure_default_parent
 
     recipe = ParentRecipe()
     path = default_cache_root() / "parents" / recipe.key()

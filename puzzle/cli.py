@@ -14,7 +14,7 @@ import sys
 from puzzle.errors import PuzzleError
 
 # Modules that contribute subcommands, in the order they appear in --help.
-COMMAND_MODULES = ("puzzle.runner.run", "puzzle.runner.jobs", "puzzle.stages.search.cli")
+COMMAND_MODULES = ("puzzle.runner.run", "puzzle.runner.jobs", "puzzle.stages.search.cli", "puzzle.hf.gguf")
 
 
 def build_parser() -> argparse.ArgumentParser:

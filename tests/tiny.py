@@ -150,3 +150,73 @@ def save_tiny_parent(
     if tokenizer:
         tiny_tokenizer().save_pretrained(out)
     return out
+
+
+def _llama_cpp_permute(weight: Any, n_head: int, n_kv_head: int) -> Any:
+    """llama.cpp's reordering of q/k projection rows (its converter's `permute`), which GGUF readers undo."""
+    if n_head != n_kv_head:
+        n_head = n_kv_head
+    return (
+        weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+GGUF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def write_tiny_gguf(path: Path, model: Any) -> Path:
+    """Write a tiny HF Llama (`tiny_parent()`) as an F32 GGUF file the way llama.cpp lays one out: llama hparams,
+    a gpt2-style token list (tiny_tokenizer's tokens) and blk.<i>.* tensors with q/k rows permuted."""
+    import gguf
+    import numpy as np
+
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_freq_base(float((getattr(c, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_vocab_size(c.vocab_size)
+    tokens = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(4, TINY_VOCAB)]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3, 2] + [1] * (TINY_VOCAB - 4))
+    writer.add_token_scores([0.0] * TINY_VOCAB)
+    writer.add_token_merges([])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    writer.add_tensor("output.weight", state["lm_head.weight"])
+    for i in range(c.num_hidden_layers):
+        for hf_name, gguf_name in GGUF_LAYER_NAMES.items():
+            weight = state[f"model.layers.{i}.{hf_name}.weight"]
+            if gguf_name == "attn_q":
+                weight = _llama_cpp_permute(weight, c.num_attention_heads, c.num_attention_heads)
+            elif gguf_name == "attn_k":
+                weight = _llama_cpp_permute(weight, c.num_attention_heads, c.num_key_value_heads)
+            writer.add_tensor(f"blk.{i}.{gguf_name}.weight", np.ascontiguousarray(weight))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)

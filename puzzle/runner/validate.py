@@ -286,6 +286,11 @@ def validate_job(job: JobConfig, *, local: bool = True, check_address: bool = Tr
         check_run_dir(job.run_dir)
         if job.parent.path is not None:
             hf_config = check_parent_checkpoint(resolve_path(job.parent.path), job.parent)
+        elif job.parent.gguf is not None:
+            from puzzle.hf.gguf import check_gguf_support, resolve_gguf
+
+            resolve_gguf(job.parent.gguf)
+            check_gguf_support()
     check_search_space(job, hf_config)
     check_budget(job, job.run_dir / "library.json" if local else None)
     address = ray_address(job)

@@ -37,6 +37,7 @@ from puzzle.common.atomic import atomic_dir
 from puzzle.common.progress import say
 from puzzle.common.schedule import lambda_lr
 from puzzle.config import JobConfig, resolve_path
+from puzzle.config.paths import default_cache_root
 from puzzle.errors import ConfigError, PuzzleError
 from puzzle.runner.stage import PARENT_JSON, StageContext, StageResult, write_json
 from puzzle.stages.data import (
@@ -180,11 +181,6 @@ class ParentRecipe:
             {"recipe": self.to_dict(), "python": platform.python_version(), "build": _BUILD_VERSION}, sort_keys=True
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def default_cache_root() -> Path:
-    """$PUZZLE_CACHE, else ~/.cache/puzzle."""
-    return Path(os.environ.get("PUZZLE_CACHE") or Path.home() / ".cache" / "puzzle").expanduser()
 
 
 # ----------------------------------------------------------------------------------------------- cache
@@ -502,9 +498,14 @@ def checkpoint_fingerprint(path: Path) -> str:
 
 
 def parent_path(job: JobConfig) -> Path:
-    """The parent checkpoint directory: parent.path, or the embedded default (built and cached on first use)."""
+    """The parent checkpoint directory: parent.path, the import of parent.gguf (cached), or the embedded default
+    (built and cached on first use)."""
     if job.parent.path is not None:
         return resolve_path(job.parent.path)
+    if job.parent.gguf is not None:
+        from puzzle.hf.gguf import import_gguf
+
+        return import_gguf(job.parent.gguf, log=say)
     return Path(ensure_default_parent(log=say))
 
 

@@ -15,6 +15,7 @@ import torch
 
 from puzzle.common.atomic import write_json_atomic
 from puzzle.common.progress import say
+from puzzle.config.paths import default_cache_root
 from puzzle.library import write_library_json
 from puzzle.model.block_config import BlockConfig
 from puzzle.runner.stage import StageContext, StageResult, read_json
@@ -23,8 +24,7 @@ from puzzle.stages.bld.stage import block_variants
 
 def default_cache_path() -> Path:
     """$PUZZLE_CACHE/profiles.json (default ~/.cache/puzzle/profiles.json), shared by every run on this machine."""
-    root = os.environ.get("PUZZLE_CACHE") or Path.home() / ".cache" / "puzzle"
-    return Path(root).expanduser() / "profiles.json"
+    return default_cache_root() / "profiles.json"
 
 
 def _measure_on_ray(device: str) -> bool:
