@@ -129,3 +129,35 @@ def test_shuffled_rows_walks_one_permutation_per_epoch():
     assert torch.equal(stream[6:14], shuffled_rows(6, 8, 10, 3, seed_stride=7))  # any window of the same stream
     assert not torch.equal(stream[:10], stream[10:])
     assert torch.equal(stream[:10], torch.randperm(10, generator=torch.Generator().manual_seed(3 * 7)))
+
+
+def test_build_once_builds_under_a_lock_and_never_trusts_leftovers(tmp_path):
+    from puzzle.common.atomic import build_once
+
+    target = tmp_path / "cache" / "thing"
+    target.mkdir(parents=True)
+    (target / "half").write_text("an interrupted copy")  # no completion mark: must not survive
+    stale = target.parent / ".thing-99999"
+    stale.mkdir()
+    built = []
+
+    def build(tmp):
+        assert tmp.parent == target.parent and tmp != target  # written beside, renamed into place
+        (tmp / "done").write_text("ok")
+        built.append(tmp)
+
+    def complete(path):
+        return (path / "done").is_file()
+
+    assert build_once(target, build, complete) is True
+    assert sorted(p.name for p in target.iterdir()) == ["done"] and not stale.exists()
+    assert build_once(target, build, complete) is False and len(built) == 1
+
+    def fail(tmp):
+        (tmp / "partial").write_text("x")
+        raise RuntimeError("killed")
+
+    other = tmp_path / "cache" / "other"
+    with pytest.raises(RuntimeError):
+        build_once(other, fail, complete)
+    assert not other.exists() and not list(other.parent.glob(".other-*"))  # nothing half-written left looking done

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -134,3 +134,24 @@ def atomic_dir(target: PathLike, *, tmp: PathLike | None = None) -> Iterator[Pat
         replace_path(tmp, target)
     finally:
         remove_path(tmp)
+
+
+def build_once(target: PathLike, build: Callable[[Path], None], is_complete: Callable[[Path], bool]) -> bool:
+    """Build directory `target` once per machine: under a file lock beside it (concurrent callers wait for one build),
+    skipped when `is_complete(target)`, else written by `build(tmp)` into a temporary sibling that is renamed into
+    place when it returns. Leftovers (an incomplete `target`, temporary directories of killed builds) are removed
+    first. Returns whether this call built it."""
+    from filelock import FileLock
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.parent / f"{target.name}.lock"):
+        if is_complete(target):
+            return False
+        if target.exists():  # never trust a directory without the completion mark
+            shutil.rmtree(target)
+        for stale in target.parent.glob(f".{target.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        with atomic_dir(target, tmp=target.parent / f".{target.name}-{os.getpid()}") as tmp:
+            build(tmp)
+    return True

@@ -18,15 +18,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
-from puzzle.common.atomic import atomic_dir
+from puzzle.common.atomic import build_once
 from puzzle.config.paths import default_cache_root, resolve_path
 from puzzle.errors import ConfigError, PuzzleError
 
@@ -104,18 +101,15 @@ def import_gguf(
     if is_imported(target):
         log(f"gguf parent: cached at {target}")
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(target.parent / f"{target.name}.lock"):
-        if is_imported(target):
-            return target
-        if target.exists():
-            if out_dir is not None and any(target.iterdir()):
-                raise PuzzleError(f"{target} exists and is not an imported GGUF checkpoint; choose another --out")
-            shutil.rmtree(target)
+    if out_dir is not None and target.is_dir() and any(target.iterdir()):
+        raise PuzzleError(f"{target} exists and is not an imported GGUF checkpoint; choose another --out")
+
+    def build(tmp: Path) -> None:
         log(f"gguf parent: dequantising {path} ({path.stat().st_size / 2**20:.0f} MiB) into {target}")
-        with atomic_dir(target, tmp=target.parent / f".{target.name}-{os.getpid()}") as tmp:
-            write_checkpoint(path, tmp)
-            (tmp / SOURCE_FILE).write_text(json.dumps({**source, "path": str(path)}, indent=1) + "\n")
+        write_checkpoint(path, tmp)
+        (tmp / SOURCE_FILE).write_text(json.dumps({**source, "path": str(path)}, indent=1) + "\n")
+
+    build_once(target, build, is_imported)
     log(f"gguf parent: saved to {target}")
     return target
 

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,9 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from filelock import FileLock
 
-from puzzle.common.atomic import atomic_dir
+from puzzle.common.atomic import build_once
 from puzzle.common.progress import say
 from puzzle.common.schedule import lambda_lr
 from puzzle.config import JobConfig, resolve_path
@@ -198,19 +196,10 @@ def ensure_default_parent(
     if _is_complete(target):
         log(f"default parent: cached at {target}")
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # The lock makes concurrent callers (two jobs started at once) wait for one build instead of racing.
-    with FileLock(target.parent / f"{target.name}.lock"):
-        if _is_complete(target):
-            log(f"default parent: cached at {target}")
-            return target
-        if target.exists():  # a leftover from an interrupted manual copy: never trust it
-            shutil.rmtree(target)
-        for stale in target.parent.glob(f".{target.name}-*"):  # temp dirs of builds killed before cleanup
-            shutil.rmtree(stale, ignore_errors=True)
-        with atomic_dir(target, tmp=target.parent / f".{target.name}-{os.getpid()}") as tmp:
-            build_parent(recipe, tmp, log=log)
-    log(f"default parent: saved to {target}")
+    if build_once(target, lambda tmp: build_parent(recipe, tmp, log=log), _is_complete):
+        log(f"default parent: saved to {target}")
+    else:  # another process built it while this one waited for the lock
+        log(f"default parent: cached at {target}")
     return target
 
 
