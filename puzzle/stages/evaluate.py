@@ -347,12 +347,10 @@ def evaluate_models(
     top1, top1_agreement, tokens}, throughput: {prefill_tok_s, decode_tok_s, decode_ms, prefill_ms,
     generation_tok_s, ...}}. memory_mib = parameters + KV cache at (batch, context), computed.
     """
-    models = target_models(parent, child, target)
+    models = {"parent": on_target(parent, target), "child": on_target(child, target)}
     device, dtype = target_device(target)
     b = batch_size or target.batch_sizes[0]
-    prompt_len = cfg.prompt_len or target.prompt_len
-    gen_len = cfg.gen_len or target.gen_len
-    context_len = target.seq_len or prompt_len + gen_len
+    prompt_len, gen_len, context_len = throughput_lengths(target, cfg.prompt_len, cfg.gen_len)
     test_ids = token_rows(test_ids)
     log(f"[evaluate] quality on {min(cfg.tokens, test_ids.numel()):,} test tokens")
     quality = evaluate_quality(models, models["parent"], test_ids, cfg.batch_size, cfg.tokens)
@@ -409,10 +407,20 @@ def target_device(target: TargetConfig) -> tuple[torch.device, torch.dtype]:
     return device, torch_dtype(target.dtype)
 
 
-def target_models(parent: nn.Module, child: nn.Module, target: TargetConfig) -> dict[str, nn.Module]:
-    """{"parent", "child"} in eval mode on the target device and dtype (copies when they live elsewhere)."""
+def on_target(model: nn.Module, target: TargetConfig) -> nn.Module:
+    """`model` in eval mode on the target device and dtype (a copy when it lives elsewhere)."""
     device, dtype = target_device(target)
-    return {"parent": _on(parent, device, dtype), "child": _on(child, device, dtype)}
+    return _on(model, device, dtype)
+
+
+def throughput_lengths(
+    target: TargetConfig, prompt_len: int | None = None, gen_len: int | None = None
+) -> tuple[int, int, int]:
+    """(prompt, generated, decode context) lengths of a throughput measurement: the target's unless overridden; the
+    context is target.seq_len, else prompt + generated."""
+    prompt_len = prompt_len or target.prompt_len
+    gen_len = gen_len or target.gen_len
+    return prompt_len, gen_len, target.seq_len or prompt_len + gen_len
 
 
 def _on(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:

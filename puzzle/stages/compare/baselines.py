@@ -25,11 +25,13 @@ import torch
 from puzzle.config import Budget
 from puzzle.errors import ConfigError, InfeasibleError
 from puzzle.library import BlockLibrary
-from puzzle.model.block_config import AttentionConfig, FFNConfig
+from puzzle.model.block_config import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.stages.search.budget import budget_to_constraints, parent_baseline, predict, search
 from puzzle.stages.search.mip import Solution, check_solution
 
 BASELINES = ("depth", "width", "random", "greedy")
+NOOP_BLOCK = BlockConfig(AttentionConfig(no_op=True), FFNConfig(no_op=True)).name
+"""A removed layer: no-op attention and no-op FFN ("attn_no_op+ffn_no_op")."""
 METHODS = ("puzzle", *BASELINES)
 
 
@@ -82,31 +84,21 @@ class ImportanceBlocks:
         self.ffn_inputs = collect_activations(parent, calibration_rows, batch_size, layers, mids_only=True)
 
     def build_layer(self, parent_model: Any, layer_idx: int, block: Any) -> Any:
-        from puzzle.model.modeling_puzzle import PuzzleDecoderLayer
-        from puzzle.stages.bld.init import init_attention, init_ffn, split_subblock
+        """BLD's own initialisation of `block` (`puzzle.stages.bld.train.initial_layer`), without the training."""
+        from puzzle.stages.bld.plan import BlockSpec
         from puzzle.stages.bld.store import layer_state
+        from puzzle.stages.bld.train import initial_layer
 
-        config = parent_model.config
-        parent_block = config.block_config(layer_idx)
-        parent_state = layer_state(parent_model, layer_idx)
-        state: dict[str, torch.Tensor] = {}
-        attn, method = init_attention(parent_state, config, block.attention, parent_block.attention)
-        state.update(split_subblock(parent_state, "attention") if method == "parent" else attn or {})
-        ffn, method = init_ffn(parent_state, config, block.ffn, parent_block.ffn, self.ffn_inputs[layer_idx])
-        state.update(split_subblock(parent_state, "ffn") if method == "parent" else ffn or {})
-        layer = PuzzleDecoderLayer.from_block(config, block, layer_idx)
-        layer.load_state_dict(state, strict=True)
+        parent_block = parent_model.config.block_config(layer_idx)
+        spec = BlockSpec(layer_idx, "block", block.attention, block.ffn, block.name, True, block == parent_block)
+        layer, _ = initial_layer(
+            spec, parent_model.config, layer_state(parent_model, layer_idx), self.ffn_inputs[layer_idx]
+        )
         weight = next(parent_model.parameters())
         return layer.to(device=weight.device, dtype=weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------- architectures
-
-
-def subblocks(variant: str) -> tuple[AttentionConfig, FFNConfig]:
-    """ "attn_group4+ffn_768" -> its attention and FFN configs."""
-    attn, _, ffn = variant.partition("+")
-    return AttentionConfig.from_name(attn), FFNConfig.from_name(ffn)
 
 
 def parent_layers(library: BlockLibrary) -> dict[str, str]:
@@ -117,7 +109,7 @@ def parent_layers(library: BlockLibrary) -> dict[str, str]:
 
 def depth_architectures(library: BlockLibrary, influence: Sequence[float]) -> Iterable[dict[str, str]]:
     """The parent with its k least influential layers removed, k = 1, 2, ...: each removed layer is the no-op block."""
-    noop = "attn_no_op+ffn_no_op"
+    noop = NOOP_BLOCK
     names = library.layer_names
     if len(influence) != len(names):
         raise ConfigError(f"Block Influence has {len(influence)} layers, the library {len(names)}")
@@ -140,7 +132,8 @@ def width_architectures(library: BlockLibrary, objective: str, maximize: bool) -
         common &= set(library.layers[name])
     uniform = []
     for variant in sorted(common):
-        attn, ffn = subblocks(variant)
+        block = BlockConfig.from_name(variant)
+        attn, ffn = block.attention, block.ffn
         if attn.no_op or attn.replace_with_linear or ffn.no_op or ffn.replace_with_linear:
             continue
         layers = dict.fromkeys(names, variant)
@@ -196,7 +189,8 @@ def first_fitting(
     for layers in candidates:
         fits = [b for b in batch_sizes if not check_solution(library, layers, constraints[b], b)]
         if fits:
-            b = max(fits, key=lambda size: (predict(library, layers, size, baseline).get("throughput_tok_s", 0), -size))
+            predicted = {size: predict(library, layers, size, baseline) for size in fits}
+            b = max(fits, key=lambda size: (predicted[size].get("throughput_tok_s", 0), -size))
             return [
                 Solution(
                     layers=dict(layers),
@@ -204,7 +198,7 @@ def first_fitting(
                     totals={},
                     optimal=False,
                     batch_size=b,
-                    predicted=predict(library, layers, b, baseline),
+                    predicted=predicted[b],
                     parent_batch_size=baseline.batch_size if baseline is not None else None,
                 )
             ]

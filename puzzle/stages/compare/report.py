@@ -10,6 +10,7 @@ from typing import Any
 
 from puzzle.common.atomic import write_atomic, write_json_atomic
 from puzzle.common.progress import fmt
+from puzzle.stages.compare.baselines import NOOP_BLOCK
 from puzzle.stages.export import pyplot, save_figure
 
 
@@ -17,7 +18,7 @@ def describe(layers: dict[str, str]) -> str:
     """A short summary of an architecture: how many layers take each attention and each FFN variant."""
     attn = Counter(v.partition("+")[0].removeprefix("attn_") for v in layers.values())
     ffn = Counter(v.partition("+")[2].removeprefix("ffn_") for v in layers.values())
-    removed = sum(1 for v in layers.values() if v == "attn_no_op+ffn_no_op")
+    removed = sum(1 for v in layers.values() if v == NOOP_BLOCK)
 
     def part(counts: Counter) -> str:
         return " ".join(f"{n}x{name}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))

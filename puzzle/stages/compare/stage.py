@@ -54,7 +54,7 @@ def run(ctx: StageContext) -> StageResult:
         influence = measure_block_influence(parent, calibration, job.gkd.batch_size)
         say("[compare] Block Influence per layer: " + ", ".join(f"{v:.4f}" for v in influence))
     sources = {"width": ImportanceBlocks(parent, calibration, job.gkd.batch_size)} if "width" in methods else {}
-    measure = measure_on_target(ctx, library) if cfg_search.measure_rounds > 0 else None
+    measure = measure_on_target(ctx, library, parent, store) if cfg_search.measure_rounds > 0 else None
     results_dir = ctx.work_dir / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -18,23 +18,22 @@ from puzzle.stages.search.loop import closed_loop
 from puzzle.stages.search.mip import Solution
 
 
-def measure_on_target(ctx: StageContext, library: BlockLibrary) -> Callable[[Solution], dict[str, float]]:
+def measure_on_target(
+    ctx: StageContext, library: BlockLibrary, parent: Any, store: Any
+) -> Callable[[Solution], dict[str, float]]:
     """solution -> its measured {speedup, throughput_tok_s, decode_latency_ms}: the child assembled from BLD blocks
     (latency does not depend on the weights, so no GKD is needed) and the parent, timed side by side on the target
-    with the library's timing settings (`puzzle.stages.evaluate.measure_speedup`)."""
-    from puzzle.stages.bld.stage import load_block_store
-    from puzzle.stages.evaluate import measure_speedup, target_models
+    with the library's timing settings (`puzzle.stages.evaluate.measure_speedup`). `parent` and `store` are the
+    loaded parent and BLD block store (the caller's, so a stage that has them loads neither twice)."""
+    from puzzle.stages.evaluate import measure_speedup, on_target, throughput_lengths
     from puzzle.stages.gkd.assemble import assemble_child
-    from puzzle.stages.parent import load_parent_model
 
-    parent = load_parent_model(ctx)
-    store = load_block_store(ctx)
     target = ctx.job.target
-    prompt_len, gen_len = target.prompt_len, target.gen_len
-    context_len = target.seq_len or prompt_len + gen_len
+    prompt_len, gen_len, context_len = throughput_lengths(target)
+    placed = on_target(parent, target)  # once: every round times the same parent
 
     def measure(solution: Solution) -> dict[str, float]:
-        models = target_models(parent, assemble_child(parent, store, solution.layers), target)
+        models = {"parent": placed, "child": on_target(assemble_child(parent, store, solution.layers), target)}
         b = solution.batch_size or target.batch_sizes[0]
         speed = measure_speedup(
             models,
@@ -65,9 +64,12 @@ def run(ctx: StageContext) -> StageResult:
     solve = job_solver(library, ctx.job)
     out: dict[str, Any] = {"objective": cfg.objective, "maximize": cfg.maximize, "budget": ctx.job.budget.fields_set()}
     if cfg.measure_rounds > 0:
+        from puzzle.stages.bld.stage import load_block_store
+        from puzzle.stages.parent import load_parent_model
+
         loop = closed_loop(
             solve,
-            measure_on_target(ctx, library),
+            measure_on_target(ctx, library, load_parent_model(ctx), load_block_store(ctx)),
             ctx.job.budget,
             rounds=cfg.measure_rounds,
             tolerance=cfg.measure_tolerance,
