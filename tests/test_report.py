@@ -84,7 +84,10 @@ def _report(evaluation, library, **overrides):
         ],
         target={"device": "cpu", "batch_sizes": [1], "prompt_len": 8, "gen_len": 8},
         budget={"speedup": 2.0},
-        stages={"bld": {"seconds": 12.5, "tokens": 1000}, "gkd": {"seconds": 30.0, "tokens": 2000}},
+        stages={
+            "bld": {"seconds": 12.5, "tokens": 1000, "peak_memory": {"total_pss_gib": 1.5, "cuda_peak_gib": 0.25}},
+            "gkd": {"seconds": 30.0, "tokens": 2000},
+        },
         gkd_history=[
             {"step": 1, "tokens": 100, "loss": 1.0, "cosine": 0.6, "kl": 0.4},
             {"step": 2, "tokens": 200, "loss": 0.5, "cosine": 0.3, "kl": 0.2},
@@ -145,6 +148,9 @@ def test_report_json_has_every_required_field(tmp_path, evaluation, library):
     markdown = (tmp_path / "report.md").read_text()
     assert "2.50x measured" in markdown and "1.50x predicted" in markdown
     assert "| 1 | attn_group2 | ffn_linear |" in markdown and "![gkd_loss](gkd_loss.png)" in markdown
+    assert data["stages"]["bld"]["peak_memory"]["total_pss_gib"] == 1.5
+    # The peak memory column; a stage recorded before peaks were (no peak_memory) shows "-".
+    assert "| bld | 12.5 | 1,000 | 1.50 | 0.25 |" in markdown and "| gkd | 30.0 | 2,000 | - | - |" in markdown
     # Nothing half-written is left beside the finished files.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(paths)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from puzzle.errors import PuzzleError
 from puzzle.runner.pipeline import build_stages
 from puzzle.runner.run import headline, run_job, run_lock
 from puzzle.runner.stage import Stage, StageResult
+from puzzle.stages.export import stage_records
 
 REPORT = {
     "parent": {"params": 1000, "test": {"lm_loss": 2.0, "top1": 0.5}, "throughput": {"decode_tok_s": 100.0}},
@@ -81,11 +83,19 @@ def test_run_writes_config_manifests_and_published_results(tmp_path, capsys):
         assert m["status"] == "complete" and m["tokens"] == 10 and m["seconds"] >= 0
         assert m["summary"] == {"name": name}
         assert not (run_dir / "work" / name).exists()  # scratch space is dropped once a stage is finished
+        peak = m["peak_memory"]  # this process's tree, sampled while the stage ran
+        assert peak["total_pss_gib"] > 0 and peak["driver_rss_gib"] > 0 and peak["by_kind_gib"]["driver"] > 0
+        assert peak["machine_used_gib_peak"] > 0 and peak["processes"] >= 1 and peak["samples"] >= 2
+    # report.json's `stages` (the export stage's stage_records) carries each stage's peak.
+    records = stage_records(run_dir)
+    assert records["b"]["peak_memory"] == manifest(run_dir, "b")["peak_memory"]
+    assert all(r["peak_memory"]["total_pss_gib"] > 0 for r in records.values()) and len(records) == 3
     assert manifest(run_dir, "b")["upstream"] == {"a": manifest(run_dir, "a")["output_hash"]}
     assert (run_dir / "b.txt").read_text() == "b"
     assert json.loads((run_dir / "report.json").read_text())["speedup_measured"] == 2.1
     out = capsys.readouterr().out
     assert "[puzzle] stage a: start" in out and "[puzzle] stage c: done in" in out
+    assert re.search(r"\[puzzle\] stage c: done in [\d.]+ s, peak memory [\d.]+ GiB\n", out)
     assert "measured 2.10x, predicted 2.00x" in out  # the headline table, from report.json
 
 

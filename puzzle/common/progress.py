@@ -1,7 +1,7 @@
 """Progress reporting: stage start/end lines, progress bars, and the optional wandb logger.
 
-Stage lines look like `[puzzle] stage bld: start` and `[puzzle] stage bld: done in 123.4 s`. Progress
-bars are tqdm with a rate (tokens/s, blocks/s). Experiment logging goes through `make_logger`, which
+Stage lines look like `[puzzle] stage bld: start` and `[puzzle] stage bld: done in 123.4 s, peak memory 3.21 GiB`.
+Progress bars are tqdm with a rate (tokens/s, blocks/s). Experiment logging goes through `make_logger`, which
 returns a no-op logger unless the job's logger.mode is offline or online; wandb is imported only then
 (it takes seconds to import) and only on the driver.
 """
@@ -43,7 +43,10 @@ def format_seconds(seconds: float) -> str:
 
 @contextmanager
 def stage_timer(name: str) -> Iterator[dict[str, float]]:
-    """Print the start and end lines of a stage; the yielded dict gets `seconds` on success."""
+    """Print the start and end lines of a stage; the yielded dict gets `seconds` on success.
+
+    The block may set `peak_memory_gib` and `cuda_peak_gib` in the dict; the end line then shows them.
+    """
     say(f"stage {name}: start")
     info: dict[str, float] = {}
     start = time.perf_counter()
@@ -53,7 +56,12 @@ def stage_timer(name: str) -> Iterator[dict[str, float]]:
         say(f"stage {name}: failed after {format_seconds(time.perf_counter() - start)}")
         raise
     info["seconds"] = time.perf_counter() - start
-    say(f"stage {name}: done in {format_seconds(info['seconds'])}")
+    memory = ""
+    if info.get("peak_memory_gib") is not None:
+        memory = f", peak memory {info['peak_memory_gib']:.2f} GiB"
+        if info.get("cuda_peak_gib") is not None:
+            memory += f" (CUDA {info['cuda_peak_gib']:.2f} GiB)"
+    say(f"stage {name}: done in {format_seconds(info['seconds'])}{memory}")
 
 
 def stage_skipped(name: str, seconds: float | None = None) -> None:

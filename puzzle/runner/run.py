@@ -23,6 +23,11 @@ A stage writes into stages/<stage>.tmp-<pid>/ and is renamed into place only whe
 killed run never leaves a stage that looks finished; long stages keep resumable state in
 work/<stage>/ (or under their `keep` paths), which survives a crash. Only this process (the Ray
 driver) writes the run directory.
+
+Each stage's manifest records its seconds, tokens and `peak_memory`: the peak summed PSS of the driver's process tree
+(the driver, and the daemons and workers of a local Ray cluster it started) sampled while the stage ran, the driver's
+peak RSS, the machine's used memory and the driver's CUDA peak (puzzle.common.memory); the export stage copies them into
+report.json's `stages`.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from puzzle.common.atomic import atomic_dir, link_atomic, remove_path, write_atomic
+from puzzle.common.memory import MemorySampler, release_memory
 from puzzle.common.progress import RunLogger, fmt, make_logger, say, stage_skipped, stage_timer
 from puzzle.common.seeding import derive_seed, seed_everything
 from puzzle.config import RESOURCE_KEYS, JobConfig, job_to_dict, job_to_yaml, load_job, resolve_path, section_dict
@@ -52,6 +58,8 @@ MANIFEST = "manifest.json"
 # 2: resource-only keys left out, the search-space file's content hashed, the parent dtype in its output hash.
 # 3: BLD's stage directory holds store/ (was library/).
 MANIFEST_VERSION = 3
+MEMORY_INTERVAL_S = 0.5
+"""How often a running stage's memory is sampled (puzzle.common.memory.MemorySampler)."""
 
 
 def hashed_section(job: JobConfig, section: str) -> Any:
@@ -196,7 +204,14 @@ def run_stage(
         # without its own seed) repeats with run.seed; stages seed their Ray workers themselves.
         seed_everything(derive_seed(job.run.seed, "stage", stage.name))
         with stage_timer(stage.name) as timing:
-            result = stage.run(ctx) or StageResult()
+            # Peak memory of the driver's process tree (a local Ray cluster's daemons and workers included).
+            with MemorySampler(MEMORY_INTERVAL_S) as sampler:
+                result = stage.run(ctx) or StageResult()
+                release_memory()  # what the stage dropped goes back to the OS before the next one starts
+            peak_memory = sampler.peak.to_dict(MEMORY_INTERVAL_S)
+            timing["peak_memory_gib"] = peak_memory["total_pss_gib"]
+            if peak_memory["cuda_peak_gib"] is not None:
+                timing["cuda_peak_gib"] = peak_memory["cuda_peak_gib"]
         manifest = {
             "stage": stage.name,
             "status": "complete",
@@ -205,6 +220,7 @@ def run_stage(
             "upstream": {name: upstream[name] for name in stage.after},
             "seconds": round(timing["seconds"], 3),
             "tokens": int(result.tokens),
+            "peak_memory": peak_memory,
             "started_at": started,
             "finished_at": time.time(),
             "summary": result.summary,
@@ -212,7 +228,13 @@ def run_stage(
         write_json(tmp / MANIFEST, manifest)  # written last: a directory with a manifest is a finished one
     publish(stage, final, run_dir)
     shutil.rmtree(work, ignore_errors=True)
-    logger.log({f"stages/{stage.name}/seconds": manifest["seconds"], f"stages/{stage.name}/tokens": manifest["tokens"]})
+    logger.log(
+        {
+            f"stages/{stage.name}/seconds": manifest["seconds"],
+            f"stages/{stage.name}/tokens": manifest["tokens"],
+            f"stages/{stage.name}/peak_memory_gib": peak_memory["total_pss_gib"],
+        }
+    )
     return manifest
 
 

@@ -2,7 +2,8 @@
 
 report.json holds the parent and the child ({params, memory_mib, test: {lm_loss, ppl, kl, top1, top1_agreement},
 throughput: {prefill_tok_s, decode_tok_s, ...}}), their predicted figures from the block library, the per-layer
-architecture, target, budget and per-stage seconds and tokens, and three speed-ups:
+architecture, target, budget and per-stage seconds, tokens and peak memory (`stages.<name>.peak_memory`, from the
+stage's manifest, puzzle.common.memory), and three speed-ups:
 - speedup_predicted: the budget's speed-up, the child at its batch over the parent's best within the budget
   (`puzzle.stages.search.parent_baseline`), at search.batch_size and search.parent_batch_size;
 - speedup_measured: child over parent, both measured at the same batch (throughput_setup.batch_size);
@@ -105,7 +106,7 @@ def build_report(
     architecture: list[dict[str, Any]],
     target: dict[str, Any],
     budget: dict[str, Any],
-    stages: dict[str, dict[str, float]],
+    stages: dict[str, dict[str, Any]],
     objective: str = "metrics.kl_div",
     gkd_history: Sequence[dict[str, float]] = (),
     export_dir: str | Path | None = None,
@@ -119,8 +120,9 @@ def build_report(
 
     evaluation: puzzle.stages.evaluate.evaluate_models' output. solutions: the search's solutions as dicts with "layers"
     (and optionally "objective", "batch_size", "parent_batch_size"); `chosen` indexes the exported one. stages:
-    {name: {seconds, tokens}}. The child's prediction uses the chosen solution's batch size (the measured throughput
-    should too); parent.predicted is at that batch as well, parent.predicted_baseline at the baseline's batch.
+    {name: {seconds, tokens, peak_memory (optional)}} (`stage_records`). The child's prediction uses the chosen
+    solution's batch size (the measured throughput should too); parent.predicted is at that batch as well,
+    parent.predicted_baseline at the baseline's batch.
     """
     solution = solutions[chosen]
     batch_size = solution.get("batch_size") or evaluation["throughput_setup"]["batch_size"]
@@ -271,7 +273,7 @@ def export_and_report(
     chosen: int,
     target: dict[str, Any],
     budget: dict[str, Any],
-    stages: dict[str, dict[str, float]],
+    stages: dict[str, dict[str, Any]],
     objective: str = "metrics.kl_div",
     gkd_history: Sequence[dict[str, float]] = (),
     closed_loop: dict[str, Any] | None = None,
@@ -369,11 +371,15 @@ def render_markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:
     lines += _closed_loop_lines(report)
     lines += ["", "## Architecture", "", "| layer | attention | FFN |", "|---:|---|---|"]
     lines += [f"| {row['layer']} | {row['attention']} | {row['ffn']} |" for row in report["architecture"]]
-    lines += ["", "## Stages", "", "| stage | seconds | tokens |", "|---|---:|---:|"]
-    lines += [
-        f"| {name} | {fmt(s.get('seconds'), '.1f')} | {fmt(s.get('tokens'), ',d')} |"
-        for name, s in report["stages"].items()
-    ]
+    lines += ["", "## Stages", "", "| stage | seconds | tokens | peak memory, GiB | CUDA peak, GiB |"]
+    lines += ["|---|---:|---:|---:|---:|"]
+    for name, s in report["stages"].items():
+        peak = s.get("peak_memory") or {}
+        lines.append(
+            f"| {name} | {fmt(s.get('seconds'), '.1f')} | {fmt(s.get('tokens'), ',d')} "
+            f"| {fmt(peak.get('total_pss_gib'), '.2f')} | {fmt(peak.get('cuda_peak_gib'), '.2f')} |"
+        )
+    lines += ["", "Peak memory: the summed PSS of the driver and every process it started (a local Ray cluster's too)."]
     if report.get("export"):
         lines += ["", f"Exported checkpoint: `{report['export']}` (a relative path is relative to this report)"]
     if figures:
@@ -543,14 +549,21 @@ def plot_gkd_loss(path: Path, history: Sequence[dict[str, float]]) -> Path:
 # ------------------------------------------------------------------------------------------- stage adapter
 
 
+def stage_records(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """report.json's `stages`: {name: {seconds, tokens, peak_memory}} from the finished stages' manifests."""
+    stages: dict[str, dict[str, Any]] = {}
+    for manifest_path in sorted((run_dir / "stages").glob("*/manifest.json")):
+        m = read_json(manifest_path)
+        stages[m["stage"]] = {"seconds": m.get("seconds", 0.0), "tokens": m.get("tokens", 0)}
+        if m.get("peak_memory"):  # manifests written before peak memory was recorded have none
+            stages[m["stage"]]["peak_memory"] = m["peak_memory"]
+    return stages
+
+
 def run(ctx: StageContext) -> StageResult:
     """The child as a Hugging Face checkpoint (export/) and report.json, report.md and plots."""
     gkd = read_json(ctx.upstream["gkd"] / "gkd.json")
     searched = read_json(ctx.upstream["search"] / "solutions.json")
-    stages = {}
-    for manifest_path in sorted((ctx.run_dir / "stages").glob("*/manifest.json")):
-        m = read_json(manifest_path)
-        stages[m["stage"]] = {"seconds": m.get("seconds", 0.0), "tokens": m.get("tokens", 0)}
     export_and_report(
         ctx.out_dir,
         load_child(ctx),
@@ -561,7 +574,7 @@ def run(ctx: StageContext) -> StageResult:
         chosen=gkd["chosen"],
         target=dataclasses.asdict(ctx.job.target),
         budget=ctx.job.budget.fields_set(),
-        stages=stages,
+        stages=stage_records(ctx.run_dir),
         objective=ctx.job.search.objective,
         gkd_history=gkd.get("history", []),
         closed_loop=searched.get("closed_loop"),
