@@ -8,14 +8,17 @@ Child and parent have the same number of layers (a no-op layer still yields a hi
 compared one to one.
 
 Training is data-parallel with `ray.train.torch.TorchTrainer` (gloo on CPU, nccl on CUDA), `cfg.num_workers`
-workers (1 by default), each holding a frozen copy of the parent. Rank 0 writes a checkpoint (model.safetensors,
-optimizer.pt, state.json with the step, the loss history and each worker's weights digest) every
-`cfg.checkpoint_every` optimiser steps into `work_dir/<run name>/`; calling `run_gkd` again with the same inputs
+workers (1 by default), each holding a frozen copy of the parent in its loaded dtype. The child is replicated (DDP)
+or sharded (FSDP2, `gkd.strategy: fsdp`), in fp32 master weights under optional bf16 autocast (`gkd.autocast`) and
+activation checkpointing; the KL / LM terms are computed `gkd.loss_chunk_tokens` positions at a time. Rank 0 writes
+a checkpoint (model.safetensors, optimizer.pt, state.json with the step, the loss history and the weights digests)
+every `cfg.checkpoint_every` optimiser steps into `work_dir/<run name>/`; calling `run_gkd` again with the same inputs
 resumes from the latest one (Ray Train restores its run of the same name), and a worker that dies is restarted from
 it too. Run by the pipeline's `gkd` stage (`puzzle run JOB.yaml`); callable directly:
 `run_gkd(child, parent, train_ids, cfg, work_dir)`.
 
-Modules: `loss` (the loss and the per-layer forward), `data` (step plan, data order, models as plain data, the run
+Modules: `loss` (the chunked loss, and the plain per-layer forward and loss it is checked against), `parallel` (DDP /
+FSDP wrapping, a sharded child's checkpoint state), `data` (step plan, data order, models as plain data, the run
 fingerprint), `checkpoint` (the checkpoint directory), `worker` (the Ray Train loop and its typed `WorkerArgs`),
 `driver` (`run_gkd`), `select` (short-GKD choice among the top-k solutions, and the pipeline's stage).
 """
@@ -30,9 +33,17 @@ from puzzle.stages.gkd.checkpoint import (
     save_checkpoint,
     weights_digest,
 )
-from puzzle.stages.gkd.data import batch_rows, fingerprint, pack_model, plan, unpack_model
+from puzzle.stages.gkd.data import batch_rows, fingerprint, pack_model, packed_dtype, plan, unpack_model
 from puzzle.stages.gkd.driver import GKDResult, run_gkd
-from puzzle.stages.gkd.loss import DistillForward, compute_gkd_loss, gkd_loss, layer_outputs, weighted_gkd_loss
+from puzzle.stages.gkd.loss import (
+    DistillForward,
+    autocast_dtype,
+    compute_gkd_loss,
+    distill_loss,
+    gkd_loss,
+    layer_outputs,
+    weighted_gkd_loss,
+)
 from puzzle.stages.gkd.select import distill_solutions, select_by_short_gkd
 from puzzle.stages.gkd.worker import WorkerArgs, train_loop_per_worker
 
@@ -43,8 +54,10 @@ __all__ = [
     "DistillForward",
     "GKDResult",
     "WorkerArgs",
+    "autocast_dtype",
     "batch_rows",
     "compute_gkd_loss",
+    "distill_loss",
     "finished_checkpoint",
     "fingerprint",
     "gkd_loss",
@@ -52,6 +65,7 @@ __all__ = [
     "load_checkpoint",
     "lr_factor",
     "pack_model",
+    "packed_dtype",
     "plan",
     "run_gkd",
     "distill_solutions",

@@ -1,9 +1,11 @@
 """A GKD checkpoint: the directory rank 0 hands to Ray Train (`ray.train.Checkpoint.from_directory`).
 
 model.safetensors holds the child's weights (puzzle.common.checkpoint, the tensor file BLD's checkpoints use too),
-optimizer.pt AdamW's full state dict (torch.save of tensors and numbers only), and state.json the step, the loss
-history and each worker's weights digest, readable without loading any tensor (the driver looks for a finished run
-that way).
+optimizer.pt AdamW's full state dict (torch.save of tensors and numbers only; keyed by parameter index as
+`optimizer.state_dict()` writes it, or by parameter name as torch.distributed.checkpoint's `get_optimizer_state_dict`
+writes it when gkd.strategy is fsdp), and state.json the step, the loss history and the weights digests, readable
+without loading any tensor (the driver looks for a finished run that way). The weights file is the same for either
+strategy: the full child.
 """
 
 from __future__ import annotations
@@ -24,9 +26,14 @@ CHECKPOINT_STATE = "state.json"
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Write weights (safetensors), optimizer state (torch.save of tensors and numbers only) and state.json."""
+    write_checkpoint(directory, model.state_dict(), optimizer.state_dict(), state)
+
+
+def write_checkpoint(directory: Path, weights: dict[str, torch.Tensor], optimizer_state: dict, state: dict) -> None:
+    """save_checkpoint from state dicts already gathered (a sharded child's, puzzle.stages.gkd.parallel)."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_state(directory / CHECKPOINT_WEIGHTS, model.state_dict())
-    torch.save(optimizer.state_dict(), directory / CHECKPOINT_OPTIMIZER)
+    save_state(directory / CHECKPOINT_WEIGHTS, weights)
+    torch.save(optimizer_state, directory / CHECKPOINT_OPTIMIZER)
     (directory / CHECKPOINT_STATE).write_text(json.dumps(state))
 
 
@@ -54,8 +61,13 @@ def finished_checkpoint(run_dir: Path, steps: int) -> Path | None:
 
 def weights_digest(model: nn.Module) -> str:
     """sha256 of the model's state dict (names and raw bytes): equal digests mean bitwise-equal weights."""
+    return state_digest(model.state_dict())
+
+
+def state_digest(weights: dict[str, torch.Tensor]) -> str:
+    """weights_digest of a state dict."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(weights.items()):
         h.update(name.encode())
         h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -41,13 +41,28 @@ def pack_model(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def unpack_model(packed: dict[str, Any], device: torch.device | str = "cpu") -> nn.Module:
-    """Inverse of pack_model: rebuild the model from its config and load its weights (strict)."""
+def packed_dtype(packed: dict[str, Any]) -> torch.dtype:
+    """The dtype of a packed model's floating-point weights (the dtype it was loaded or trained in)."""
+    return next((t.dtype for t in packed["state"].values() if t.is_floating_point()), torch.float32)
+
+
+def unpack_model(
+    packed: dict[str, Any], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """Inverse of pack_model: rebuild the model from its config and load its weights (strict), in `dtype` (fp32 by
+    default: training's master weights). Built on `device` in `dtype` directly, so no fp32 copy of a bf16 parent is
+    ever made."""
     from puzzle.model.modeling_puzzle import PuzzleConfig, PuzzleForCausalLM
 
-    model = PuzzleForCausalLM(PuzzleConfig.from_dict(dict(packed["config"])))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = PuzzleForCausalLM(PuzzleConfig.from_dict(dict(packed["config"])))
+    finally:
+        torch.set_default_dtype(previous)
     model.load_state_dict(packed["state"], strict=True)
-    return model.to(device)
+    return model
 
 
 def fingerprint(packed_child: dict[str, Any], train_ids: torch.Tensor, cfg: GKDConfig) -> str:

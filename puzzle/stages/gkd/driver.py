@@ -116,7 +116,7 @@ def run_gkd(
     )
     log(
         f"[gkd] {schedule['steps']} steps x {schedule['tokens_per_step']:,} tokens on {cfg.num_workers} Ray Train "
-        f"worker(s), checkpoints in {storage / run_name}"
+        f"worker(s) ({cfg.strategy}), checkpoints in {storage / run_name}"
     )
     started = time.perf_counter()
     result = trainer.fit()
