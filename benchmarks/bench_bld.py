@@ -33,7 +33,7 @@ from puzzle.config import BLDConfig
 from puzzle.config.search_space import SearchSpace
 from puzzle.stages.bld import (
     BlockRun,
-    collect_activations,
+    calibration_stats,
     initial_layer,
     parent_activations,
     plan_blocks,
@@ -79,7 +79,7 @@ def bench_in_process(model, variants, tokens, cfg: BLDConfig, steps: int) -> dic
     """Per-step seconds of the shared design and of prefix recomputation per block, same blocks, one thread."""
     torch.set_num_threads(1)
     specs = [s for s in plan_blocks(model.config, variants, "decoupled") if s.trainable]
-    calib = collect_activations(model, tokens["calib"], cfg.batch_size, {s.layer for s in specs}, mids_only=True)
+    calib = calibration_stats(model, tokens["calib"], cfg.batch_size, dict.fromkeys({s.layer for s in specs}, False))
     layer_states = {i: model.model.layers[i].state_dict() for i in {s.layer for s in specs}}
     runs = [
         BlockRun(s, initial_layer(s, model.config, layer_states[s.layer], calib[s.layer])[0], cfg, steps) for s in specs

@@ -134,6 +134,7 @@ def test_width_prunes_the_top_channels_of_the_importance_scores():
     from puzzle.model.modeling_puzzle import PuzzleForCausalLM
     from puzzle.stages.bld.init import ffn_channel_scores, rms_norm
     from puzzle.stages.bld.store import layer_state
+    from puzzle.stages.bld.train import parent_activations
 
     torch.manual_seed(0)
     parent = PuzzleForCausalLM(tiny_puzzle_config()).eval()
@@ -144,7 +145,8 @@ def test_width_prunes_the_top_channels_of_the_importance_scores():
     state = layer_state(parent, 1)
     mlp = {k.removeprefix("mlp."): v for k, v in state.items() if k.startswith("mlp.")}
     config = parent.config
-    x = rms_norm(blocks.ffn_inputs[1].reshape(-1, 32), state["post_attention_layernorm.weight"], config.rms_norm_eps)
+    _, mids = parent_activations(parent, rows)  # the hidden states entering each FFN, all rows at once
+    x = rms_norm(mids[1].reshape(-1, 32), state["post_attention_layernorm.weight"], config.rms_norm_eps)
     keep = torch.topk(ffn_channel_scores(mlp, x, config), 16).indices.sort().values
     assert torch.equal(layer.mlp.down_proj.weight, state["mlp.down_proj.weight"][:, keep])
     assert torch.equal(layer.mlp.up_proj.weight, state["mlp.up_proj.weight"][keep])

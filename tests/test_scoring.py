@@ -1,4 +1,5 @@
-"""Replace-1-block scoring: the cached-prefix path equals a naive full-model evaluation; local and Ray agree."""
+"""Replace-1-block scoring: the cached-prefix path equals a naive full-model evaluation; streamed tasks of any size,
+local and Ray agree; decoupled pairs are composed from their subblocks."""
 
 from __future__ import annotations
 
@@ -161,3 +162,52 @@ def test_score_blocks_on_ray_matches_local(batches, ray_session):
         for name in local[layer]:
             for metric in ("kl_div", "lm_loss", "top1"):
                 assert remote[layer][name][metric] == pytest.approx(local[layer][name][metric], abs=1e-6)
+
+
+def test_streamed_scores_do_not_depend_on_layers_per_task_or_the_metric_chunk(batches):
+    """Tasks of 1 or 3 layers, and metrics computed 5 positions at a time, give the scores of one whole pass."""
+    from puzzle.stages.score import _MetricTotals
+
+    model = tiny_puzzle()
+    one, _ = score_blocks(model, RandomBlockSource(), [VARIANTS] * 3, batches, group_size=1, progress=False)
+    three, _ = score_blocks(model, RandomBlockSource(), [VARIANTS] * 3, batches, group_size=3, progress=False)
+    assert one == three
+    cache = build_parent_cache(model, batches)
+    layer = RandomBlockSource().build_layer(model, 2, VARIANTS[1])
+    small = _MetricTotals(chunk=5)
+    for k, ids in enumerate(batches):
+        model.model.layers[2], original = layer, model.model.layers[2]
+        with torch.no_grad():
+            small.add(model(input_ids=ids, use_cache=False).logits, cache.targets[k], ids)
+        model.model.layers[2] = original
+    for metric, value in small.means().items():
+        assert one["layer_2"][VARIANTS[1].name][metric] == pytest.approx(value, abs=1e-5)
+
+
+def test_decoupled_pairs_score_subblocks_and_compose_the_rest(batches):
+    """pairs="decoupled": only attention-beside-parent-FFN and FFN-beside-parent-attention blocks run; a pair of two
+    changed subblocks adds their KL and LM-loss changes; subblock entries equal full scoring's."""
+    from puzzle.stages.score import compose_pair, subblock_variants
+
+    model = tiny_puzzle()
+    parent = VARIANTS[0]
+    attn = [AttentionConfig(n_heads_in_group=2), AttentionConfig(n_heads_in_group=4), AttentionConfig(no_op=True)]
+    ffns = [FFNConfig(intermediate_size=64), FFNConfig(intermediate_size=32), FFNConfig(no_op=True)]
+    pairs = [BlockConfig(a, f) for a in attn for f in ffns]
+    assert len(subblock_variants(pairs, parent)) == 5  # the parent + 2 attention + 2 FFN, not 9
+    full, _ = score_blocks(model, RandomBlockSource(), [pairs] * 3, batches, pairs="full", progress=False)
+    dec, info = score_blocks(model, RandomBlockSource(), [pairs] * 3, batches, pairs="decoupled", progress=False)
+    assert info["blocks_scored"] == 3 * 4 and info["pairs"] == "decoupled"
+    for layer in full:
+        for block in pairs:
+            got = dec[layer][block.name]
+            if block.attention == parent.attention or block.ffn == parent.ffn:
+                for m in ("kl_div", "lm_loss", "top1"):
+                    assert got[m] == pytest.approx(full[layer][block.name][m], abs=1e-6)
+            else:
+                a = dec[layer][BlockConfig(block.attention, parent.ffn).name]
+                f = dec[layer][BlockConfig(parent.attention, block.ffn).name]
+                assert got == compose_pair(a, f, dec[layer][parent.name])
+                assert got["kl_div"] == pytest.approx(a["kl_div"] + f["kl_div"])
+    with pytest.raises(ConfigError, match="pairs"):
+        score_blocks(model, RandomBlockSource(), [pairs] * 3, batches, pairs="some", progress=False)

@@ -286,6 +286,13 @@ class JobConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
+    def __post_init__(self) -> None:
+        if self.scoring.pairs == "decoupled" and self.bld.mode == "coupled":
+            raise ConfigError(
+                "scoring.pairs=decoupled needs subblocks trained apart, but bld.mode=coupled trains pairs; "
+                "use scoring.pairs=full (or auto)"
+            )
+
     @property
     def name(self) -> str:
         return self.run.name or "job"
@@ -304,5 +311,5 @@ RESOURCE_KEYS: dict[str, frozenset[str]] = {
     "bld": frozenset({"num_workers", "num_cpus", "num_gpus", "checkpoint_every", "max_restarts", "max_inflight_steps"}),
     "scoring": frozenset({"num_cpus", "num_gpus", "group_size"}),
     "profiling": frozenset({"num_gpus"}),
-    "gkd": frozenset({"num_cpus", "num_gpus", "checkpoint_every"}),
+    "gkd": frozenset({"num_cpus", "num_gpus", "checkpoint_every", "activation_checkpointing", "loss_chunk_tokens"}),
 }

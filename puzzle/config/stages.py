@@ -41,11 +41,13 @@ class BLDConfig:
     num_gpus: float = 0.0
     """GPUs per trainer actor (fractions allowed)."""
     calibration_tokens: int = 16_384
-    """Calibration tokens for initialisation (channel scores, least-squares linear FFN)."""
+    """Calibration tokens for initialisation (channel scores, least-squares linear FFN), streamed: trainers keep sums,
+    not tokens."""
     seed: int = 0
     """Mixed with run.seed into BLD's seed (data order, per-block RNG); change run.seed to change the whole run."""
-    heldout_fraction: float = 0.25
-    """Share of the calibration sequences held out to measure each block's normalised MSE before and after BLD."""
+    heldout_tokens: int = 16_384
+    """Tokens held out (the last calibration sequences, at most a quarter of them) to measure each block's normalised
+    MSE before and after BLD; streamed batch by batch to the trainers, so memory does not grow with it."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0
@@ -59,8 +61,7 @@ class BLDConfig:
 
     def __post_init__(self) -> None:
         check_choice("bld.mode", self.mode, BLD_MODES)
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ConfigError(f"bld.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        check_positive("bld.heldout_tokens", self.heldout_tokens)
         check_positive("bld.checkpoint_every", self.checkpoint_every, allow_zero=True)
         check_positive("bld.max_restarts", self.max_restarts, allow_zero=True)
         check_positive("bld.max_inflight_steps", self.max_inflight_steps)
@@ -93,9 +94,14 @@ class ScoringConfig:
     num_gpus: float = 0.0
     """GPUs per scoring task."""
     group_size: int = 4
-    """Variants of one layer scored by one Ray task (the parent's cached activations are shared within it)."""
+    """Consecutive layers scored by one Ray task: it streams the batches once (one parent pass per batch) and scores
+    every variant of its layers on them; fewer layers per task spread better, more repeat fewer parent passes."""
+    pairs: str = "auto"
+    """"full" scores every (attention, FFN) pair; "decoupled" scores each subblock beside the other parent subblock
+    and adds their effects (m + n blocks per layer instead of m x n); "auto" is decoupled when BLD was."""
 
     def __post_init__(self) -> None:
+        check_choice("scoring.pairs", self.pairs, ("auto", "full", "decoupled"))
         check_positive("scoring.tokens", self.tokens)
         check_positive("scoring.batch_size", self.batch_size)
         check_positive("scoring.num_cpus", self.num_cpus, allow_zero=True)
@@ -256,8 +262,24 @@ class GKDConfig:
     """Floor of the cosine / linear decay as a fraction of lr (the rate the schedule ends at)."""
     seed: int = 0
     """Mixed with run.seed into GKD's seed (data order, per-worker RNG); change run.seed to change the whole run."""
+    strategy: str = "ddp"
+    """Data parallelism: "ddp" (a full child per worker) or "fsdp" (torch FSDP2: the child, its gradients and AdamW
+    state sharded across workers, per decoder layer). The frozen parent is never wrapped: each worker holds a copy."""
+    autocast: str = "auto"
+    """The child's forward under bf16 autocast over its fp32 weights: "bf16", "off", or "auto" (bf16 on CUDA)."""
+    activation_checkpointing: bool = False
+    """Recompute each child decoder layer in the backward pass (keeping only layer inputs): less memory, more time."""
+    loss_chunk_tokens: int = 1024
+    """Positions per chunk of the KL / LM terms: LM-head logits ([chunk, vocab] per model) exist for one chunk at a
+    time, in the forward and again in the backward."""
 
     def __post_init__(self) -> None:
+        # YAML reads a bare `off` as false, which the str field then holds as "False".
+        if str(self.autocast).lower() == "false":
+            self.autocast = "off"
+        check_choice("gkd.strategy", self.strategy, ("ddp", "fsdp"))
+        check_choice("gkd.autocast", self.autocast, ("auto", "bf16", "off"))
+        check_positive("gkd.loss_chunk_tokens", self.loss_chunk_tokens)
         check_choice("gkd.schedule", self.schedule, SCHEDULES)
         check_positive("gkd.tokens", self.tokens, allow_zero=True)  # 0: the assembled child, undistilled
         check_positive("gkd.topk_tokens", self.topk_tokens)

@@ -4,9 +4,14 @@ For each (layer i, block variant) the parent with only layer i replaced is run o
 with the parent (docs/method.md section 4): KL(parent || child) of the next-token distributions (the default metric),
 the child's LM loss, and top-1 agreement with the parent's next-token prediction.
 
-Cost saving: the parent's hidden state entering every layer is cached once per validation batch, and so are the
-parent's next-token log-probabilities, so a block in layer i recomputes only layers i..L-1, the final norm and the
-LM head. With Ray, one task scores one (layer, group of variants); tasks are retried on failure.
+Cost saving: a block in layer i recomputes only layers i..L-1, the final norm and the LM head, from the parent's
+hidden state entering layer i. Decoupled pairs (`pairs="decoupled"`): only each attention variant (beside the parent
+FFN) and each FFN variant (beside the parent attention) are run, and pairs are composed from them.
+
+Memory: work is split into Ray tasks of a few consecutive layers each. A task receives the token batches only and
+streams them: one parent pass per batch keeps the hidden states entering its layers and the parent's targets for that
+batch, every block of its layers is scored on them, then both are dropped. Metrics are computed a chunk of positions
+at a time. So memory is set by scoring.batch_size and the blocks, not by scoring.tokens or the model's depth.
 
 Entry points: `score_blocks(parent, source, variants, batches)` and the stage wrapper `run_scoring(cfg, ...)`, called
 with the BlockStore written by BLD; the profile stage joins the scores with costs into library.json
@@ -71,10 +76,11 @@ class ParentTargets:
 
 @dataclass
 class ParentCache:
-    """The parent's activations on the validation batches, computed once and shared by every block's score.
+    """The parent's activations on validation batches, shared by every block scored on them.
 
-    `hidden[i][k]` is the hidden state entering layer i for batch k ([b, s, hidden]); `targets[k]` the parent's
-    next-token distribution on it; `input_ids[k]` the batch itself.
+    `hidden[i][k]` is the hidden state entering layer i for batch k ([b, s, hidden]; empty for layers not asked
+    for); `targets[k]` the parent's next-token distribution on it; `input_ids[k]` the batch itself. The scoring stage
+    builds one per batch and drops it before the next: memory is set by scoring.batch_size, not by scoring.tokens.
     """
 
     input_ids: list[torch.Tensor]
@@ -100,75 +106,101 @@ def _run_layers(model: nn.Module, h: torch.Tensor, position_ids: torch.Tensor, l
 
 
 def _logits(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return model.lm_head(model.model.norm(h)).float()
-
-
-@torch.no_grad()
-def build_parent_cache(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu"):
-    """One parent pass per batch: the hidden state entering each layer, the log-probs, the parent's own metrics."""
-    model.eval()
-    layers = list(model.model.layers)
-    cache = ParentCache(input_ids=[], hidden=[[] for _ in layers], targets=[])
-    totals = _MetricTotals()
-    for ids in batches:
-        ids = ids.to(device)
-        position_ids = _position_ids(ids)
-        h = model.model.embed_tokens(ids)
-        pos = model.model.rotary_emb(h, position_ids)
-        for i, layer in enumerate(layers):
-            cache.hidden[i].append(h)
-            h = layer(h, position_embeddings=pos, position_ids=position_ids)
-        logp = F.log_softmax(_logits(model, h), dim=-1)
-        target = ParentTargets.from_logp(logp)
-        cache.input_ids.append(ids)
-        cache.targets.append(target)
-        totals.add(logp, target, ids)
-    if not cache.input_ids:
-        raise PuzzleError("scoring got no validation batches; check scoring.tokens / the validation split size")
-    cache.parent_metrics = totals.means()
-    return cache
+    return model.lm_head(model.model.norm(h))
 
 
 class _MetricTotals:
-    """Token-weighted sums of the three metrics, accumulated in float64."""
+    """Token-weighted sums of the three metrics, accumulated in float64, a chunk of positions at a time (so the
+    [positions, vocab] temporaries stay at `chunk` rows whatever the batch)."""
 
-    def __init__(self) -> None:
+    def __init__(self, chunk: int = 1024) -> None:
+        self.chunk = chunk
         self.kl = 0.0
         self.nll = 0.0
         self.agree = 0.0
         self.n = 0
         self.n_lm = 0
 
-    def add(self, logq: torch.Tensor, parent: ParentTargets, ids: torch.Tensor) -> None:
-        # KL(p || q) = sum_v p log p - sum_v p log q at every position (one multiply-add pass over the vocabulary);
-        # LM loss on the positions that have a next token.
-        kl = parent.neg_entropy - (parent.probs * logq).sum(-1)
-        nll = -logq[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-        # "The parent's top token is also the child's": a gather and a max, far cheaper than an argmax on CPU
-        # (a tie for the child's maximum counts as agreement).
-        agree = logq.gather(-1, parent.argmax[..., None]).squeeze(-1) >= logq.amax(-1)
-        self.kl += kl.double().sum().item()
-        self.nll += nll.double().sum().item()
-        self.agree += agree.double().sum().item()
-        self.n += kl.numel()
-        self.n_lm += nll.numel()
+    def add(self, logits: torch.Tensor, parent: ParentTargets, ids: torch.Tensor) -> None:
+        """Add a batch: the child's logits [b, s, vocab] against the parent's targets, ids [b, s]."""
+        b, s, vocab = logits.shape
+        # Next-token targets per position; the last position of each row has none (-1).
+        nxt = torch.cat([ids[:, 1:], ids.new_full((b, 1), -1)], dim=1).reshape(-1)
+        flat = logits.reshape(-1, vocab)
+        probs, neg_ent, top = parent.probs.reshape(-1, vocab), parent.neg_entropy.reshape(-1), parent.argmax.reshape(-1)
+        for start in range(0, flat.shape[0], self.chunk):
+            end = min(start + self.chunk, flat.shape[0])
+            logq = F.log_softmax(flat[start:end].float(), dim=-1)
+            # KL(p || q) = sum_v p log p - sum_v p log q (one multiply-add pass over the vocabulary).
+            kl = neg_ent[start:end] - (probs[start:end] * logq).sum(-1)
+            target = nxt[start:end]
+            has = target >= 0
+            nll = -logq[has].gather(-1, target[has, None]).squeeze(-1)
+            # "The parent's top token is also the child's": a gather and a max, far cheaper than an argmax on CPU
+            # (a tie for the child's maximum counts as agreement).
+            agree = logq.gather(-1, top[start:end, None]).squeeze(-1) >= logq.amax(-1)
+            self.kl += kl.double().sum().item()
+            self.nll += nll.double().sum().item()
+            self.agree += agree.double().sum().item()
+            self.n += kl.numel()
+            self.n_lm += nll.numel()
 
     def means(self) -> dict[str, float]:
         return {
-            "kl_div": self.kl / self.n,
+            "kl_div": self.kl / max(self.n, 1),
             "lm_loss": self.nll / max(self.n_lm, 1),
-            "top1": self.agree / self.n,
+            "top1": self.agree / max(self.n, 1),
         }
+
+
+@torch.no_grad()
+def build_parent_cache(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    device: torch.device | str = "cpu",
+    layers: Iterable[int] | None = None,
+    totals: _MetricTotals | None = None,
+) -> ParentCache:
+    """One parent pass per batch: the hidden state entering each of `layers` (default all), the parent's next-token
+    distribution and its own metrics (also added to `totals` when given)."""
+    model.eval()
+    blocks = list(model.model.layers)
+    keep = set(range(len(blocks))) if layers is None else set(layers)
+    cache = ParentCache(input_ids=[], hidden=[[] for _ in blocks], targets=[])
+    own = _MetricTotals()
+    for ids in batches:
+        ids = ids.to(device)
+        position_ids = _position_ids(ids)
+        h = model.model.embed_tokens(ids)
+        pos = model.model.rotary_emb(h, position_ids)
+        for i, layer in enumerate(blocks):
+            if i in keep:
+                cache.hidden[i].append(h)
+            h = layer(h, position_embeddings=pos, position_ids=position_ids)
+        logits = _logits(model, h)
+        target = ParentTargets.from_logp(F.log_softmax(logits.float(), dim=-1))
+        cache.input_ids.append(ids)
+        cache.targets.append(target)
+        for t in (own, totals) if totals is not None else (own,):
+            t.add(logits, target, ids)
+    if not cache.input_ids:
+        raise PuzzleError("scoring got no validation batches; check scoring.tokens / the validation split size")
+    cache.parent_metrics = own.means()
+    return cache
+
+
+def _add_scores(model: nn.Module, cache: ParentCache, layer_idx: int, new_layer: nn.Module, totals) -> None:
+    tail = list(model.model.layers)[layer_idx + 1 :]
+    for k, ids in enumerate(cache.input_ids):
+        h = _run_layers(model, cache.hidden[layer_idx][k], _position_ids(ids), [new_layer, *tail])
+        totals.add(_logits(model, h), cache.targets[k], ids)
 
 
 @torch.no_grad()
 def score_layer_cached(model: nn.Module, cache: ParentCache, layer_idx: int, new_layer: nn.Module) -> dict[str, float]:
     """Metrics of the parent with layer `layer_idx` replaced by `new_layer`, from the cached prefix."""
-    tail = list(model.model.layers)[layer_idx + 1 :]
     totals = _MetricTotals()
-    for k, ids in enumerate(cache.input_ids):
-        h = _run_layers(model, cache.hidden[layer_idx][k], _position_ids(ids), [new_layer, *tail])
-        totals.add(F.log_softmax(_logits(model, h), dim=-1), cache.targets[k], ids)
+    _add_scores(model, cache, layer_idx, new_layer, totals)
     return totals.means()
 
 
@@ -181,46 +213,51 @@ def score_layer_naive(model: nn.Module, cache: ParentCache, layer_idx: int, new_
     try:
         totals = _MetricTotals()
         for k, ids in enumerate(cache.input_ids):
-            logits = model(input_ids=ids, use_cache=False).logits.float()
-            totals.add(F.log_softmax(logits, dim=-1), cache.targets[k], ids)
+            totals.add(model(input_ids=ids, use_cache=False).logits, cache.targets[k], ids)
         return totals.means()
     finally:
         layers[layer_idx] = original
 
 
-def _score_group(
+@torch.no_grad()
+def _score_shard(
     model: nn.Module,
     source: BlockSource,
-    layer_idx: int,
-    blocks: list[BlockConfig],
-    hidden: list[torch.Tensor],
-    input_ids: list[torch.Tensor],
-    targets: list[ParentTargets],
+    shard: list[tuple[int, list[BlockConfig]]],
+    batches: list[torch.Tensor],
     device: str,
     num_threads: int | None,
     seed: int = 0,
-) -> dict[str, dict[str, float]]:
-    """Score a group of variants of one layer (runs in a Ray task or in-process)."""
-    from puzzle.common.seeding import derive_seed, seed_everything
+) -> dict[str, Any]:
+    """Score every (layer, variants) of `shard` (runs in a Ray task or in-process), streaming the batches: one parent
+    pass per batch keeps the hidden states entering the shard's layers and the parent's targets, every block of the
+    shard is scored on them, and both are dropped before the next batch."""
+    from puzzle.common.seeding import seed_everything
 
     if num_threads:
         torch.set_num_threads(num_threads)
     model = model.to(device).eval()
-    # A one-layer view of the cache: this task only ever needs the hidden states entering `layer_idx`.
-    hidden_all: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
-    hidden_all[layer_idx] = [h.to(device) for h in hidden]
-    cache = ParentCache(
-        input_ids=[ids.to(device) for ids in input_ids], hidden=hidden_all, targets=[t.to(device) for t in targets]
-    )
-    out = {}
-    for block in blocks:
-        start = time.perf_counter()
-        # Seeded per (layer, variant), not per task, so a score does not depend on how variants are grouped.
-        seed_everything(derive_seed(seed, layer_idx, block.name))
-        layer = source.build_layer(model, layer_idx, block).to(device).eval()
-        out[block.name] = score_layer_cached(model, cache, layer_idx, layer)
-        out[block.name]["seconds"] = time.perf_counter() - start
-    return out
+    built = []
+    for layer_idx, blocks in shard:
+        for block in blocks:
+            # Seeded per (layer, variant), not per task, so a score does not depend on how variants are grouped.
+            seed_everything(derive_seed(seed, layer_idx, block.name))
+            built.append((layer_idx, block.name, source.build_layer(model, layer_idx, block).to(device).eval()))
+    totals = {(i, name): _MetricTotals() for i, name, _ in built}
+    seconds = dict.fromkeys(totals, 0.0)
+    parent = _MetricTotals()
+    layers = {i for i, _ in shard}
+    for ids in batches:
+        cache = build_parent_cache(model, [ids], device, layers, parent)
+        for i, name, layer in built:
+            start = time.perf_counter()
+            _add_scores(model, cache, i, layer, totals[(i, name)])
+            seconds[(i, name)] += time.perf_counter() - start
+        del cache
+    scores: dict[int, dict[str, dict[str, float]]] = {}
+    for (i, name), t in totals.items():
+        scores.setdefault(i, {})[name] = {**t.means(), "seconds": seconds[(i, name)]}
+    return {"scores": scores, "parent": parent.means(), "tokens": sum(ids.numel() for ids in batches)}
 
 
 def _parent_block(model: nn.Module, layer_idx: int) -> BlockConfig | None:
@@ -230,8 +267,31 @@ def _parent_block(model: nn.Module, layer_idx: int) -> BlockConfig | None:
     return None
 
 
-def _groups(items: list[BlockConfig], group_size: int) -> list[list[BlockConfig]]:
-    return [items[k : k + group_size] for k in range(0, len(items), group_size)]
+def _shards(jobs: list[tuple[int, list[BlockConfig]]], layers_per_task: int) -> list[list[tuple[int, list]]]:
+    """Contiguous runs of `layers_per_task` layers (those with something to score)."""
+    jobs = [(i, blocks) for i, blocks in jobs if blocks]
+    return [jobs[k : k + layers_per_task] for k in range(0, len(jobs), layers_per_task)]
+
+
+def subblock_variants(blocks: Sequence[BlockConfig], parent: BlockConfig) -> list[BlockConfig]:
+    """The blocks decoupled scoring measures for a layer: each attention variant with the parent FFN and each FFN
+    variant with the parent attention (the parent block first)."""
+    out = [parent]
+    for block in blocks:
+        for sub in (BlockConfig(block.attention, parent.ffn), BlockConfig(parent.attention, block.ffn)):
+            if sub not in out:
+                out.append(sub)
+    return out
+
+
+def compose_pair(attention: dict[str, float], ffn: dict[str, float], parent: dict[str, float]) -> dict[str, float]:
+    """A pair's metrics from its two subblocks' (each scored beside the other parent subblock): the changes each
+    makes to the parent add up (docs/method.md section 4)."""
+    return {
+        "kl_div": attention["kl_div"] + ffn["kl_div"],
+        "lm_loss": attention["lm_loss"] + ffn["lm_loss"] - parent["lm_loss"],
+        "top1": max(0.0, attention["top1"] + ffn["top1"] - 1.0),
+    }
 
 
 def score_blocks(
@@ -248,16 +308,20 @@ def score_blocks(
     max_retries: int = 3,
     progress: bool = True,
     seed: int = 0,
+    pairs: str = "full",
     log: Callable[[str], None] | None = None,
 ) -> tuple[Scores, dict[str, Any]]:
-    """Replace-1-block scores of every (layer, variant), with the cached-prefix method.
+    """Replace-1-block scores of every (layer, variant), with the cached-prefix method, streamed batch by batch.
 
     parent: the all-parent `PuzzleForCausalLM` (weights of the layers not being replaced).
     source: builds a trained block's layer, `source.build_layer(parent, layer_idx, block)` (a BlockStore).
     variants: per layer, the BlockConfigs to score (e.g. `SearchSpace.enumerate(parent_shape)`).
     batches: validation token batches, LongTensor [b, s].
-    use_ray: one Ray task per (layer, group of `group_size` variants), resources `num_cpus` / `num_gpus`, retried
-      `max_retries` times (Ray must be initialised by the caller); otherwise everything runs in this process.
+    use_ray: one Ray task per `group_size` consecutive layers, resources `num_cpus` / `num_gpus`, retried
+      `max_retries` times (Ray must be initialised by the caller); otherwise everything runs in this process. Each
+      task gets the token batches and does its own parent passes: nothing per layer travels through the driver.
+    pairs: "full" scores every (attention, FFN) pair; "decoupled" scores each attention variant beside the parent
+      FFN and each FFN variant beside the parent attention, and composes the pairs (`compose_pair`).
     seed: each variant is scored with the RNGs seeded from (seed, layer, variant name).
     The parent's own block in each layer is not recomputed: its scores are the parent's (KL 0, top-1 1.0).
     Returns (scores, info): scores {"layer_i": {name: {"kl_div", "lm_loss", "top1"}}}; info holds the parent's own
@@ -267,36 +331,53 @@ def score_blocks(
         raise ConfigError(f"scoring got variants for {len(variants)} layers; the parent has {len(parent.model.layers)}")
     if group_size < 1:
         raise ConfigError(f"scoring group_size={group_size} must be >= 1")
+    if pairs not in ("full", "decoupled"):
+        raise ConfigError(f"scoring pairs={pairs!r} must be 'full' or 'decoupled'")
     start = time.perf_counter()
-    parent = parent.to(device).eval()
-    cache = build_parent_cache(parent, batches, device)
-    scores: Scores = {f"layer_{i}": {} for i in range(len(variants))}
+    batches = list(batches)
+    if not batches:
+        raise PuzzleError("scoring got no validation batches; check scoring.tokens / the validation split size")
+    parent = parent.eval()
     jobs: list[tuple[int, list[BlockConfig]]] = []
     for i, blocks in enumerate(variants):
         own = _parent_block(parent, i)
-        todo = []
-        for block in blocks:
-            if block == own:
-                parent_scores = {"kl_div": 0.0, "lm_loss": cache.parent_metrics["lm_loss"], "top1": 1.0}
-                scores[f"layer_{i}"][block.name] = parent_scores
-            else:
-                todo.append(block)
-        jobs += [(i, group) for group in _groups(todo, group_size)]
+        measured = subblock_variants(blocks, own) if pairs == "decoupled" and own is not None else list(blocks)
+        jobs.append((i, [b for b in measured if b != own]))
+    shards = _shards(jobs, group_size)
     threads = max(1, int(num_cpus)) if num_cpus >= 1 else 1
     if use_ray:
         results = _run_on_ray(
-            parent, source, cache, jobs, num_cpus, num_gpus, device, threads, max_retries, progress, seed
+            parent, source, batches, shards, num_cpus, num_gpus, device, threads, max_retries, progress, seed
         )
     else:
-        results = _run_local(parent, source, cache, jobs, device, progress, seed)
-    for (i, _), res in zip(jobs, results, strict=True):
-        for name, metrics in res.items():
-            scores[f"layer_{i}"][name] = {k: float(metrics[k]) for k in METRICS}
+        results = _run_local(parent, source, batches, shards, device, progress, seed)
+    parent_metrics = results[0]["parent"] if results else _parent_only(parent, batches, device)
+    parent_scores = {"kl_div": 0.0, "lm_loss": parent_metrics["lm_loss"], "top1": 1.0}
+    measured_scores: dict[int, dict[str, dict[str, float]]] = {}
+    for res in results:
+        for i, by_name in res["scores"].items():
+            measured_scores.setdefault(int(i), {}).update(by_name)
+    scores: Scores = {}
+    for i, blocks in enumerate(variants):
+        own = _parent_block(parent, i)
+        got = measured_scores.get(i, {})
+        layer_scores = scores.setdefault(f"layer_{i}", {})
+        for block in blocks:
+            if block == own:
+                layer_scores[block.name] = dict(parent_scores)
+            elif block.name in got:
+                layer_scores[block.name] = {k: float(got[block.name][k]) for k in METRICS}
+            else:  # decoupled: composed from its two subblocks
+                att = got.get(BlockConfig(block.attention, own.ffn).name, parent_scores)
+                ffn = got.get(BlockConfig(own.attention, block.ffn).name, parent_scores)
+                layer_scores[block.name] = compose_pair(att, ffn, parent_scores)
     info = {
-        "parent_metrics": cache.parent_metrics,
-        "tokens": cache.num_tokens,
-        "num_batches": len(cache.input_ids),
-        "blocks_scored": sum(len(g) for _, g in jobs),
+        "parent_metrics": parent_metrics,
+        "tokens": sum(ids.numel() for ids in batches),
+        "num_batches": len(batches),
+        "blocks_scored": sum(len(b) for _, b in jobs),
+        "pairs": pairs,
+        "tasks": len(shards),
         "seconds": time.perf_counter() - start,
     }
     if log:
@@ -304,40 +385,39 @@ def score_blocks(
     return scores, info
 
 
-def _run_local(parent, source, cache, jobs, device, progress, seed) -> list[dict[str, dict[str, float]]]:
+def _parent_only(parent: nn.Module, batches: list[torch.Tensor], device: str) -> dict[str, float]:
+    totals = _MetricTotals()
+    for ids in batches:
+        build_parent_cache(parent, [ids], device, (), totals)
+    return totals.means()
+
+
+def _run_local(parent, source, batches, shards, device, progress, seed) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    out = []
-    bar = tqdm(jobs, desc="score", unit="group", disable=not progress)
-    for i, blocks in bar:
-        out.append(
-            _score_group(parent, source, i, blocks, cache.hidden[i], cache.input_ids, cache.targets, device, None, seed)
-        )
-    return out
+    return [
+        _score_shard(parent, source, shard, batches, device, None, seed)
+        for shard in tqdm(shards, desc="score", unit="task", disable=not progress)
+    ]
 
 
-def _run_on_ray(parent, source, cache, jobs, num_cpus, num_gpus, device, threads, max_retries, progress, seed):
-    """Submit every group at once; the big shared inputs go to the object store once."""
+def _run_on_ray(parent, source, batches, shards, num_cpus, num_gpus, device, threads, max_retries, progress, seed):
+    """Submit every shard at once; the model, the block source and the token batches go to the object store once."""
     import ray
     from tqdm.auto import tqdm
 
     if not ray.is_initialized():
         raise PuzzleError("scoring with use_ray=True needs Ray initialised (the job runner starts or joins a cluster)")
     check_resources({"scoring.num_gpus": num_gpus})
-    task = ray.remote(_score_group).options(
+    task = ray.remote(_score_shard).options(
         num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries, retry_exceptions=True
     )
     model_ref = ray.put(parent.to("cpu"))
     source_ref = ray.put(source)
-    ids_ref = ray.put([t.cpu() for t in cache.input_ids])
-    targets_ref = ray.put([t.to("cpu") for t in cache.targets])
-    hidden_refs = {i: ray.put([t.cpu() for t in cache.hidden[i]]) for i in sorted({i for i, _ in jobs})}
-    refs = [
-        task.remote(model_ref, source_ref, i, blocks, hidden_refs[i], ids_ref, targets_ref, device, threads, seed)
-        for i, blocks in jobs
-    ]
+    batches_ref = ray.put([t.cpu() for t in batches])
+    refs = [task.remote(model_ref, source_ref, shard, batches_ref, device, threads, seed) for shard in shards]
     pending = list(refs)
-    with tqdm(total=len(refs), desc="score", unit="group", disable=not progress) as bar:
+    with tqdm(total=len(refs), desc="score", unit="task", disable=not progress) as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             bar.update(len(done))
@@ -365,6 +445,7 @@ def run_scoring(
     *,
     use_ray: bool = False,
     seed: int = 0,
+    pairs: str = "full",
     log: Callable[[str], None] | None = None,
 ) -> tuple[Scores, dict[str, Any]]:
     """The pipeline's score stage: `score_blocks` with a `puzzle.config.ScoringConfig`; writes out_dir/scores.json.
@@ -388,6 +469,7 @@ def run_scoring(
         num_gpus=cfg.num_gpus,
         device=device,
         seed=seed,
+        pairs=pairs,
         log=log,
     )
     if out_dir is not None:
@@ -396,6 +478,13 @@ def run_scoring(
 
 
 # ------------------------------------------------------------------------------------------- stage adapter
+
+
+def pairs_mode(job: Any) -> str:
+    """scoring.pairs with "auto" resolved: decoupled pairs when BLD trained subblocks separately."""
+    if job.scoring.pairs != "auto":
+        return job.scoring.pairs
+    return "decoupled" if job.bld.mode == "decoupled" else "full"
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -410,6 +499,7 @@ def run(ctx: StageContext) -> StageResult:
         ctx.out_dir,
         use_ray=True,
         seed=derive_seed(ctx.job.run.seed, "score"),
+        pairs=pairs_mode(ctx.job),
         log=say,
     )
     tokens = int(info.get("tokens", 0) or 0) if isinstance(info, dict) else 0

@@ -7,9 +7,11 @@ its loss the normalised MSE  ||out_child - out_parent||^2 / ||out_parent - in||^
 - Decoupled mode (default): each attention variant trains beside the frozen parent FFN, each FFN variant beside the
   frozen parent attention, so a layer with m attention and n FFN variants costs m + n blocks; pairs are composed later
   without training. Coupled mode trains each (attention, FFN) pair. Parent and no-op variants are never trained.
-- The parent's forward pass runs ONCE per batch, on the driver, which captures every layer's input, post-attention
-  state and output, puts each tensor into the Ray object store once and hands the references to `BlockTrainer` actors
-  (each owns one or more layers' blocks, with num_cpus / num_gpus from `BLDConfig`). No parent prefix is recomputed.
+- The parent's forward pass runs ONCE per batch, on the driver, which captures the layer inputs, post-attention
+  states and outputs the trainers need, puts each tensor into the Ray object store once and hands the references to
+  `BlockTrainer` actors (each owns one or more layers' blocks, with num_cpus / num_gpus from `BLDConfig`). No parent
+  prefix is recomputed. Calibration (FFN channel scores and least-squares sums), held-out scoring and training all
+  stream this way, one batch at a time: memory is set by the batch size and the blocks, not by the token budgets.
 - Content-addressed: a block's key (`block_hash`) covers the parent as loaded (weights and dtype), its layer, kind and
   variant, the data, and the training hyperparameters with the seed (every BLD setting but the resource-only ones:
   workers, CPUs, GPUs, checkpoint cadence). Finished blocks live in a `BlockCache` under their key, which the pipeline
@@ -28,11 +30,13 @@ the parent's) and no-ops.
 Entry point: `run_bld(parent, variants, calibration, train, cfg, out_dir, block_dir=...)`; the pipeline's bld stage
 calls it (`puzzle run jobs/demo.yaml`).
 
-Modules: `store` (BlockCache, BlockStore), `plan` (blocks, keys, assignment), `train` (shared forward, BlockRun,
-BlockTrainer), `driver` (run_bld).
+Modules: `store` (BlockCache, BlockStore), `plan` (blocks, keys, assignment), `init` (initialisation from the parent,
+FFNStats), `train` (shared forward, BlockRun), `trainer` (the BlockTrainer actor), `session` (the driver's side of a Ray
+run: streaming, recovery), `driver` (run_bld).
 """
 
-from puzzle.stages.bld.driver import batch_rows, collect_activations, run_bld
+from puzzle.stages.bld.driver import batch_rows, calibration_stats, run_bld
+from puzzle.stages.bld.init import FFNStats
 from puzzle.stages.bld.plan import (
     BLD_VERSION,
     BlockSpec,
@@ -47,9 +51,7 @@ from puzzle.stages.bld.plan import (
 from puzzle.stages.bld.store import BlockCache, BlockStore
 from puzzle.stages.bld.train import (
     BlockRun,
-    BlockTrainer,
     block_output,
-    evaluate_block,
     initial_layer,
     load_checkpoint,
     lr_at,
@@ -58,6 +60,7 @@ from puzzle.stages.bld.train import (
     position_embeddings,
     save_checkpoint,
 )
+from puzzle.stages.bld.trainer import BlockTrainer, HeldoutSums
 
 __all__ = [
     "BLD_VERSION",
@@ -66,12 +69,13 @@ __all__ = [
     "BlockSpec",
     "BlockStore",
     "BlockTrainer",
+    "FFNStats",
+    "HeldoutSums",
     "assign_blocks",
     "batch_rows",
     "block_hash",
     "block_output",
-    "collect_activations",
-    "evaluate_block",
+    "calibration_stats",
     "initial_layer",
     "load_checkpoint",
     "lr_at",

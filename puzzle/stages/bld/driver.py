@@ -1,43 +1,30 @@
-"""The BLD driver: data, the per-batch shared parent forward streamed to trainer actors, recovery of restarted
-actors, and writing finished blocks (`run_bld`)."""
+"""The BLD driver (`run_bld`): data, block keys, blocks that need no training, the Ray session that trains the rest
+(`puzzle.stages.bld.session`), and writing finished blocks."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-import torch
 from torch import Tensor
 
 from puzzle.common.atomic import write_json_atomic
 from puzzle.common.progress import progress
 from puzzle.common.resources import check_resources
-from puzzle.common.rows import shuffled_rows, token_rows
+from puzzle.common.rows import token_rows
 from puzzle.config import BLDConfig
 from puzzle.errors import ConfigError
-from puzzle.stages.bld.init import split_subblock
-from puzzle.stages.bld.plan import (
-    BlockSpec,
-    assign_blocks,
-    block_hash,
-    parent_fingerprint,
-    plan_blocks,
-    tokens_fingerprint,
-)
+from puzzle.stages.bld.init import FFNStats, split_subblock
+from puzzle.stages.bld.plan import BlockSpec, block_hash, parent_fingerprint, plan_blocks, tokens_fingerprint
+from puzzle.stages.bld.session import TrainSession, batch_rows
 from puzzle.stages.bld.store import BlockCache, BlockStore, layer_state
-from puzzle.stages.bld.train import (
-    BlockTrainer,
-    evaluate_block,
-    load_checkpoint,
-    parent_activations,
-    position_embeddings,
-    save_checkpoint,
-)
+from puzzle.stages.bld.train import load_checkpoint, parent_activations, position_embeddings
+from puzzle.stages.bld.trainer import HeldoutSums
+
+__all__ = ["batch_rows", "calibration_stats", "run_bld"]
 
 
 def _check_tokens(config, calib: Tensor, held: Tensor, train: Tensor) -> None:
@@ -60,34 +47,29 @@ def _check_tokens(config, calib: Tensor, held: Tensor, train: Tensor) -> None:
 
 
 def _split_calibration(calib: Tensor, heldout: Tensor | None, cfg: BLDConfig) -> tuple[Tensor, Tensor]:
-    """Rows for initialisation (capped at cfg.calibration_tokens) and held-out rows for the normalised MSE."""
+    """Rows for initialisation (capped at cfg.calibration_tokens) and held-out rows for the normalised MSE (the last
+    calibration rows, about cfg.heldout_tokens but at most a quarter of them, unless `heldout` is given)."""
     if heldout is None:
-        n_held = max(1, round(calib.shape[0] * cfg.heldout_fraction))
-        if calib.shape[0] - n_held < 1:
+        if calib.shape[0] < 2:
             raise ConfigError(
                 f"BLD needs at least 2 calibration sequences (got {calib.shape[0]}): one to initialise from and one "
                 "held out to measure each block; give more calibration tokens"
             )
+        n_held = max(1, min(math.ceil(cfg.heldout_tokens / calib.shape[1]), calib.shape[0] // 4))
         calib, heldout = calib[:-n_held], calib[-n_held:]
     cap = max(1, math.ceil(cfg.calibration_tokens / calib.shape[1]))
     return calib[:cap], heldout
 
 
-def batch_rows(step: int, n_rows: int, batch_size: int, seed: int) -> Tensor:
-    """Rows of 1-based training `step`: a fixed stream of per-epoch permutations, independent of anything else."""
-    return shuffled_rows((step - 1) * batch_size, batch_size, n_rows, seed, seed_stride=1_000_003)
-
-
-@torch.no_grad()
-def collect_activations(model, rows: Tensor, batch_size: int, layers: set[int], mids_only: bool = False):
-    """Parent activations of `rows` for `layers`: {layer: (in, mid, out)} ([n, seq, hidden] each), or {layer: mid}."""
-    parts: dict[int, list[list[Tensor]]] = {i: [] for i in layers}
+def calibration_stats(model, rows: Tensor, batch_size: int, layers: dict[int, bool]) -> dict[int, FFNStats]:
+    """{layer: FFNStats} of the parent's FFN inputs on `rows`, summed batch by batch (`layers`: {layer: linear})."""
+    stats = {i: FFNStats(linear) for i, linear in layers.items()}
+    states = {i: layer_state(model, i) for i in layers}
     for start in range(0, rows.shape[0], batch_size):
-        states, mids = parent_activations(model, rows[start : start + batch_size])
-        for i in layers:
-            parts[i].append([mids[i].cpu()] if mids_only else [states[i].cpu(), mids[i].cpu(), states[i + 1].cpu()])
-    stacked = {i: tuple(torch.cat(t) for t in zip(*chunks, strict=True)) for i, chunks in parts.items()}
-    return {i: t[0] for i, t in stacked.items()} if mids_only else stacked
+        _, mids = parent_activations(model, rows[start : start + batch_size])
+        for i, s in stats.items():
+            s.add_hidden(states[i], model.config, mids[i].cpu())
+    return stats
 
 
 def _parent_layer(model, spec: BlockSpec):
@@ -101,20 +83,28 @@ def _parent_layer(model, spec: BlockSpec):
     return layer.to(next(model.parameters()).dtype)
 
 
-def _record_untrained(cache: BlockCache, model, spec: BlockSpec, heldout, pos, cfg: BLDConfig) -> None:
+def _record_untrained(cache: BlockCache, model, specs: list[BlockSpec], held: Tensor, cfg: BLDConfig) -> None:
+    """Parent and no-op blocks, which are not trained: their held-out normalised MSE, streamed batch by batch."""
     start = time.perf_counter()
-    if spec.parent:
-        nmse, init = 0.0, "parent"  # the parent's own block reproduces the parent exactly
-    else:
-        acts = dict(zip(("in", "mid", "out"), heldout[spec.layer], strict=True))
-        nmse = evaluate_block(_parent_layer(model, spec), spec, acts, pos, cfg.batch_size)
+    scored = [s for s in specs if not s.parent]
+    layers = {s.hash: _parent_layer(model, s) for s in scored}
+    pos = position_embeddings(model, held.shape[1])
+    sums = HeldoutSums()
+    for begin in range(0, held.shape[0] if scored else 0, cfg.batch_size):
+        states, mids = parent_activations(model, held[begin : begin + cfg.batch_size])
+        for s in scored:
+            x = mids[s.layer] if s.kind == "ffn" else states[s.layer]
+            sums.add(s.hash, layers[s.hash], s, x, states[s.layer + 1], pos)
+    seconds = (time.perf_counter() - start) / max(len(specs), 1)
+    for spec in specs:
+        nmse = 0.0 if spec.parent else sums.nmse(spec.hash)  # the parent's own block reproduces the parent exactly
         parts = (
             [spec.attention, spec.ffn] if spec.kind == "block" else [spec.ffn if spec.kind == "ffn" else spec.attention]
         )
-        init = "+".join("no_op" if p.no_op else "parent" for p in parts)
-    entry = {"init": init, "nmse_init": nmse, "nmse_trained": nmse, "tokens": 0, "hash": spec.hash}
-    entry.update({"parent": spec.parent, "seconds": time.perf_counter() - start})
-    cache.put(spec.hash, entry, None)
+        init = "parent" if spec.parent else "+".join("no_op" if p.no_op else "parent" for p in parts)
+        entry = {"init": init, "nmse_init": nmse, "nmse_trained": nmse, "tokens": 0, "hash": spec.hash}
+        entry.update({"parent": spec.parent, "seconds": seconds})
+        cache.put(spec.hash, entry, None)
 
 
 def _check_resources(cfg: BLDConfig) -> None:
@@ -124,163 +114,6 @@ def _check_resources(cfg: BLDConfig) -> None:
     if not ray.is_initialized():
         ray.init()  # joins RAY_ADDRESS when set, else starts a local cluster
     check_resources({"bld.num_gpus": cfg.num_gpus, "bld.num_cpus": cfg.num_cpus})
-
-
-@dataclass
-class _Session:
-    """Driver state of one BLD run on Ray: trainers, the shared-forward stream, recovery and bookkeeping."""
-
-    model: Any
-    specs: list[BlockSpec]
-    cfg: BLDConfig
-    total_steps: int
-    train_rows: Tensor
-    work_dir: Path
-    logger: Any = None
-    on_step: Callable[[int, list], None] | None = None
-    actors: list = field(default_factory=list)
-    groups: list[list[BlockSpec]] = field(default_factory=list)
-    last_submitted: int = 0
-    forward_seconds: float = 0.0
-    trainer_seconds: float = 0.0
-    replayed_steps: int = 0
-
-    def checkpoint_path(self, block_hash_: str) -> Path:
-        return self.work_dir / "checkpoints" / f"{block_hash_}.safetensors"
-
-    def start(self, payload: dict[str, Any], save_dtype: str) -> int:
-        """Create the trainers; returns the first step to stream (resumed runs start after their checkpoints)."""
-        import ray
-
-        trainer = ray.remote(BlockTrainer).options(
-            num_cpus=self.cfg.num_cpus,
-            num_gpus=self.cfg.num_gpus,
-            max_restarts=self.cfg.max_restarts,
-            max_task_retries=-1 if self.cfg.max_restarts else 0,
-        )
-        self.groups = assign_blocks(self.specs, self.model.config, self.cfg.num_workers)
-        self.actors = [
-            trainer.remote(self.model.config, group, payload, self.cfg, self.total_steps, save_dtype)
-            for group in self.groups
-        ]
-        steps = ray.get([actor.steps.remote() for actor in self.actors])
-        return min(min(s.values()) for s in steps) + 1
-
-    def step_refs(self, step: int, layers: set[int] | None = None) -> dict[str, dict[int, Any]]:
-        """One shared parent forward for training batch `step`; each needed tensor goes into the object store once."""
-        import ray
-
-        start = time.perf_counter()
-        rows = batch_rows(step, self.train_rows.shape[0], self.cfg.batch_size, self.cfg.seed)
-        states, mids = parent_activations(self.model, self.train_rows[rows])
-        specs = self.specs if layers is None else [s for s in self.specs if s.layer in layers]
-        need_h = {s.layer for s in specs if s.kind != "ffn"} | {s.layer + 1 for s in specs}
-        need_mid = {s.layer for s in specs if s.kind == "ffn"}
-        refs = {
-            "h": {i: ray.put(states[i].cpu()) for i in sorted(need_h)},
-            "mid": {i: ray.put(mids[i].cpu()) for i in sorted(need_mid)},
-        }
-        self.forward_seconds += time.perf_counter() - start
-        return refs
-
-    def actor_acts(self, ai: int, refs: dict[str, dict[int, Any]]) -> dict[int, dict[str, Any]]:
-        acts: dict[int, dict[str, Any]] = {}
-        for spec in self.groups[ai]:
-            layer_acts = acts.setdefault(spec.layer, {"out": refs["h"][spec.layer + 1]})
-            layer_acts[spec.input_kind] = refs["mid" if spec.kind == "ffn" else "h"][spec.layer]
-        return acts
-
-    def handle(self, ai: int, step: int, result: dict[str, Any]) -> None:
-        self.trainer_seconds += result["seconds"]
-        for h, ckpt in result.get("checkpoints", {}).items():
-            save_checkpoint(self.checkpoint_path(h), ckpt)
-        if self.logger is not None and result["losses"]:
-            by_hash = {s.hash: s for s in self.groups[ai]}
-            metrics = {}
-            for h, loss in result["losses"].items():
-                spec = by_hash[h]
-                metrics[f"bld/layer_{spec.layer}/{spec.kind}/{spec.name}/loss"] = loss
-            self.logger.log(metrics, step=step)
-
-    def collect(self, entry: tuple[int, dict[int, Any]], inflight: deque) -> None:
-        import ray
-
-        step, futures = entry
-        if not futures:
-            return
-        ray.wait(list(futures.values()), num_returns=len(futures))
-        for ai, ref in futures.items():
-            result = ray.get(ref)  # already finished (waited on above)
-            if result["status"] == "need_replay":
-                self.recover(ai, inflight)
-            else:
-                self.handle(ai, step, result)
-
-    def recover(self, ai: int, inflight: deque) -> None:
-        """Trainer `ai` was restarted and lost its blocks' progress: restore checkpoints, replay the missing steps."""
-        import ray
-
-        for step, futures in inflight:  # its later calls ran on the fresh actor too: drain them first
-            ref = futures.pop(ai, None)
-            if ref is not None:
-                result = ray.get(ref)
-                if result["status"] == "ok":
-                    self.handle(ai, step, result)
-        ckpts = {s.hash: load_checkpoint(self.checkpoint_path(s.hash)) for s in self.groups[ai]}
-        actor = self.actors[ai]
-        reached = ray.get(actor.restore.remote({h: c for h, c in ckpts.items() if c is not None}))
-        layers = {s.layer for s in self.groups[ai]}
-        window = self.cfg.max_inflight_steps
-        for first in range(reached + 1, self.last_submitted + 1, window):
-            steps = range(first, min(first + window, self.last_submitted + 1))
-            futures = [actor.train_step.remote(k, self.actor_acts(ai, self.step_refs(k, layers))) for k in steps]
-            results = ray.get(futures)
-            self.replayed_steps += len(steps)
-            if any(r["status"] == "need_replay" for r in results):
-                return self.recover(ai, deque())  # it died again while replaying
-            for k, result in zip(steps, results, strict=True):
-                self.handle(ai, k, result)
-        return None
-
-    def stream(self, first_step: int, bar) -> None:
-        inflight: deque = deque()
-        tokens_per_step = self.cfg.batch_size * self.train_rows.shape[1]
-        for step in range(first_step, self.total_steps + 1):
-            refs = self.step_refs(step)
-            futures = {
-                ai: actor.train_step.remote(step, self.actor_acts(ai, refs)) for ai, actor in enumerate(self.actors)
-            }
-            inflight.append((step, futures))
-            self.last_submitted = step
-            if self.on_step is not None:
-                self.on_step(step, self.actors)
-            while len(inflight) > self.cfg.max_inflight_steps:
-                self.collect(inflight.popleft(), inflight)
-                bar.update(tokens_per_step)
-        while inflight:
-            self.collect(inflight.popleft(), inflight)
-            bar.update(tokens_per_step)
-
-    def finish(self) -> dict[str, dict[str, Any]]:
-        """Final weights and held-out scores of every block, recovering trainers that died at the very end."""
-        import ray
-
-        futures = [actor.finish.remote() for actor in self.actors]
-        ray.wait(futures, num_returns=len(futures))
-        blocks = {}
-        for ai, ref in enumerate(futures):
-            result = ray.get(ref)
-            while result["status"] == "need_replay":
-                self.recover(ai, deque())
-                result = ray.get(self.actors[ai].finish.remote())
-            blocks.update(result["blocks"])
-        return blocks
-
-    def close(self) -> None:
-        import ray
-
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
 
 
 def _as_model(parent):
@@ -311,8 +144,8 @@ def run_bld(
     parent: a `PuzzleForCausalLM` or a checkpoint path (`puzzle.hf.convert.load_parent`). variants: one entry per layer,
     {"attention": [AttentionConfig], "ffn": [FFNConfig]} (plus optional "blocks": [BlockConfig] for coupled mode); the
     parent's own variants are always added. calibration / train: token rows ([n, seq] LongTensor, a list of batches or a
-    datasets.Dataset with "input_ids"); `cfg.heldout_fraction` of the calibration rows are held out to score blocks
-    unless `heldout` rows are given. out_dir: the library of exactly these variants (`BlockStore`, rewritten).
+    datasets.Dataset with "input_ids"); the last calibration rows (about `cfg.heldout_tokens`) are held out to score
+    blocks unless `heldout` rows are given. out_dir: the library of exactly these variants (`BlockStore`, rewritten).
     block_dir: the content-addressed store of finished blocks (`BlockCache`, default out_dir/blocks); a block whose
     key it holds is not trained again, whichever run trained it. work_dir: in-progress checkpoints go to
     work_dir/checkpoints (default: block_dir), keyed by block too, so they survive a crash and any config change that
@@ -337,11 +170,7 @@ def run_bld(
     todo = [s for s in pending if s.trainable]
     seq = train_rows.shape[1]
     total_steps = math.ceil(cfg.tokens / (cfg.batch_size * seq)) if cfg.tokens else 0
-    pos = position_embeddings(model, seq)
-    heldout_acts = collect_activations(model, held, cfg.batch_size, {s.layer for s in pending}) if pending else {}
-    for spec in pending:
-        if not spec.trainable:
-            _record_untrained(cache, model, spec, heldout_acts, pos, cfg)
+    _record_untrained(cache, model, [s for s in pending if not s.trainable], held, cfg)
     run = {
         "blocks": len(specs),
         "trained": [_label(s) for s in todo],
@@ -351,9 +180,7 @@ def run_bld(
         "tokens_per_block": total_steps * cfg.batch_size * seq,
     }
     if todo:
-        run.update(
-            _train(model, todo, cfg, total_steps, train_rows, calib, heldout_acts, pos, cache, work, logger, on_step)
-        )
+        run.update(_train(model, todo, cfg, total_steps, (train_rows, calib, held), cache, work, logger, on_step))
     store = _write_library(Path(out_dir), specs, cache)
     run["wall_seconds"] = time.perf_counter() - wall
     store.last_run = run
@@ -378,28 +205,25 @@ def _label(spec: BlockSpec) -> str:
     return f"layer_{spec.layer}/{spec.kind}/{spec.name}"
 
 
-def _train(model, todo, cfg, total_steps, train_rows, calib, heldout_acts, pos, cache, work, logger, on_step) -> dict:
+def _train(model, todo, cfg, total_steps, rows, cache, work, logger, on_step) -> dict:
     """Train `todo` on Ray trainers fed by the shared parent forward; write each finished block to the cache."""
     import ray
 
     _check_resources(cfg)
     start_wall = time.perf_counter()
-    session = _Session(model, todo, cfg, total_steps, train_rows, work, logger, on_step)
-    calib_layers = {s.layer for s in todo if s.kind != "attention"}
-    calib_mid = collect_activations(model, calib, cfg.batch_size, calib_layers, mids_only=True) if calib_layers else {}
+    train_rows, calib, held = rows
+    session = TrainSession(model, todo, cfg, total_steps, train_rows, calib, held, work, logger, on_step)
     layers = sorted({s.layer for s in todo})
     checkpoints = {s.hash: load_checkpoint(session.checkpoint_path(s.hash)) for s in todo}
-    # What trainers need goes into the object store once; actors get references (kept alive for their restarts).
+    # What trainers keep goes into the object store once; actors get references (kept alive for their restarts).
     payload = {
         "layers": {i: ray.put({k: v.cpu() for k, v in layer_state(model, i).items()}) for i in layers},
-        "calib_mid": {i: ray.put(t) for i, t in calib_mid.items()},
-        "heldout": {i: [ray.put(t) for t in heldout_acts[i]] for i in layers},
-        "pos": ray.put(pos),
-        "checkpoints": {h: ray.put(c) for h, c in checkpoints.items() if c is not None},
+        "pos": ray.put(position_embeddings(model, train_rows.shape[1])),
     }
+    checkpoint_refs = {h: ray.put(c) for h, c in checkpoints.items() if c is not None}
     save_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     try:
-        first = session.start(payload, save_dtype)
+        first = session.start(checkpoint_refs, save_dtype, payload)
         bar = _progress_bar(total_steps - first + 1, cfg.batch_size * train_rows.shape[1], len(todo))
         stream_start = time.perf_counter()
         session.stream(first, bar)
@@ -428,6 +252,9 @@ def _train(model, todo, cfg, total_steps, train_rows, calib, heldout_acts, pos, 
         "trainer_seconds": session.trainer_seconds,
         "tokens_per_s": streamed / max(stream_seconds, 1e-9),
         "block_tokens_per_s": streamed * len(todo) / max(stream_seconds, 1e-9),
+        "prepared": session.prepared,
+        "object_store_bytes": session.put_bytes,
+        "object_store_max_batch_bytes": session.max_step_bytes,
     }
 
 

@@ -176,10 +176,68 @@ def swiglu_activations(mlp: dict[str, Tensor], x: Tensor, config) -> Tensor:
 
 def ffn_channel_scores(mlp: dict[str, Tensor], x: Tensor, config, chunk: int = 4096) -> Tensor:
     """Channel contribution: mean over tokens of |a_c| * ||W_down[:, c]||_2, for normalised FFN inputs x [N, hidden]."""
-    total = torch.zeros(mlp["down_proj.weight"].shape[1], dtype=torch.float64)
-    for rows in x.split(chunk):  # chunks keep the [tokens, intermediate] activations small
-        total += swiglu_activations(mlp, rows, config).abs().double().sum(dim=0)
-    return (total / x.shape[0]).to(x.dtype) * mlp["down_proj.weight"].norm(dim=0)
+    stats = FFNStats()
+    stats.add(mlp, x, config, chunk=chunk)
+    return stats.channel_scores(mlp).to(x.dtype)
+
+
+class FFNStats:
+    """Calibration statistics of one layer's FFN, summed batch by batch: memory set by the layer's shape, not by the
+    number of calibration tokens.
+
+    `abs_act` [intermediate] sums |a_c| (the activation entering W_down) for the channel scores; with `linear`, `gram`
+    (x^T x) and `cross` (x^T y, y the parent FFN's output) [hidden, hidden] are the least-squares normal equations of
+    a linear FFN. Sums are float64; inputs are the FFN's normalised inputs (after post_attention_layernorm).
+    """
+
+    def __init__(self, linear: bool = False) -> None:
+        self.linear = linear
+        self.tokens = 0
+        self.abs_act: Tensor | None = None
+        self.gram: Tensor | None = None
+        self.cross: Tensor | None = None
+
+    def add(self, mlp: dict[str, Tensor], x: Tensor, config, chunk: int = 4096) -> None:
+        """Accumulate normalised FFN inputs x [N, hidden] (float32 weights `mlp`, keys relative to "mlp.")."""
+        for rows in x.reshape(-1, x.shape[-1]).split(chunk):  # chunks keep [tokens, intermediate] small
+            a = swiglu_activations(mlp, rows, config)
+            part = a.abs().double().sum(dim=0)
+            self.abs_act = part if self.abs_act is None else self.abs_act + part
+            if self.linear:
+                y = torch.nn.functional.linear(a, mlp["down_proj.weight"], mlp.get("down_proj.bias")).double()
+                r64 = rows.double()
+                gram, cross = r64.T @ r64, r64.T @ y
+                self.gram = gram if self.gram is None else self.gram + gram
+                self.cross = cross if self.cross is None else self.cross + cross
+            self.tokens += rows.shape[0]
+
+    def channel_scores(self, mlp: dict[str, Tensor]) -> Tensor:
+        if self.abs_act is None:
+            raise PuzzleError("FFN channel scores need calibration tokens; none were accumulated")
+        return (self.abs_act / self.tokens).float() * mlp["down_proj.weight"].float().norm(dim=0)
+
+    def lstsq(self, ridge: float = 1e-6) -> Tensor:
+        """W minimising ||x W^T - y||^2 over the accumulated tokens: [out, in] float32."""
+        if self.gram is None or self.cross is None:
+            raise PuzzleError("a least-squares linear FFN needs calibration sums gathered with linear=True")
+        return solve_normal_equations(self.gram, self.cross, ridge).float()
+
+    @classmethod
+    def from_inputs(cls, parent_state: dict[str, Tensor], config, ffn_inputs: Tensor, linear: bool = False):
+        """Statistics of hidden states entering the FFN subblock (before its norm), [N, hidden] or [b, s, hidden]."""
+        stats = cls(linear)
+        stats.add_hidden(parent_state, config, ffn_inputs)
+        return stats
+
+    def add_hidden(self, parent_state: dict[str, Tensor], config, ffn_inputs: Tensor) -> None:
+        """Accumulate hidden states entering the FFN subblock (normalised here with the layer's own norm)."""
+        norm_w = parent_state["post_attention_layernorm.weight"].float()
+        x = rms_norm(ffn_inputs.reshape(-1, ffn_inputs.shape[-1]).float(), norm_w, config.rms_norm_eps)
+        self.add(_mlp32(parent_state), x, config)
+
+
+def _mlp32(parent_state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k[len("mlp.") :]: v.float() for k, v in parent_state.items() if k.startswith("mlp.")}
 
 
 def prune_ffn(mlp: dict[str, Tensor], scores: Tensor, new_size: int) -> dict[str, Tensor]:
@@ -195,20 +253,22 @@ def prune_ffn(mlp: dict[str, Tensor], scores: Tensor, new_size: int) -> dict[str
     return out
 
 
+def solve_normal_equations(gram: Tensor, cross: Tensor, ridge: float = 1e-6) -> Tensor:
+    """W = ((x^T x + damp I)^-1 x^T y)^T in float64, damp a tiny ridge relative to the input scale (for rank-deficient
+    inputs): [out, in]."""
+    gram = gram.double()
+    damp = ridge * gram.diagonal().mean().clamp_min(1e-12)
+    gram = gram + damp * torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram, cross.double()).T.contiguous()
+
+
 def linear_ffn_lstsq(x: Tensor, y: Tensor, ridge: float = 1e-6) -> Tensor:
     """W minimising ||x W^T - y||^2 (+ a tiny ridge, relative to the input scale, for rank-deficient inputs): [out, in].
 
     Solved through the normal equations in float64, which only needs the [in, in] and [in, out] Gram matrices.
     """
     x64, y64 = x.double(), y.double()
-    gram = x64.T @ x64
-    damp = ridge * gram.diagonal().mean().clamp_min(1e-12)
-    gram = gram + damp * torch.eye(gram.shape[0], dtype=gram.dtype)
-    return torch.linalg.solve(gram, x64.T @ y64).T.to(x.dtype).contiguous()
-
-
-def _swiglu_output_chunked(mlp: dict[str, Tensor], x: Tensor, config, chunk: int = 4096) -> Tensor:
-    return torch.cat([swiglu_output(mlp, rows, config) for rows in x.split(chunk)])
+    return solve_normal_equations(x64.T @ x64, x64.T @ y64, ridge).to(x.dtype)
 
 
 def swiglu_output(mlp: dict[str, Tensor], x: Tensor, config) -> Tensor:
@@ -222,15 +282,15 @@ def init_ffn(
     config,
     variant: FFNConfig,
     parent_variant: FFNConfig,
-    ffn_inputs: Tensor | None = None,
+    ffn_inputs: Tensor | FFNStats | None = None,
     min_lstsq_ratio: float = 2.0,
 ) -> tuple[dict[str, Tensor] | None, str]:
     """Initial weights of FFN subblock `variant` from a parent layer whose FFN is `parent_variant`.
 
     `ffn_inputs` are calibration hidden states entering the FFN subblock (before post_attention_layernorm), [N, hidden]
-    or [b, s, hidden]. Channel scores need them; the least-squares linear FFN is used when there are at least
-    `min_lstsq_ratio` x hidden tokens, otherwise W_down @ W_up. Returns (state with "post_attention_layernorm." / "mlp."
-    keys, init method), or (None, method) for parent and no-op variants.
+    or [b, s, hidden], or their `FFNStats` summed batch by batch. Channel scores need them; the least-squares linear
+    FFN is used when there are at least `min_lstsq_ratio` x hidden tokens, otherwise W_down @ W_up. Returns (state
+    with "post_attention_layernorm." / "mlp." keys, init method), or (None, method) for parent and no-op variants.
     """
     if variant == parent_variant:
         return None, "parent"
@@ -241,19 +301,16 @@ def init_ffn(
             f"cannot initialise {variant.name} from a parent layer whose FFN is {parent_variant.name}; "
             "start from a parent whose layers have SwiGLU FFNs"
         )
-    norm_w = parent_state["post_attention_layernorm.weight"]
-    state = {"post_attention_layernorm.weight": norm_w.clone()}
+    state = {"post_attention_layernorm.weight": parent_state["post_attention_layernorm.weight"].clone()}
     mlp = {k[len("mlp.") :]: v for k, v in parent_state.items() if k.startswith("mlp.")}
-    mlp32 = {k: v.float() for k, v in mlp.items()}  # scores and fits in float32 whatever the parent's dtype
-    x = None
-    if ffn_inputs is not None:
-        x = rms_norm(ffn_inputs.reshape(-1, ffn_inputs.shape[-1]).float(), norm_w.float(), config.rms_norm_eps)
+    stats = ffn_inputs
+    if isinstance(ffn_inputs, Tensor):  # scores and fits in float32 whatever the parent's dtype
+        stats = FFNStats.from_inputs(parent_state, config, ffn_inputs, linear=variant.replace_with_linear)
     if variant.replace_with_linear:
-        if x is not None and x.shape[0] >= min_lstsq_ratio * x.shape[1]:
-            w = linear_ffn_lstsq(x, _swiglu_output_chunked(mlp32, x, config))
-            method = "lstsq"
+        if stats is not None and stats.gram is not None and stats.tokens >= min_lstsq_ratio * stats.gram.shape[0]:
+            w, method = stats.lstsq(), "lstsq"
         else:
-            w, method = mlp32["down_proj.weight"] @ mlp32["up_proj.weight"], "wdown_wup"
+            w, method = mlp["down_proj.weight"].float() @ mlp["up_proj.weight"].float(), "wdown_wup"
         state["mlp.linear_mlp.weight"] = w.to(mlp["down_proj.weight"].dtype).contiguous()
         return state, method
     if variant.intermediate_size > parent_variant.intermediate_size:
@@ -261,8 +318,8 @@ def init_ffn(
             f"{variant.name} is wider than the parent layer's FFN ({parent_variant.intermediate_size}); "
             "FFN variants can only shrink the parent"
         )
-    if x is None:
+    if stats is None:
         raise PuzzleError(f"{variant.name} needs calibration tokens for its channel scores; pass calibration data")
-    scores = ffn_channel_scores(mlp32, x, config)
+    scores = stats.channel_scores(mlp)
     state.update({"mlp." + k: v for k, v in prune_ffn(mlp, scores, variant.intermediate_size).items()})
     return state, "channel_contribution"

@@ -1,5 +1,5 @@
-"""Training one block: the shared parent forward, the normalised-MSE step, exact checkpoints, and the `BlockTrainer`
-Ray actor that owns the blocks of one or more layers."""
+"""Training one block: the shared parent forward, the normalised-MSE step and exact checkpoints (the `BlockTrainer`
+actor in `puzzle.stages.bld.trainer` runs many of these)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from torch import Tensor
 
 from puzzle.common.checkpoint import load_state, save_state
 from puzzle.common.schedule import lr_factor
-from puzzle.common.seeding import derive_seed, seed_everything
 from puzzle.config import BLDConfig
-from puzzle.stages.bld.init import init_attention, init_ffn, split_subblock, subblock_prefixes
+from puzzle.stages.bld.init import FFNStats, init_attention, init_ffn, split_subblock, subblock_prefixes
 from puzzle.stages.bld.plan import BlockSpec
 
 
@@ -68,22 +67,6 @@ def normalised_mse(out: Tensor, target: Tensor, x: Tensor) -> Tensor:
     """||out - target||^2 / ||target - x||^2 over the batch: MSE(o_parent, o_child) / MSE(o_parent, 0) on the block's
     contribution to the residual stream."""
     return (out - target).pow(2).sum() / (target - x).pow(2).sum().clamp_min(1e-12)
-
-
-@torch.no_grad()
-def evaluate_block(layer, spec: BlockSpec, acts: dict[str, Tensor], pos, batch_size: int) -> float:
-    """Normalised MSE of a block on held-out activations {"in", "mid", "out"} ([n, seq, hidden])."""
-    err = ref = 0.0
-    params = list(layer.parameters())
-    dtype, device = (params[0].dtype, params[0].device) if params else (acts["out"].dtype, acts["out"].device)
-    pos = tuple(p.to(device, dtype) for p in pos)
-    for start in range(0, acts["out"].shape[0], batch_size):
-        x = acts[spec.input_kind][start : start + batch_size].to(device, dtype)
-        target = acts["out"][start : start + batch_size].to(device, dtype)
-        out = block_output(layer, spec, x, pos)
-        err += (out - target).double().pow(2).sum().item()
-        ref += (target - x).double().pow(2).sum().item()
-    return err / max(ref, 1e-30)
 
 
 class BlockRun:
@@ -161,9 +144,9 @@ class BlockRun:
         self.meta.update({k: v for k, v in meta.items() if k in ("init", "nmse_init")})
 
 
-def initial_layer(spec: BlockSpec, config, parent_state: dict[str, Tensor], calib_mid: Tensor | None):
+def initial_layer(spec: BlockSpec, config, parent_state: dict[str, Tensor], calib: FFNStats | Tensor | None):
     """The block's layer before training, initialised from the parent (`puzzle.stages.bld.init`), and its init
-    method."""
+    method. calib: the layer's FFN calibration sums, or the hidden states entering its FFN."""
     from puzzle.model.modeling_puzzle import PuzzleDecoderLayer
 
     parent_block = config.block_config(spec.layer)
@@ -175,113 +158,12 @@ def initial_layer(spec: BlockSpec, config, parent_state: dict[str, Tensor], cali
     if spec.kind == "attention":
         state.update(split_subblock(parent_state, "ffn"))  # the frozen parent FFN beside the attention variant
     else:
-        sub, method = init_ffn(parent_state, config, spec.ffn, parent_block.ffn, calib_mid)
+        sub, method = init_ffn(parent_state, config, spec.ffn, parent_block.ffn, calib)
         state.update(split_subblock(parent_state, "ffn") if method == "parent" else sub or {})
         methods.append(method)
     layer = PuzzleDecoderLayer.from_block(config, spec.block, spec.layer)
     layer.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return layer.float(), "+".join(methods)
-
-
-class BlockTrainer:
-    """Ray actor that owns the blocks of one or more layers and trains them on the shared parent activations.
-
-    Steps arrive in order with references to the parent's activations of the layers it owns. Each block remembers the
-    step it reached; a step that finds a block behind (the actor was restarted after a crash) is answered
-    {"status": "need_replay"} and the driver restores the last checkpoint and replays the missing steps.
-    """
-
-    def __init__(
-        self,
-        config,
-        specs: list[BlockSpec],
-        payload: dict[str, Any],
-        cfg: BLDConfig,
-        total_steps: int,
-        save_dtype: str = "float32",
-    ) -> None:
-        import ray
-
-        torch.set_num_threads(max(1, int(cfg.num_cpus)))
-        self.cfg, self.total_steps, self.config = cfg, total_steps, config
-        self.save_dtype = getattr(torch, save_dtype)
-        device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        layers = sorted({s.layer for s in specs})
-        parent_states = dict(zip(layers, ray.get([payload["layers"][i] for i in layers]), strict=True))
-        calib = {i: ray.get(payload["calib_mid"][i]) for i in layers if i in payload["calib_mid"]}
-        self.heldout = {i: dict(zip(("in", "mid", "out"), ray.get(payload["heldout"][i]), strict=True)) for i in layers}
-        self.pos = ray.get(payload["pos"])
-        self.runs: dict[str, BlockRun] = {}
-        for spec in specs:
-            start = time.perf_counter()
-            # Seeded from the block's own key (which holds cfg.seed), not the actor's: a block is built alike whichever
-            # trainer gets it and whatever else that trainer holds. Training draws no random numbers (the data order
-            # is batch_rows's), so a block's weights depend on its key alone.
-            seed_everything(derive_seed(cfg.seed, "block", spec.hash))
-            layer, init = initial_layer(spec, config, parent_states[spec.layer], calib.get(spec.layer))
-            run = BlockRun(spec, layer, cfg, total_steps, device)
-            run.meta["init"] = init
-            ckpt = payload["checkpoints"].get(spec.hash)
-            if ckpt is not None:
-                run.restore(ray.get(ckpt))
-            else:
-                run.meta["nmse_init"] = evaluate_block(
-                    run.layer, spec, self.heldout[spec.layer], self.pos, cfg.batch_size
-                )
-                run.seconds += time.perf_counter() - start
-            self.runs[spec.hash] = run
-
-    def steps(self) -> dict[str, int]:
-        return {h: run.step for h, run in self.runs.items()}
-
-    def train_step(self, step: int, acts: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        """Apply `step` to every block that reached step - 1; blocks already past it skip it (resumed runs)."""
-        import ray
-
-        behind = min(run.step for run in self.runs.values())
-        if behind < step - 1:
-            return {"status": "need_replay", "from": behind}
-        todo = [run for run in self.runs.values() if run.step == step - 1]
-        keys = sorted({(r.spec.layer, k) for r in todo for k in (r.spec.input_kind, "out")})
-        fetched = dict(zip(keys, ray.get([acts[layer][kind] for layer, kind in keys]), strict=True))
-        start = time.perf_counter()
-        losses = {}
-        for run in todo:
-            x, target = fetched[(run.spec.layer, run.spec.input_kind)], fetched[(run.spec.layer, "out")]
-            losses[run.spec.hash] = run.train_step(step, x, target, self.pos)
-        result = {"status": "ok", "losses": losses, "seconds": time.perf_counter() - start}
-        every = self.cfg.checkpoint_every
-        if every and step % every == 0 and step < self.total_steps:
-            result["checkpoints"] = {run.spec.hash: run.checkpoint() for run in todo}
-        return result
-
-    def restore(self, checkpoints: dict[str, dict[str, Any]]) -> int:
-        """Load checkpoints newer than what each block holds; returns the step the slowest block is at."""
-        for block_hash_, ckpt in checkpoints.items():
-            run = self.runs.get(block_hash_)
-            if run is not None and int(ckpt["meta"]["step"]) > run.step:
-                run.restore(ckpt)
-        return min(run.step for run in self.runs.values())
-
-    def finish(self) -> dict[str, Any]:
-        """Held-out normalised MSE and final weights of every block, once all reached the last step."""
-        behind = min(run.step for run in self.runs.values())
-        if behind < self.total_steps:
-            return {"status": "need_replay", "from": behind}
-        blocks = {}
-        for h, run in self.runs.items():
-            start = time.perf_counter()
-            nmse = evaluate_block(run.layer, run.spec, self.heldout[run.spec.layer], self.pos, self.cfg.batch_size)
-            run.seconds += time.perf_counter() - start
-            blocks[h] = {
-                "state": run.saved_state(self.save_dtype),
-                "init": run.meta["init"],
-                "nmse_init": float(run.meta["nmse_init"]),
-                "nmse_trained": nmse,
-                "seconds": run.seconds,
-                "train_loss": run.last_loss,
-            }
-        return {"status": "ok", "blocks": blocks}
 
 
 def save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:

@@ -77,11 +77,11 @@ class ImportanceBlocks:
     baseline is assembled from. Duck-types `BlockStore.build_layer` for `assemble_child`."""
 
     def __init__(self, parent: Any, calibration_rows: torch.Tensor, batch_size: int = 8) -> None:
-        from puzzle.stages.bld.driver import collect_activations
+        from puzzle.stages.bld.driver import calibration_stats
 
-        layers = set(range(parent.config.num_hidden_layers))
-        # The hidden states entering each FFN (before its norm), as BLD's channel scores use them.
-        self.ffn_inputs = collect_activations(parent, calibration_rows, batch_size, layers, mids_only=True)
+        layers = dict.fromkeys(range(parent.config.num_hidden_layers), False)
+        # The sums over the hidden states entering each FFN that BLD's channel scores use, batch by batch.
+        self.ffn_stats = calibration_stats(parent, calibration_rows, batch_size, layers)
 
     def build_layer(self, parent_model: Any, layer_idx: int, block: Any) -> Any:
         """BLD's own initialisation of `block` (`puzzle.stages.bld.train.initial_layer`), without the training."""
@@ -92,7 +92,7 @@ class ImportanceBlocks:
         parent_block = parent_model.config.block_config(layer_idx)
         spec = BlockSpec(layer_idx, "block", block.attention, block.ffn, block.name, True, block == parent_block)
         layer, _ = initial_layer(
-            spec, parent_model.config, layer_state(parent_model, layer_idx), self.ffn_inputs[layer_idx]
+            spec, parent_model.config, layer_state(parent_model, layer_idx), self.ffn_stats[layer_idx]
         )
         weight = next(parent_model.parameters())
         return layer.to(device=weight.device, dtype=weight.dtype)
