@@ -274,7 +274,10 @@ def connect_ray(job: JobConfig) -> bool:
                 ray.init(address=address, log_to_driver=True)
             else:
                 store = job.cluster.object_store_mib
+                # "local": a new cluster for this run, never one that `ray start` left running on this machine
+                # (without it ray.init joins that one, whatever the job's cluster settings say).
                 ray.init(
+                    address="local",
                     num_cpus=job.cluster.num_cpus,
                     num_gpus=job.cluster.num_gpus,
                     object_store_memory=store * 2**20 if store else None,

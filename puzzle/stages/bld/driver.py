@@ -112,7 +112,10 @@ def _check_resources(cfg: BLDConfig) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init()  # joins RAY_ADDRESS when set, else starts a local cluster
+        import os
+
+        # RAY_ADDRESS when set, else a new local cluster (not one `ray start` left running here).
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
     check_resources({"bld.num_gpus": cfg.num_gpus, "bld.num_cpus": cfg.num_cpus})
 
 
