@@ -47,6 +47,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never a cluster `ray start` left on the machine
             num_cpus=2,
             num_gpus=0,
             object_store_memory=200 * 2**20,

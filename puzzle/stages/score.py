@@ -21,6 +21,7 @@ with the BlockStore written by BLD; the profile stage joins the scores with cost
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -257,7 +258,10 @@ def _score_shard(
     scores: dict[int, dict[str, dict[str, float]]] = {}
     for (i, name), t in totals.items():
         scores.setdefault(i, {})[name] = {**t.means(), "seconds": seconds[(i, name)]}
-    return {"scores": scores, "parent": parent.means(), "tokens": sum(ids.numel() for ids in batches)}
+    node = None
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        node = sys.modules["ray"].get_runtime_context().get_node_id()
+    return {"scores": scores, "parent": parent.means(), "tokens": sum(ids.numel() for ids in batches), "node": node}
 
 
 def _parent_block(model: nn.Module, layer_idx: int) -> BlockConfig | None:
@@ -378,6 +382,7 @@ def score_blocks(
         "blocks_scored": sum(len(b) for _, b in jobs),
         "pairs": pairs,
         "tasks": len(shards),
+        "nodes": sorted({r["node"] for r in results if r.get("node")}),
         "seconds": time.perf_counter() - start,
     }
     if log:

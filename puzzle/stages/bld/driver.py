@@ -246,6 +246,7 @@ def _train(model, todo, cfg, total_steps, rows, cache, work, logger, on_step) ->
     streamed = (total_steps - first + 1) * cfg.batch_size * train_rows.shape[1]
     return {
         "workers": len(session.actors),
+        "trainer_nodes": session.nodes,
         "start_step": first,
         "resumed_from": {_label(s): c["meta"]["step"] for s in todo if (c := checkpoints[s.hash]) is not None},
         "replayed_steps": session.replayed_steps,

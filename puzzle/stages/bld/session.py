@@ -54,6 +54,7 @@ class TrainSession:
     put_bytes: int = 0
     max_step_bytes: int = 0
     prepared: int = 0
+    nodes: list[str] = field(default_factory=list)
 
     def checkpoint_path(self, block_hash_: str) -> Path:
         return self.work_dir / "checkpoints" / f"{block_hash_}.safetensors"
@@ -136,6 +137,7 @@ class TrainSession:
             trainer.remote(self.model.config, group, payload, self.cfg, self.total_steps, save_dtype)
             for group in self.groups
         ]
+        self.nodes = ray.get([actor.node_id.remote() for actor in self.actors])
         steps = self.prepare(list(range(len(self.actors))), checkpoints)
         return min(min(s.values()) for s in steps.values()) + 1
 

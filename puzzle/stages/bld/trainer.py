@@ -83,6 +83,12 @@ class BlockTrainer:
         self.runs: dict[str, BlockRun] = {}
         self.sums: dict[str, HeldoutSums] = {}
 
+    def node_id(self) -> str:
+        """The Ray node this trainer runs on (recorded in the run's record)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     # ----------------------------------------------------------------------------------------------- preparing
 
     def calibrate(self, index: int, mids: dict[int, Any]) -> bool:
