@@ -85,18 +85,20 @@ def iter_batches(token_ids: torch.Tensor, batch_size: int, max_tokens: int | Non
 def evaluate_quality(
     models: dict[str, nn.Module],
     parent: nn.Module,
-    test_ids: torch.Tensor,
+    test_ids: torch.Tensor | Iterable[torch.Tensor],
     batch_size: int = 8,
     max_tokens: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Quality metrics of each model in `models` against `parent` on `test_ids` ([rows, seq_len] token ids).
+    """Quality metrics of each model in `models` against `parent` on `test_ids`: [rows, seq_len] token ids (cut into
+    batches of `batch_size` up to `max_tokens`), or an iterable of [batch, seq_len] batches, consumed one at a time.
 
     Returns {name: {"lm_loss", "ppl", "kl", "top1", "top1_agreement", "tokens"}}; KL is KL(p_parent || q_model)
     per predicted token, top-1 agreement is the share of positions where the model's argmax equals the parent's.
     """
     device = next(parent.parameters()).device
     sums: dict[str, dict[str, float]] = {name: {} for name in models}
-    for batch in iter_batches(test_ids, batch_size, max_tokens):
+    stream = iter_batches(test_ids, batch_size, max_tokens) if isinstance(test_ids, torch.Tensor) else test_ids
+    for batch in stream:
         batch = batch.to(device)
         parent_logits = parent(input_ids=batch).logits
         for name, model in models.items():
@@ -351,9 +353,18 @@ def evaluate_models(
     device, dtype = target_device(target)
     b = batch_size or target.batch_sizes[0]
     prompt_len, gen_len, context_len = throughput_lengths(target, cfg.prompt_len, cfg.gen_len)
-    test_ids = token_rows(test_ids)
-    log(f"[evaluate] quality on {min(cfg.tokens, test_ids.numel()):,} test tokens")
-    quality = evaluate_quality(models, models["parent"], test_ids, cfg.batch_size, cfg.tokens)
+    if hasattr(test_ids, "column_names"):  # a packed split: streamed from disk, batch by batch
+        from puzzle.stages.data import batches
+
+        available = len(test_ids) * len(test_ids[0]["input_ids"]) if len(test_ids) else 0
+        stream: Any = batches(test_ids, cfg.batch_size, max_tokens=cfg.tokens)
+    else:
+        stream = token_rows(test_ids)
+        available = stream.numel()
+    if not available:
+        raise ConfigError("evaluation needs test tokens; the test split is empty (data.test_fraction)")
+    log(f"[evaluate] quality on {min(cfg.tokens, available):,} test tokens")
+    quality = evaluate_quality(models, models["parent"], stream, cfg.batch_size, cfg.tokens)
     log(f"[evaluate] throughput at batch {b}, prompt {prompt_len}, context {context_len}, generating {gen_len}")
     speed = measure_speedup(
         models,
