@@ -31,6 +31,7 @@ from puzzle.stages.bld import (
     position_embeddings,
     run_bld,
     save_checkpoint,
+    tokens_fingerprint,
 )
 from puzzle.stages.parent import loaded_parent_fingerprint
 from tests.tiny import save_tiny_parent
@@ -464,3 +465,18 @@ def test_coupled_mode_trains_pairs(parent, tokens, tmp_path, ray_session):
 def test_gpu_request_on_a_cpu_cluster_is_refused(parent, tokens, tmp_path, ray_session):
     with pytest.raises(ConfigError, match="num_gpus"):
         _run(parent, tokens, tmp_path / "lib", cfg={"num_gpus": 0.5})
+
+
+def test_train_rows_are_read_from_the_split_on_demand_with_the_tensors_fingerprint(tmp_path):
+    """A packed split is wrapped, not loaded: batches come from disk, and its fingerprint equals the tensor's."""
+    import datasets
+
+    from puzzle.common.rows import TokenRows
+
+    rows = torch.randint(0, 100, (10, 6), generator=torch.Generator().manual_seed(0))
+    datasets.Dataset.from_dict({"input_ids": rows.tolist()}).save_to_disk(str(tmp_path / "split"))
+    wrapped = TokenRows(datasets.load_from_disk(str(tmp_path / "split")), "train")
+    assert wrapped.shape == (10, 6) and wrapped._tensor is None
+    assert torch.equal(wrapped[torch.tensor([7, 2])], rows[[7, 2]])
+    assert wrapped.min_max() == (int(rows.min()), int(rows.max()))
+    assert tokens_fingerprint(wrapped) == tokens_fingerprint(rows) == tokens_fingerprint(TokenRows(rows))

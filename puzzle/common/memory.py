@@ -256,6 +256,17 @@ class MemorySampler:
         return kind
 
 
+def trim_heap() -> None:
+    """glibc's malloc_trim: return the heap's free pages to the OS (a no-op where the C library has none)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
+
+
 def release_memory() -> None:
     """Give freed heap memory back to the OS: a garbage collection, then glibc's malloc_trim where there is one.
 
@@ -265,10 +276,4 @@ def release_memory() -> None:
     import gc
 
     gc.collect()
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
-            pass
+    trim_heap()

@@ -35,6 +35,48 @@ def token_rows(data: Any, what: str = "") -> Tensor:
     return rows.long()
 
 
+class TokenRows:
+    """Token rows read on demand from a packed split (a memory-mapped datasets.Dataset with "input_ids"), so a large
+    training split is never held in memory whole; a [rows, seq_len] tensor is wrapped as is.
+
+    `rows[indices]` is a [len(indices), seq_len] LongTensor; `shape` is (rows, seq_len); `chunks()` walks the rows in
+    order, a block at a time (for checks and fingerprints).
+    """
+
+    def __init__(self, data: Any, what: str = "") -> None:
+        if hasattr(data, "column_names") and "input_ids" in data.column_names and len(data):
+            self._dataset = data.with_format("torch", columns=["input_ids"])
+            first = self._dataset[0]["input_ids"]
+            self.shape = (len(data), int(first.shape[-1]))
+            self._tensor = None
+        else:
+            self._dataset = None
+            self._tensor = token_rows(data, what)
+            self.shape = tuple(self._tensor.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, indices: Tensor) -> Tensor:
+        if self._tensor is not None:
+            return self._tensor[indices]
+        return self._dataset[indices.tolist()]["input_ids"].long()
+
+    def chunks(self, rows: int = 4096):
+        for start in range(0, self.shape[0], rows):
+            if self._tensor is not None:
+                yield self._tensor[start : start + rows]
+            else:
+                yield self._dataset[start : start + rows]["input_ids"].long()
+
+    def min_max(self) -> tuple[int, int]:
+        lo, hi = None, None
+        for chunk in self.chunks():
+            a, b = int(chunk.min()), int(chunk.max())
+            lo, hi = (a, b) if lo is None else (min(lo, a), max(hi, b))
+        return lo, hi
+
+
 def shuffled_rows(start: int, count: int, num_rows: int, seed: int, *, seed_stride: int) -> Tensor:
     """Row indices at positions [start, start + count) of an endless stream that reads a fresh permutation of the
     `num_rows` rows each epoch (epoch e: `randperm(num_rows)` seeded with seed * seed_stride + e).

@@ -281,7 +281,7 @@ def connect_ray(job: JobConfig) -> bool:
                     num_cpus=job.cluster.num_cpus,
                     num_gpus=job.cluster.num_gpus,
                     object_store_memory=store * 2**20 if store else None,
-                    include_dashboard=True,
+                    include_dashboard=job.cluster.dashboard,
                 )
         except ConnectionError as err:
             raise PuzzleError(f"cannot connect to Ray at {address or 'a new local cluster'}: {err}") from None

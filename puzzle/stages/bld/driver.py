@@ -14,7 +14,7 @@ from torch import Tensor
 from puzzle.common.atomic import write_json_atomic
 from puzzle.common.progress import progress
 from puzzle.common.resources import check_resources
-from puzzle.common.rows import token_rows
+from puzzle.common.rows import TokenRows, token_rows
 from puzzle.config import BLDConfig
 from puzzle.errors import ConfigError
 from puzzle.stages.bld.init import FFNStats, split_subblock
@@ -27,7 +27,7 @@ from puzzle.stages.bld.trainer import HeldoutSums
 __all__ = ["batch_rows", "calibration_stats", "run_bld"]
 
 
-def _check_tokens(config, calib: Tensor, held: Tensor, train: Tensor) -> None:
+def _check_tokens(config, calib: Tensor, held: Tensor, train: TokenRows) -> None:
     if len({calib.shape[1], held.shape[1], train.shape[1]}) != 1:
         raise ConfigError(
             f"calibration, held-out and train sequences must have one length, got {calib.shape[1]}, "
@@ -39,9 +39,10 @@ def _check_tokens(config, calib: Tensor, held: Tensor, train: Tensor) -> None:
             f"{config.max_position_embeddings}; use shorter sequences (data.seq_len)"
         )
     for what, rows in (("calibration", calib), ("held-out", held), ("train", train)):
-        if rows.min() < 0 or rows.max() >= config.vocab_size:
+        lo, hi = rows.min_max() if isinstance(rows, TokenRows) else (int(rows.min()), int(rows.max()))
+        if lo < 0 or hi >= config.vocab_size:
             raise ConfigError(
-                f"{what} token ids span [{rows.min()}, {rows.max()}] but the parent's vocabulary has "
+                f"{what} token ids span [{lo}, {hi}] but the parent's vocabulary has "
                 f"{config.vocab_size} ids; tokenise with the parent's tokenizer"
             )
 
@@ -162,7 +163,7 @@ def run_bld(
     model = _as_model(parent)
     calib, held = _split_calibration(token_rows(calibration, "calibration"), heldout, cfg)
     held = token_rows(held, "held-out")
-    train_rows = token_rows(train, "train")
+    train_rows = TokenRows(train, "train")  # read batch by batch, never whole
     _check_tokens(model.config, calib, held, train_rows)
     cache = BlockCache(block_dir if block_dir is not None else Path(out_dir) / "blocks")
     work = Path(work_dir) if work_dir is not None else cache.root

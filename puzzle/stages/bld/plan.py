@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from puzzle.config import RESOURCE_KEYS, BLDConfig
 from puzzle.errors import ConfigError
@@ -111,12 +110,13 @@ def parent_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def tokens_fingerprint(*arrays: Tensor) -> str:
+def tokens_fingerprint(*arrays: Any) -> str:
+    """sha256 of token arrays (tensors, or `TokenRows` hashed a block of rows at a time: the same digest)."""
     digest = hashlib.sha256()
     for tokens in arrays:
-        t = tokens.detach().contiguous().cpu().long()
-        digest.update(str(tuple(t.shape)).encode())
-        digest.update(t.numpy().tobytes())
+        digest.update(str(tuple(tokens.shape)).encode())
+        for t in tokens.chunks() if hasattr(tokens, "chunks") else [tokens]:
+            digest.update(t.detach().contiguous().cpu().long().numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -39,7 +39,7 @@ class TrainSession:
     specs: list[BlockSpec]
     cfg: BLDConfig
     total_steps: int
-    train_rows: Tensor
+    train_rows: Any  # TokenRows: [rows, seq] read on demand
     calib_rows: Tensor
     heldout_rows: Tensor
     work_dir: Path

@@ -103,6 +103,7 @@ class BlockRun:
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.grad_clip)
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # gradients are not kept between steps (nor checkpointed)
         self.step = step
         self.last_loss = loss.item()
         self.seconds += time.perf_counter() - start

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from puzzle.common.memory import trim_heap
 from puzzle.common.seeding import derive_seed, seed_everything
 from puzzle.config import BLDConfig
 from puzzle.stages.bld.init import FFNStats
@@ -195,6 +196,8 @@ class BlockTrainer:
         for run in todo:
             x, target = fetched[(run.spec.layer, run.spec.input_kind)], fetched[(run.spec.layer, "out")]
             losses[run.spec.hash] = run.train_step(step, x, target, self.pos)
+        del fetched
+        trim_heap()  # the backward passes' freed buffers go back to the OS, not into a growing heap
         result = {"status": "ok", "losses": losses, "seconds": time.perf_counter() - start}
         every = self.cfg.checkpoint_every
         if every and step % every == 0 and step < self.total_steps:
