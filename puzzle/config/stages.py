@@ -139,8 +139,12 @@ class ProfilingConfig:
     """"wall", or "cpu" (process CPU time: repeatable with one thread on a shared machine; CPU targets only)."""
     flush: str = "auto"
     """Cold cache before each timed step: "always", "never", or "auto" (when the parent outgrows the CPU/GPU cache)."""
+    round_gib: float = 2.0
+    """GiB of block models kept alive and timed round-robin on CPU (on CUDA: 30 % of free GPU memory): more models
+    per round cancel more of the host's drift, fewer keep memory down."""
 
     def __post_init__(self) -> None:
+        check_positive("profiling.round_gib", self.round_gib)
         check_positive("profiling.warmup", self.warmup, allow_zero=True)
         check_positive("profiling.repeats", self.repeats)
         check_positive("profiling.num_cpus", self.num_cpus, allow_zero=True)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from puzzle.common.atomic import write_json_atomic
+from puzzle.common.memory import trim_heap
 from puzzle.common.progress import say
 from puzzle.common.resources import check_resources
 from puzzle.common.seeding import derive_seed
@@ -255,6 +256,7 @@ def _score_shard(
             _add_scores(model, cache, i, layer, totals[(i, name)])
             seconds[(i, name)] += time.perf_counter() - start
         del cache
+        trim_heap()  # the batch's [positions, vocab] buffers go back to the OS before the next batch
     scores: dict[int, dict[str, dict[str, float]]] = {}
     for (i, name), t in totals.items():
         scores.setdefault(i, {})[name] = {**t.means(), "seconds": seconds[(i, name)]}

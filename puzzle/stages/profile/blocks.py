@@ -95,12 +95,12 @@ def _paired(stack: list[float], shell: list[float], k: int) -> LatencyStats:
     return LatencyStats.of([max(0.0, (x - y) / k) for x, y in zip(stack, shell, strict=True)])
 
 
-def _models_per_round(config: Any, k: int, device: torch.device, dtype: torch.dtype) -> int:
-    """How many block models to keep alive and time round-robin (2 GiB on CPU, 30% of free GPU memory)."""
+def _models_per_round(config: Any, k: int, device: torch.device, dtype: torch.dtype, cpu_gib: float = 2.0) -> int:
+    """How many block models to keep alive and time round-robin (`cpu_gib` on CPU, 30% of free GPU memory)."""
     elem = dtype.itemsize
     parent = block_shape(config, config.block_config(0)).num_params
     model_bytes = (k * parent + fixed_num_params(config)) * elem
-    budget = 2 * 2**30 if device.type != "cuda" else 0.3 * torch.cuda.mem_get_info(device)[0]
+    budget = cpu_gib * 2**30 if device.type != "cuda" else 0.3 * torch.cuda.mem_get_info(device)[0]
     return max(1, int(budget // max(model_bytes, 1)))
 
 
@@ -135,7 +135,7 @@ def measure_batch(
     shell = random_model(config, [noop], device, dtype)
     fixed: dict[str, list[float]] = {"decode": [], "prefill": []}
     out: dict[str, dict[str, LatencyStats]] = {}
-    per_round = _models_per_round(config, k, device, dtype)
+    per_round = _models_per_round(config, k, device, dtype, settings.round_gib)
     chunks = [list(blocks[i : i + per_round]) for i in range(0, len(blocks), per_round)] or [[]]
     for n, chunk in enumerate(chunks):
         refs = list(references) if n == 0 else []
