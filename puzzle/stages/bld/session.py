@@ -7,6 +7,7 @@ in flight (at most `bld.max_inflight_steps` batches ahead of the slowest trainer
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -149,12 +150,12 @@ class TrainSession:
         if attempts > self.cfg.max_restarts + 1:
             raise PuzzleError(f"BLD trainers {ais} kept dying while being prepared; see the Ray worker logs")
         self.prepared += 1
-        calib = {ai: sorted({i for i in calibration_layers(self.groups[ai])}) for ai in ais}
+        calib = {ai: sorted(calibration_layers(self.groups[ai])) for ai in ais}
         calib = {ai: layers for ai, layers in calib.items() if layers}
         batches = 0
         if calib:
             needed = {i for layers in calib.values() for i in layers}
-            index = iter(range(1 << 62))
+            index = itertools.count()
 
             def submit(rows: Tensor) -> dict[int, Any]:
                 refs, k = self._put(rows, set(), needed), next(index)
