@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
-from puzzle.common.memory import release_memory
+from puzzle.common.memory import trim_heap
 from puzzle.config import BLDConfig
 from puzzle.errors import PuzzleError
 from puzzle.stages.bld.plan import BlockSpec, assign_blocks
@@ -114,7 +114,7 @@ class TrainSession:
 
         for batch in self._batches(rows):
             inflight.append(submit(batch))
-            release_memory()  # the batch's activations are in the object store now
+            trim_heap()  # the batch's activations are in the object store now (freed by refcount: no gc pass)
             while len(inflight) > self.cfg.max_inflight_steps:
                 drain_one()
         while inflight:
@@ -274,7 +274,7 @@ class TrainSession:
                 ai: actor.train_step.remote(step, self.actor_acts(ai, refs)) for ai, actor in enumerate(self.actors)
             }
             inflight.append((step, futures))
-            release_memory()  # the step's activations are in the object store now
+            trim_heap()  # the step's activations are in the object store now (freed by refcount: no gc pass)
             self.last_submitted = step
             if self.on_step is not None:
                 self.on_step(step, self.actors)

@@ -20,8 +20,6 @@ from puzzle.stages.bld.init import FFNStats
 from puzzle.stages.bld.plan import BlockSpec
 from puzzle.stages.bld.train import BlockRun, block_output, initial_layer
 
-HELDOUT_PHASES = ("init", "final")
-
 
 def calibration_layers(specs: list[BlockSpec]) -> dict[int, bool]:
     """{layer: needs least-squares sums} for the layers whose FFN variants are initialised from calibration data."""
