@@ -161,8 +161,8 @@ class TrainSession:
                 refs, k = self._put(rows, set(), needed), next(index)
                 return {ai: self.actors[ai].calibrate.remote(k, {i: refs["mid"][i] for i in calib[ai]}) for ai in calib}
 
-            self._bounded(submit, self.calib_rows)
-            batches = -(-self.calib_rows.shape[0] // self.cfg.batch_size)
+            answers = self._bounded(submit, self.calib_rows)
+            batches = len(next(iter(answers.values())))  # every calibrating actor got each batch
         results = ray.get(
             [
                 self.actors[ai].build.remote(
