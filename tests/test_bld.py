@@ -188,6 +188,39 @@ def test_shared_parent_forward_reproduces_the_model(parent, tokens):
         assert_close(states[i] + layer.attention_delta(states[i], pos), mids[i])
 
 
+def test_trainer_side_parent_prefix_reproduces_the_models_activations(parent, tokens):
+    from puzzle.stages.bld.store import layer_state
+    from puzzle.stages.bld.train import ParentPrefix
+
+    batch = tokens[:3]
+    states, mids = parent_activations(parent, batch)
+    embed = parent.model.embed_tokens.weight.detach()
+    prefix = ParentPrefix(parent.config, embed, [layer_state(parent, 0)], position_embeddings(parent, SEQ), "cpu")
+    got_states, got_mids = prefix.activations(batch, 1)  # a trainer of layer 0 builds layer 0 alone
+    assert len(got_states) == 2 and len(got_mids) == 1
+    assert_close(got_states[1], states[1])
+    assert_close(got_mids[0], mids[0])
+
+
+def test_trainers_get_consecutive_layers_balanced_with_the_parent_prefix_they_run():
+    from puzzle.hf.convert import puzzle_config_from_hf
+    from puzzle.stages.bld.plan import assign_blocks
+    from tests.tiny import tiny_config
+
+    config = puzzle_config_from_hf(tiny_config(num_hidden_layers=8))
+    specs = plan_blocks(config, [{"attention": ATTN, "ffn": FFN}] * 8)
+    groups = assign_blocks([s for s in specs if not s.parent], config, 2)
+    layers = [sorted({s.layer for s in g}) for g in groups]
+    assert [i for g in layers for i in g] == list(range(8))  # consecutive runs covering every layer once
+    assert all(g == list(range(g[0], g[-1] + 1)) for g in layers)
+    # The later trainer also runs the parent through the earlier trainer's layers: where that forward outweighs the
+    # blocks' own work (here: no-op variants, only scored), it gets fewer layers of its own.
+    cheap = [s for s in plan_blocks(config, [{"ffn": [FFNConfig(no_op=True)]}] * 8) if not s.parent]
+    first, second = (sorted({s.layer for s in g}) for g in assign_blocks(cheap, config, 2))
+    assert first + second == list(range(8)) and len(first) > len(second)
+    assert len(assign_blocks([s for s in specs if s.layer == 3], config, 4)) == 1  # one layer: one trainer
+
+
 def test_training_batches_are_a_fixed_stream_of_epoch_permutations():
     first = torch.cat([batch_rows(step, 10, 4, seed=3) for step in range(1, 6)])  # 20 rows = 2 epochs
     again = torch.cat([batch_rows(step, 10, 4, seed=3) for step in range(1, 6)])

@@ -132,6 +132,30 @@ def test_cuda_peak_is_none_where_cuda_is_not_initialised_and_reset_at_the_start(
     assert sampler.peak.cuda_bytes == GIB * 3 // 4 and sampler.peak.to_dict()["cuda_peak_gib"] == 0.75
 
 
+def test_cuda_peak_counts_every_process_on_the_gpus_through_nvml(monkeypatch):
+    """With NVML (nvidia-ml-py) the CUDA peak is the GPUs' used memory at its peak minus at the start: Ray workers on
+    the GPUs count, not only this process."""
+    import puzzle.common.memory as memory
+
+    used = {0: GIB, 1: 0}  # two GPUs; 1 GiB in use before the stage (another job, say)
+    fake = SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlDeviceGetCount=lambda: 2,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(used=used[h]),
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(memory, "_NVML", [])
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # the driver itself never touches CUDA
+    with MemorySampler(interval=0.01) as sampler:
+        used.update({0: 3 * GIB, 1: GIB // 2})  # a worker on each GPU
+        sampler.sample()
+        used.update({0: GIB, 1: 0})  # they finished
+    record = sampler.peak.to_dict()
+    assert record["cuda_peak_gib"] == 2.5 and record["cuda_driver_peak_gib"] is None
+    assert record["gpu_used_gib_start"] == 1.0 and record["gpu_used_gib_peak"] == 3.5
+
+
 def test_the_stage_line_shows_the_peak(capsys):
     from puzzle.common.progress import stage_timer
 

@@ -12,9 +12,11 @@ workers) are counted once in the sum, not once per process. Where PSS cannot be 
 Linux) the process counts its RSS instead. Objects in /dev/shm that no process maps count in no process, so the
 sampler also records the machine's used memory (total - available), at the start and at its peak.
 
-CUDA: `cuda_peak_bytes()` is torch's peak allocation in this process, None where CUDA is not initialised; the
-sampler resets it when it starts. Ray workers on GPUs have their own, which stage code may report with the same
-function in the worker.
+CUDA: the stage's CUDA peak (`cuda_peak_gib`) is the GPUs' used memory (NVML, every process on the machine's GPUs,
+CUDA contexts included) at its peak minus what was used when the sampler started, so Ray workers and actors on the
+GPUs count; where NVML is not available (no `nvidia-ml-py`, no driver) it is torch's peak allocation in this process
+(`cuda_peak_bytes()`), None where CUDA is not initialised. Both are in the record (`gpu_used_gib_*`,
+`cuda_driver_peak_gib`).
 """
 
 from __future__ import annotations
@@ -94,6 +96,28 @@ def cuda_peak_bytes() -> int | None:
         return None
 
 
+_NVML: list[Any] = []  # [pynvml module, device handles] once initialised; [None] where NVML is not available
+
+
+def gpu_used_bytes() -> int | None:
+    """Memory in use on every GPU of the machine (NVML, all processes), or None without NVML or GPUs."""
+    if not _NVML:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            _NVML.extend([pynvml, handles] if handles else [None])
+        except Exception:  # not installed, no driver, no GPU
+            _NVML.append(None)
+    if _NVML[0] is None:
+        return None
+    try:
+        return int(sum(_NVML[0].nvmlDeviceGetMemoryInfo(h).used for h in _NVML[1]))
+    except Exception:
+        return None
+
+
 def reset_cuda_peak() -> None:
     """Start torch's peak allocation counters over, where CUDA is initialised in this process."""
     torch = sys.modules.get("torch")
@@ -123,6 +147,10 @@ class MemoryPeak:
     machine_used_start_bytes: int = 0
     machine_used_peak_bytes: int = 0
     cuda_bytes: int | None = None
+    """The stage's CUDA peak: GPU used memory at peak minus at start (NVML), else the driver's torch peak."""
+    cuda_driver_bytes: int | None = None
+    gpu_used_start_bytes: int | None = None
+    gpu_used_peak_bytes: int | None = None
     samples: int = 0
     counted_pss: bool = False
     """Whether some process counted its PSS."""
@@ -143,6 +171,9 @@ class MemoryPeak:
             "machine_used_gib_start": gib(self.machine_used_start_bytes),
             "machine_used_gib_peak": gib(self.machine_used_peak_bytes),
             "cuda_peak_gib": None if self.cuda_bytes is None else gib(self.cuda_bytes),
+            "cuda_driver_peak_gib": None if self.cuda_driver_bytes is None else gib(self.cuda_driver_bytes),
+            "gpu_used_gib_start": None if self.gpu_used_start_bytes is None else gib(self.gpu_used_start_bytes),
+            "gpu_used_gib_peak": None if self.gpu_used_peak_bytes is None else gib(self.gpu_used_peak_bytes),
             "samples": self.samples,
             "measure": "+".join(m for m, used in (("pss", self.counted_pss), ("rss", self.counted_rss)) if used),
         }
@@ -176,6 +207,7 @@ class MemorySampler:
         reset_cuda_peak()
         self.peak = MemoryPeak()
         self.peak.machine_used_start_bytes = machine_used_bytes()
+        self.peak.gpu_used_start_bytes = gpu_used_bytes()
         self._stop.clear()
         self.sample()
         self._thread = threading.Thread(target=self._loop, name="puzzle-memory-sampler", daemon=True)
@@ -192,7 +224,12 @@ class MemorySampler:
             self._thread.join(timeout=max(5.0, 4 * self.interval))
             self._thread = None
             self.sample()
-            self.peak.cuda_bytes = cuda_peak_bytes()
+            p = self.peak
+            p.cuda_driver_bytes = cuda_peak_bytes()
+            if p.gpu_used_peak_bytes is not None and p.gpu_used_start_bytes is not None:
+                p.cuda_bytes = max(0, p.gpu_used_peak_bytes - p.gpu_used_start_bytes)
+            else:
+                p.cuda_bytes = p.cuda_driver_bytes
         return self.peak
 
     @property
@@ -232,6 +269,7 @@ class MemorySampler:
             if proc.pid == driver:
                 driver_rss = rss
         used = machine_used_bytes()
+        gpu = gpu_used_bytes() if self.peak.gpu_used_start_bytes is not None else None
         with self._lock:
             p = self.peak
             if p.samples == 0:
@@ -241,6 +279,8 @@ class MemorySampler:
             p.driver_rss_bytes = max(p.driver_rss_bytes, driver_rss)
             p.processes_max = max(p.processes_max, count)
             p.machine_used_peak_bytes = max(p.machine_used_peak_bytes, used)
+            if gpu is not None:
+                p.gpu_used_peak_bytes = max(p.gpu_used_peak_bytes or 0, gpu)
             if total > p.total_bytes:
                 p.total_bytes, p.by_kind_bytes, p.processes = total, by_kind, count
 

@@ -17,12 +17,11 @@ from puzzle.common.resources import check_resources
 from puzzle.common.rows import TokenRows, token_rows
 from puzzle.config import BLDConfig
 from puzzle.errors import ConfigError
-from puzzle.stages.bld.init import FFNStats, split_subblock
+from puzzle.stages.bld.init import FFNStats
 from puzzle.stages.bld.plan import BlockSpec, block_hash, parent_fingerprint, plan_blocks, tokens_fingerprint
 from puzzle.stages.bld.session import TrainSession, batch_rows
 from puzzle.stages.bld.store import BlockCache, BlockStore, layer_state
 from puzzle.stages.bld.train import load_checkpoint, parent_activations, position_embeddings
-from puzzle.stages.bld.trainer import HeldoutSums
 
 __all__ = ["batch_rows", "calibration_stats", "run_bld"]
 
@@ -73,39 +72,11 @@ def calibration_stats(model, rows: Tensor, batch_size: int, layers: dict[int, bo
     return stats
 
 
-def _parent_layer(model, spec: BlockSpec):
-    """The block built from the parent's own weights (for parent and no-op variants, which are not trained)."""
-    from puzzle.model.modeling_puzzle import PuzzleDecoderLayer
-
-    state = layer_state(model, spec.layer)
-    layer = PuzzleDecoderLayer.from_block(model.config, spec.block, spec.layer)
-    keep = [kind for kind, v in (("attention", spec.attention), ("ffn", spec.ffn)) if not v.no_op]
-    layer.load_state_dict({k: v for kind in keep for k, v in split_subblock(state, kind).items()}, strict=True)
-    return layer.to(next(model.parameters()).dtype)
-
-
-def _record_untrained(cache: BlockCache, model, specs: list[BlockSpec], held: Tensor, cfg: BLDConfig) -> None:
-    """Parent and no-op blocks, which are not trained: their held-out normalised MSE, streamed batch by batch."""
-    start = time.perf_counter()
-    scored = [s for s in specs if not s.parent]
-    layers = {s.hash: _parent_layer(model, s) for s in scored}
-    pos = position_embeddings(model, held.shape[1])
-    sums = HeldoutSums()
-    for begin in range(0, held.shape[0] if scored else 0, cfg.batch_size):
-        states, mids = parent_activations(model, held[begin : begin + cfg.batch_size])
-        for s in scored:
-            x = mids[s.layer] if s.kind == "ffn" else states[s.layer]
-            sums.add(s.hash, layers[s.hash], s, x, states[s.layer + 1], pos)
-    seconds = (time.perf_counter() - start) / max(len(specs), 1)
+def _record_parent_blocks(cache: BlockCache, specs: list[BlockSpec]) -> None:
+    """The parent's own blocks reproduce the parent exactly: held-out normalised MSE 0, nothing to run."""
     for spec in specs:
-        nmse = 0.0 if spec.parent else sums.nmse(spec.hash)  # the parent's own block reproduces the parent exactly
-        parts = (
-            [spec.attention, spec.ffn] if spec.kind == "block" else [spec.ffn if spec.kind == "ffn" else spec.attention]
-        )
-        init = "parent" if spec.parent else "+".join("no_op" if p.no_op else "parent" for p in parts)
-        entry = {"init": init, "nmse_init": nmse, "nmse_trained": nmse, "tokens": 0, "hash": spec.hash}
-        entry.update({"parent": spec.parent, "seconds": seconds})
-        cache.put(spec.hash, entry, None)
+        entry = {"init": "parent", "nmse_init": 0.0, "nmse_trained": 0.0, "tokens": 0, "hash": spec.hash}
+        cache.put(spec.hash, entry | {"parent": True, "seconds": 0.0}, None)
 
 
 def _check_resources(cfg: BLDConfig) -> None:
@@ -174,7 +145,8 @@ def run_bld(
     todo = [s for s in pending if s.trainable]
     seq = train_rows.shape[1]
     total_steps = math.ceil(cfg.tokens / (cfg.batch_size * seq)) if cfg.tokens else 0
-    _record_untrained(cache, model, [s for s in pending if not s.trainable], held, cfg)
+    _record_parent_blocks(cache, [s for s in pending if s.parent])
+    scored = [s for s in pending if not s.parent]  # trained blocks and no-op variants, which trainers score
     run = {
         "blocks": len(specs),
         "trained": [_label(s) for s in todo],
@@ -183,8 +155,8 @@ def run_bld(
         "steps": total_steps,
         "tokens_per_block": total_steps * cfg.batch_size * seq,
     }
-    if todo:
-        run.update(_train(model, todo, cfg, total_steps, (train_rows, calib, held), cache, work, logger, on_step))
+    if scored:
+        run.update(_train(model, scored, cfg, total_steps, (train_rows, calib, held), cache, work, logger, on_step))
     store = _write_library(Path(out_dir), specs, cache)
     run["wall_seconds"] = time.perf_counter() - wall
     store.last_run = run
@@ -210,20 +182,26 @@ def _label(spec: BlockSpec) -> str:
 
 
 def _train(model, todo, cfg, total_steps, rows, cache, work, logger, on_step) -> dict:
-    """Train `todo` on Ray trainers fed by the shared parent forward; write each finished block to the cache."""
+    """Train (and score) `todo` on Ray trainers that run the parent themselves; write each finished block to the
+    cache. Untrained blocks among `todo` (no-op variants) are only scored."""
     import ray
 
     _check_resources(cfg)
     start_wall = time.perf_counter()
     train_rows, calib, held = rows
-    session = TrainSession(model, todo, cfg, total_steps, train_rows, calib, held, work, logger, on_step)
-    layers = sorted({s.layer for s in todo})
-    checkpoints = {s.hash: load_checkpoint(session.checkpoint_path(s.hash)) for s in todo}
-    # What trainers keep goes into the object store once; actors get references (kept alive for their restarts).
+    session = TrainSession(model.config, todo, cfg, total_steps, train_rows, calib, held, work, logger, on_step)
+    checkpoints = {s.hash: load_checkpoint(session.checkpoint_path(s.hash)) for s in todo if s.trainable}
+    # The parent up to the last layer trained goes into the object store once (each trainer takes the layers up to its
+    # own last one); references are kept alive for the trainers' restarts.
+    embed = model.model.embed_tokens.weight.detach().cpu()
+    layers = [{k: v.cpu() for k, v in layer_state(model, i).items()} for i in range(max(s.layer for s in todo) + 1)]
+    parent_bytes = sum(t.numel() * t.element_size() for t in [embed, *(v for st in layers for v in st.values())])
     payload = {
-        "layers": {i: ray.put({k: v.cpu() for k, v in layer_state(model, i).items()}) for i in layers},
+        "embed": ray.put(embed),
+        "layers": [ray.put(state) for state in layers],
         "pos": ray.put(position_embeddings(model, train_rows.shape[1])),
     }
+    del embed, layers
     checkpoint_refs = {h: ray.put(c) for h, c in checkpoints.items() if c is not None}
     save_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     try:
@@ -241,7 +219,7 @@ def _train(model, todo, cfg, total_steps, rows, cache, work, logger, on_step) ->
     for spec in todo:
         block = blocks[spec.hash]
         entry = {k: block[k] for k in ("init", "nmse_init", "nmse_trained", "seconds", "train_loss")}
-        entry.update({"tokens": tokens, "hash": spec.hash, "parent": False})
+        entry.update({"tokens": tokens if spec.trainable else 0, "hash": spec.hash, "parent": False})
         cache.put(spec.hash, entry, block["state"])  # finished first, then its checkpoint goes
         session.checkpoint_path(spec.hash).unlink(missing_ok=True)
     streamed = (total_steps - first + 1) * cfg.batch_size * train_rows.shape[1]
@@ -249,7 +227,7 @@ def _train(model, todo, cfg, total_steps, rows, cache, work, logger, on_step) ->
         "workers": len(session.actors),
         "trainer_nodes": session.nodes,
         "start_step": first,
-        "resumed_from": {_label(s): c["meta"]["step"] for s in todo if (c := checkpoints[s.hash]) is not None},
+        "resumed_from": {_label(s): c["meta"]["step"] for s in todo if (c := checkpoints.get(s.hash)) is not None},
         "replayed_steps": session.replayed_steps,
         "train_seconds": time.perf_counter() - start_wall,
         "stream_seconds": stream_seconds,
@@ -258,8 +236,9 @@ def _train(model, todo, cfg, total_steps, rows, cache, work, logger, on_step) ->
         "tokens_per_s": streamed / max(stream_seconds, 1e-9),
         "block_tokens_per_s": streamed * len(todo) / max(stream_seconds, 1e-9),
         "prepared": session.prepared,
-        "object_store_bytes": session.put_bytes,
-        "object_store_max_batch_bytes": session.max_step_bytes,
+        "parent_bytes": parent_bytes,
+        "sent_bytes": session.sent_bytes,
+        "sent_max_batch_bytes": session.max_step_bytes,
     }
 
 

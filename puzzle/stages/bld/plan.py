@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -162,11 +163,45 @@ def _block_cost(spec: BlockSpec, config) -> float:
 
 
 def assign_blocks(specs: list[BlockSpec], config, num_workers: int) -> list[list[BlockSpec]]:
-    """Longest-processing-time-first assignment of blocks to at most `num_workers` trainers."""
-    groups: list[list[BlockSpec]] = [[] for _ in range(min(num_workers, len(specs)))]
-    loads = [0.0] * len(groups)
-    for spec in sorted(specs, key=lambda s: (-_block_cost(s, config), s.layer, s.kind, s.name)):
-        i = loads.index(min(loads))
-        groups[i].append(spec)
-        loads[i] += _block_cost(spec, config)
-    return [g for g in groups if g]
+    """Split the layers into at most `num_workers` runs of consecutive layers, one per trainer, minimising the
+    largest trainer's work: training its blocks (forward and backward, ~3 forward passes each) plus the parent forward
+    through every layer up to its last one, which it runs itself to make its inputs (dynamic programming over the
+    split points). A layer's blocks stay together; blocks without training count as one forward."""
+    by_layer: dict[int, list[BlockSpec]] = {}
+    for spec in specs:
+        by_layer.setdefault(spec.layer, []).append(spec)
+    layers = sorted(by_layer)
+    if not layers:
+        return []
+    parent = []
+    for i in range(max(layers) + 1):
+        block = config.block_config(i)
+        parent.append(_block_cost(BlockSpec(i, "block", block.attention, block.ffn, "parent", False, True), config))
+    prefix = [0.0]
+    for cost in parent:
+        prefix.append(prefix[-1] + cost)
+    work = [sum(_block_cost(s, config) * (3.0 if s.trainable else 1.0) for s in by_layer[i]) for i in layers]
+    cum = [0.0]
+    for w in work:
+        cum.append(cum[-1] + w)
+
+    def cost(a: int, b: int) -> float:  # layers[a:b] on one trainer
+        return cum[b] - cum[a] + prefix[layers[b - 1] + 1]
+
+    n, k = len(layers), min(num_workers, len(layers))
+    best = [[math.inf] * (n + 1) for _ in range(k + 1)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for g in range(1, k + 1):
+        for b in range(g, n + 1):
+            for a in range(g - 1, b):
+                value = max(best[g - 1][a], cost(a, b))
+                if value < best[g][b]:
+                    best[g][b], cut[g][b] = value, a
+    g = min(range(1, k + 1), key=lambda j: (best[j][n], -j))  # the fewest work of all, more trainers on a tie
+    bounds, b = [], n
+    while g:
+        a = cut[g][b]
+        bounds.append((a, b))
+        b, g = a, g - 1
+    return [[s for i in layers[a:b] for s in by_layer[i]] for a, b in reversed(bounds)]

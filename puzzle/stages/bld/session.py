@@ -1,14 +1,14 @@
-"""One BLD run on Ray, seen from the driver: the shared parent forward streamed batch by batch to `BlockTrainer`
-actors (calibration, held-out and training batches alike), recovery of restarted actors, and bookkeeping.
+"""One BLD run on Ray, seen from the driver: token batches streamed to `BlockTrainer` actors (calibration, held-out
+and training batches alike), recovery of restarted actors, and bookkeeping.
 
-Memory: the driver holds the parent and the token ids; each parent forward's activations live only while the batch is
-in flight (at most `bld.max_inflight_steps` batches ahead of the slowest trainer), in the object store once each.
+Each trainer runs the parent's layers up to its last one itself, where it runs (`ParentPrefix`): the driver sends the
+parent's weights into the object store once and then only token ids, at most `bld.max_inflight_steps` batches ahead
+of the slowest trainer. It holds no activations.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,11 +17,10 @@ from typing import Any
 
 from torch import Tensor
 
-from puzzle.common.memory import trim_heap
 from puzzle.config import BLDConfig
 from puzzle.errors import PuzzleError
 from puzzle.stages.bld.plan import BlockSpec, assign_blocks
-from puzzle.stages.bld.train import load_checkpoint, parent_activations, save_checkpoint
+from puzzle.stages.bld.train import load_checkpoint, save_checkpoint
 from puzzle.stages.bld.trainer import BlockTrainer, calibration_layers
 
 
@@ -34,9 +33,9 @@ def batch_rows(step: int, n_rows: int, batch_size: int, seed: int) -> Tensor:
 
 @dataclass
 class TrainSession:
-    """Driver state of one BLD run on Ray: trainers, the shared-forward stream, recovery and bookkeeping."""
+    """Driver state of one BLD run on Ray: trainers, the token stream, recovery and bookkeeping."""
 
-    model: Any
+    config: Any
     specs: list[BlockSpec]
     cfg: BLDConfig
     total_steps: int
@@ -52,7 +51,7 @@ class TrainSession:
     forward_seconds: float = 0.0
     trainer_seconds: float = 0.0
     replayed_steps: int = 0
-    put_bytes: int = 0
+    sent_bytes: int = 0
     max_step_bytes: int = 0
     prepared: int = 0
     nodes: list[str] = field(default_factory=list)
@@ -60,41 +59,21 @@ class TrainSession:
     def checkpoint_path(self, block_hash_: str) -> Path:
         return self.work_dir / "checkpoints" / f"{block_hash_}.safetensors"
 
-    # ------------------------------------------------------------------------------------------ the shared forward
+    # ------------------------------------------------------------------------------------------ the token stream
 
-    def _put(self, rows: Tensor, need_h: set[int], need_mid: set[int]) -> dict[str, dict[int, Any]]:
-        """One parent forward on `rows`; each needed tensor goes into the object store once."""
-        import ray
-
-        start = time.perf_counter()
-        states, mids = parent_activations(self.model, rows)
-        picked = {"h": {i: states[i].cpu() for i in need_h}, "mid": {i: mids[i].cpu() for i in need_mid}}
-        size = sum(t.numel() * t.element_size() for part in picked.values() for t in part.values())
-        self.put_bytes += size
+    def _send(self, rows: Tensor, actors: int) -> Tensor:
+        """Count what goes to `actors` trainers for one batch: its token ids, once per trainer."""
+        size = rows.numel() * rows.element_size() * actors
+        self.sent_bytes += size
         self.max_step_bytes = max(self.max_step_bytes, size)
-        refs = {kind: {i: ray.put(t) for i, t in sorted(part.items())} for kind, part in picked.items()}
-        self.forward_seconds += time.perf_counter() - start
-        return refs
+        return rows
 
-    def block_refs(self, rows: Tensor, specs: list[BlockSpec]) -> dict[str, dict[int, Any]]:
-        """The inputs and outputs of `specs`' layers on `rows`."""
-        need_h = {s.layer for s in specs if s.kind != "ffn"} | {s.layer + 1 for s in specs}
-        need_mid = {s.layer for s in specs if s.kind == "ffn"}
-        return self._put(rows, need_h, need_mid)
-
-    def step_refs(self, step: int, ais: list[int] | None = None) -> dict[str, dict[int, Any]]:
+    def step_rows(self, step: int, actors: int = 1) -> Tensor:
         rows = batch_rows(step, self.train_rows.shape[0], self.cfg.batch_size, self.cfg.seed)
-        return self.block_refs(self.train_rows[rows], self._specs(ais))
+        return self._send(self.train_rows[rows], actors)
 
     def _specs(self, ais: list[int] | None) -> list[BlockSpec]:
         return self.specs if ais is None else [s for ai in ais for s in self.groups[ai]]
-
-    def actor_acts(self, ai: int, refs: dict[str, dict[int, Any]]) -> dict[int, dict[str, Any]]:
-        acts: dict[int, dict[str, Any]] = {}
-        for spec in self.groups[ai]:
-            layer_acts = acts.setdefault(spec.layer, {"out": refs["h"][spec.layer + 1]})
-            layer_acts[spec.input_kind] = refs["mid" if spec.kind == "ffn" else "h"][spec.layer]
-        return acts
 
     def _batches(self, rows: Tensor):
         for start in range(0, rows.shape[0], self.cfg.batch_size):
@@ -114,7 +93,6 @@ class TrainSession:
 
         for batch in self._batches(rows):
             inflight.append(submit(batch))
-            trim_heap()  # the batch's activations are in the object store now (freed by refcount: no gc pass)
             while len(inflight) > self.cfg.max_inflight_steps:
                 drain_one()
         while inflight:
@@ -133,10 +111,9 @@ class TrainSession:
             max_restarts=self.cfg.max_restarts,
             max_task_retries=-1 if self.cfg.max_restarts else 0,
         )
-        self.groups = assign_blocks(self.specs, self.model.config, self.cfg.num_workers)
+        self.groups = assign_blocks(self.specs, self.config, self.cfg.num_workers)
         self.actors = [
-            trainer.remote(self.model.config, group, payload, self.cfg, self.total_steps, save_dtype)
-            for group in self.groups
+            trainer.remote(self.config, group, payload, self.cfg, self.total_steps, save_dtype) for group in self.groups
         ]
         self.nodes = ray.get([actor.node_id.remote() for actor in self.actors])
         steps = self.prepare(list(range(len(self.actors))), checkpoints)
@@ -154,12 +131,11 @@ class TrainSession:
         calib = {ai: layers for ai, layers in calib.items() if layers}
         batches = 0
         if calib:
-            needed = {i for layers in calib.values() for i in layers}
             index = itertools.count()
 
             def submit(rows: Tensor) -> dict[int, Any]:
-                refs, k = self._put(rows, set(), needed), next(index)
-                return {ai: self.actors[ai].calibrate.remote(k, {i: refs["mid"][i] for i in calib[ai]}) for ai in calib}
+                rows, k = self._send(rows, len(calib)), next(index)
+                return {ai: self.actors[ai].calibrate.remote(k, rows) for ai in calib}
 
             answers = self._bounded(submit, self.calib_rows)
             batches = len(next(iter(answers.values())))  # every calibrating actor got each batch
@@ -190,11 +166,10 @@ class TrainSession:
         ais = [ai for ai, need in zip(ais, needed, strict=True) if need or phase == "final"]
         if not ais:
             return []
-        specs = self._specs(ais)
 
         def submit(rows: Tensor) -> dict[int, Any]:
-            refs = self.block_refs(rows, specs)
-            return {ai: self.actors[ai].heldout_step.remote(phase, self.actor_acts(ai, refs)) for ai in ais}
+            rows = self._send(rows, len(ais))
+            return {ai: self.actors[ai].heldout_step.remote(phase, rows) for ai in ais}
 
         results = self._bounded(submit, self.heldout_rows)
         bad = {ai for ai, rs in results.items() if any(r["status"] != "ok" for r in rs)}
@@ -217,6 +192,7 @@ class TrainSession:
 
     def handle(self, ai: int, step: int, result: dict[str, Any]) -> None:
         self.trainer_seconds += result["seconds"]
+        self.forward_seconds += result["forward_seconds"]
         for h, ckpt in result.get("checkpoints", {}).items():
             save_checkpoint(self.checkpoint_path(h), ckpt)
         if self.logger is not None and result["losses"]:
@@ -256,7 +232,7 @@ class TrainSession:
         window = self.cfg.max_inflight_steps
         for first in range(reached + 1, self.last_submitted + 1, window):
             steps = range(first, min(first + window, self.last_submitted + 1))
-            futures = [actor.train_step.remote(k, self.actor_acts(ai, self.step_refs(k, [ai]))) for k in steps]
+            futures = [actor.train_step.remote(k, self.step_rows(k)) for k in steps]
             results = ray.get(futures)
             self.replayed_steps += len(steps)
             if any(r["status"] == "need_replay" for r in results):
@@ -269,12 +245,9 @@ class TrainSession:
         inflight: deque = deque()
         tokens_per_step = self.cfg.batch_size * self.train_rows.shape[1]
         for step in range(first_step, self.total_steps + 1):
-            refs = self.step_refs(step)
-            futures = {
-                ai: actor.train_step.remote(step, self.actor_acts(ai, refs)) for ai, actor in enumerate(self.actors)
-            }
+            rows = self.step_rows(step, len(self.actors))
+            futures = {ai: actor.train_step.remote(step, rows) for ai, actor in enumerate(self.actors)}
             inflight.append((step, futures))
-            trim_heap()  # the step's activations are in the object store now (freed by refcount: no gc pass)
             self.last_submitted = step
             if self.on_step is not None:
                 self.on_step(step, self.actors)

@@ -18,14 +18,11 @@ from puzzle.stages.bld.init import FFNStats, init_attention, init_ffn, split_sub
 from puzzle.stages.bld.plan import BlockSpec
 
 
-@torch.no_grad()
-def parent_activations(model, tokens: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-    """One parent forward: the hidden states entering each layer and the last one (L + 1), and after each attention."""
-    inner = model.model
-    h = inner.embed_tokens(tokens.to(inner.embed_tokens.weight.device))
-    pos = inner.rotary_emb(h, torch.arange(tokens.shape[1], device=h.device).unsqueeze(0))
+def run_layers(layers, h: Tensor, pos, upto: int | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    """The parent's layers on hidden states `h` (layers 0..upto-1, all by default): the hidden states entering each
+    layer and the last one, and the states after each attention."""
     states, mids = [h], []
-    for layer in inner.layers:
+    for layer in list(layers)[:upto]:
         delta = layer.attention_delta(h, pos)
         mid = h if delta is None else h + delta
         delta = layer.ffn_delta(mid)
@@ -33,6 +30,41 @@ def parent_activations(model, tokens: Tensor) -> tuple[list[Tensor], list[Tensor
         mids.append(mid)
         states.append(h)
     return states, mids
+
+
+@torch.no_grad()
+def parent_activations(model, tokens: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """One parent forward: the hidden states entering each layer and the last one (L + 1), and after each attention."""
+    inner = model.model
+    h = inner.embed_tokens(tokens.to(inner.embed_tokens.weight.device))
+    pos = inner.rotary_emb(h, torch.arange(tokens.shape[1], device=h.device).unsqueeze(0))
+    return run_layers(inner.layers, h, pos)
+
+
+class ParentPrefix:
+    """The parent's embedding and layers 0..n-1, built where a trainer runs (its accelerator when it has one) from
+    tensors it was sent once: the trainer makes its own layers' inputs and targets from token ids, so no per-layer
+    activation crosses the cluster. Weights stay in the parent's dtype and are used in place (no second copy)."""
+
+    def __init__(self, config, embed: Tensor, states: list[dict[str, Tensor]], pos, device: str) -> None:
+        from puzzle.model.modeling_puzzle import PuzzleDecoderLayer
+
+        self.embed = embed.to(device)
+        self.dtype = self.embed.dtype
+        self.layers = []
+        for i, state in enumerate(states):
+            with torch.device("meta"):
+                layer = PuzzleDecoderLayer.from_block(config, config.block_config(i), i)
+            layer.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
+            self.layers.append(layer.eval().requires_grad_(False))
+        self.pos = tuple(p.to(device, self.dtype) for p in pos)
+        self.device = device
+
+    @torch.no_grad()
+    def activations(self, tokens: Tensor, upto: int) -> tuple[list[Tensor], list[Tensor]]:
+        """The hidden states entering layers 0..upto (upto + 1 of them) and after attentions 0..upto-1."""
+        h = torch.nn.functional.embedding(tokens.to(self.device), self.embed)
+        return run_layers(self.layers, h, self.pos, upto)
 
 
 def position_embeddings(model, seq_len: int) -> tuple[Tensor, Tensor]:
@@ -165,6 +197,24 @@ def initial_layer(spec: BlockSpec, config, parent_state: dict[str, Tensor], cali
     layer = PuzzleDecoderLayer.from_block(config, spec.block, spec.layer)
     layer.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return layer.float(), "+".join(methods)
+
+
+def untrained_layer(spec: BlockSpec, config, parent_state: dict[str, Tensor]):
+    """A block that is not trained (a no-op variant, or the parent's own) built from the parent's weights, in fp32."""
+    from puzzle.model.modeling_puzzle import PuzzleDecoderLayer
+
+    layer = PuzzleDecoderLayer.from_block(config, spec.block, spec.layer)
+    keep = [kind for kind, v in (("attention", spec.attention), ("ffn", spec.ffn)) if not v.no_op]
+    layer.load_state_dict({k: v for kind in keep for k, v in split_subblock(parent_state, kind).items()}, strict=True)
+    return layer.float()
+
+
+def untrained_init(spec: BlockSpec) -> str:
+    """How an untrained block was made: "parent", or per subblock "no_op" / "parent" joined by "+"."""
+    if spec.parent:
+        return "parent"
+    parts = [spec.attention, spec.ffn] if spec.kind == "block" else [spec.ffn if spec.kind == "ffn" else spec.attention]
+    return "+".join("no_op" if p.no_op else "parent" for p in parts)
 
 
 def save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:

@@ -1,8 +1,10 @@
-"""The `BlockTrainer` Ray actor: owns the blocks of one or more layers, builds them from streamed calibration sums,
-trains them on streamed parent activations and scores them on streamed held-out batches.
+"""The `BlockTrainer` Ray actor: owns the blocks of a run of consecutive layers, builds them from calibration sums,
+trains them and scores them on held-out batches.
 
-Everything data-sized arrives one batch at a time (object-store references the driver puts once per batch), so an
-actor's memory is its blocks, their optimizer state and its layers' calibration sums, whatever the token budgets.
+The trainer runs the parent itself: it is sent the parent's embedding and layers up to its last one once, and then
+only token ids, one batch at a time; it makes its layers' inputs and targets on its own device (`ParentPrefix`). An
+actor's memory is that prefix, its blocks, their optimizer state, its layers' calibration sums and one batch's
+activations, whatever the token budgets; the driver holds no activation at all.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from puzzle.common.seeding import derive_seed, seed_everything
 from puzzle.config import BLDConfig
 from puzzle.stages.bld.init import FFNStats
 from puzzle.stages.bld.plan import BlockSpec
-from puzzle.stages.bld.train import BlockRun, block_output, initial_layer
+from puzzle.stages.bld.train import BlockRun, ParentPrefix, block_output, initial_layer, untrained_init, untrained_layer
 
 
 def calibration_layers(specs: list[BlockSpec]) -> dict[int, bool]:
@@ -74,13 +76,29 @@ class BlockTrainer:
         self.cfg, self.total_steps, self.config, self.specs = cfg, total_steps, config, specs
         self.save_dtype = getattr(torch, save_dtype)
         self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        layers = sorted({s.layer for s in specs})
-        self.parent_states = dict(zip(layers, ray.get([payload["layers"][i] for i in layers]), strict=True))
-        self.pos = ray.get(payload["pos"])
+        self.last_layer = max(s.layer for s in specs)
+        states = ray.get([payload["layers"][i] for i in range(self.last_layer + 1)])
+        embed, pos = ray.get([payload["embed"], payload["pos"]])
+        self.parent = ParentPrefix(config, embed, states, pos, self.device)
+        self.parent_states = {s.layer: self.parent.layers[s.layer].state_dict() for s in specs}
+        self.pos = self.parent.pos
         self.stats = {i: FFNStats(linear) for i, linear in calibration_layers(specs).items()}
         self.calibrated = 0
+        self.built = False
         self.runs: dict[str, BlockRun] = {}
+        self.frozen: dict[str, torch.nn.Module] = {}  # untrained blocks (no-op variants): scored, not trained
+        self.frozen_nmse: dict[str, float] = {}
         self.sums: dict[str, HeldoutSums] = {}
+
+    def _activations(self, rows: Tensor, specs: list[BlockSpec]) -> dict[tuple[int, str], Tensor]:
+        """{(layer, "h" | "mid" | "out"): tensor} for `specs` on token rows: one parent pass up to their last layer."""
+        upto = max(s.layer for s in specs) + 1
+        states, mids = self.parent.activations(rows, upto)
+        out = {}
+        for s in specs:
+            out[(s.layer, s.input_kind)] = mids[s.layer] if s.kind == "ffn" else states[s.layer]
+            out[(s.layer, "out")] = states[s.layer + 1]
+        return out
 
     def node_id(self) -> str:
         """The Ray node this trainer runs on (recorded in the run's record)."""
@@ -90,16 +108,15 @@ class BlockTrainer:
 
     # ----------------------------------------------------------------------------------------------- preparing
 
-    def calibrate(self, index: int, mids: dict[int, Any]) -> bool:
-        """Add calibration batch `index` (the FFN inputs of this actor's calibration layers); False if out of order
+    def calibrate(self, index: int, rows: Tensor) -> bool:
+        """Add calibration batch `index` (token rows) to this actor's calibration layers' sums; False if out of order
         (the actor was restarted part-way: the driver starts its calibration again)."""
-        import ray
-
         if index != self.calibrated:
             return False
-        keys = sorted(mids)
-        for i, mid in zip(keys, ray.get([mids[i] for i in keys]), strict=True):
-            self.stats[i].add_hidden(self.parent_states[i], self.config, mid)
+        if self.stats:
+            _, mids = self.parent.activations(rows, max(self.stats) + 1)
+            for i, stats in self.stats.items():
+                stats.add_hidden(self.parent_states[i], self.config, mids[i])
         self.calibrated += 1
         return True
 
@@ -110,10 +127,15 @@ class BlockTrainer:
 
         if self.calibrated != calibration_batches:
             return None
-        self.runs = {}
+        self.runs, self.frozen = {}, {}
         shared: dict[int, torch.nn.Module] = {}
         for spec in self.specs:
             start = time.perf_counter()
+            if not spec.trainable:
+                self.frozen[spec.hash] = untrained_layer(spec, self.config, self.parent_states[spec.layer]).to(
+                    self.device
+                )
+                continue
             # Seeded from the block's own key (which holds cfg.seed), not the actor's: a block is built alike whichever
             # trainer gets it and whatever else that trainer holds. Training draws no random numbers (the data order
             # is batch_rows's), so a block's weights depend on its key alone.
@@ -131,72 +153,80 @@ class BlockTrainer:
                 run.restore(ray.get(ref))
             self.runs[spec.hash] = run
         self.stats = {}  # initialisation is done; the sums are not needed again
+        self.built = True
         return self.steps()
 
     def steps(self) -> dict[str, int]:
-        return {h: run.step for h, run in self.runs.items()}
+        """The step each trained block reached (untrained blocks count as finished)."""
+        return {h: run.step for h, run in self.runs.items()} | dict.fromkeys(self.frozen, self.total_steps)
 
     # ----------------------------------------------------------------------------------------------- held-out
 
-    def _heldout_runs(self, phase: str) -> list[BlockRun] | None:
-        if not self.runs:
+    def _heldout_blocks(self, phase: str) -> list[tuple[BlockSpec, torch.nn.Module]] | None:
+        """(spec, layer) of the blocks phase "init" or "final" scores; None if the actor cannot (restarted, or not
+        every block reached the last step for "final")."""
+        if not self.built:
             return None
+        by_hash = {s.hash: s for s in self.specs}
         if phase == "init":
-            return [run for run in self.runs.values() if "nmse_init" not in run.meta]
-        if min(run.step for run in self.runs.values()) < self.total_steps:
+            runs = [(run.spec, run.layer) for run in self.runs.values() if "nmse_init" not in run.meta]
+            return runs + [(by_hash[h], layer) for h, layer in self.frozen.items() if h not in self.frozen_nmse]
+        if self.runs and min(run.step for run in self.runs.values()) < self.total_steps:
             return None
-        return list(self.runs.values())
+        return [(run.spec, run.layer) for run in self.runs.values()]
 
     def heldout_needed(self, phase: str) -> bool:
-        return bool(self._heldout_runs(phase))
+        return bool(self._heldout_blocks(phase))
 
-    def heldout_step(self, phase: str, acts: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        """Add one held-out batch to the normalised-MSE sums of phase "init" (blocks as initialised) or "final"."""
-        runs = self._heldout_runs(phase)
-        if runs is None:
+    def heldout_step(self, phase: str, rows: Tensor) -> dict[str, Any]:
+        """Add one held-out batch (token rows) to the normalised-MSE sums of phase "init" (blocks as initialised,
+        untrained blocks included) or "final"."""
+        blocks = self._heldout_blocks(phase)
+        if blocks is None:
             return {"status": "need_replay"}
         sums = self.sums.setdefault(phase, HeldoutSums())
-        fetched = self._fetch(runs, acts)
-        for run in runs:
-            x, target = fetched[(run.spec.layer, run.spec.input_kind)], fetched[(run.spec.layer, "out")]
-            sums.add(run.spec.hash, run.layer, run.spec, x, target, self.pos)
+        if blocks:
+            acts = self._activations(rows, [spec for spec, _ in blocks])
+            for spec, layer in blocks:
+                x, target = acts[(spec.layer, spec.input_kind)], acts[(spec.layer, "out")]
+                sums.add(spec.hash, layer, spec, x, target, self.pos)
         return {"status": "ok"}
 
     def heldout_done(self, phase: str) -> bool:
         """Close a pass; False if this actor missed part of it (restarted). Phase "init" puts each block's initial
-        normalised MSE into its meta (and so into its checkpoints); "final" sums stay for `finish`."""
-        runs = self._heldout_runs(phase)
+        normalised MSE into its meta (and so into its checkpoints) and scores the untrained blocks for good; "final"
+        sums stay for `finish`."""
+        blocks = self._heldout_blocks(phase)
         sums = self.sums.pop(phase, None) if phase == "init" else self.sums.get(phase)
-        if runs is None or (runs and (sums is None or any(r.spec.hash not in sums.err for r in runs))):
+        if blocks is None or (blocks and (sums is None or any(spec.hash not in sums.err for spec, _ in blocks))):
             return False
         if phase == "init":
-            for run in runs:
-                run.meta["nmse_init"] = sums.nmse(run.spec.hash)
+            for spec, _ in blocks:
+                if spec.hash in self.runs:
+                    self.runs[spec.hash].meta["nmse_init"] = sums.nmse(spec.hash)
+                else:
+                    self.frozen_nmse[spec.hash] = sums.nmse(spec.hash)
         return True
 
     # ----------------------------------------------------------------------------------------------- training
 
-    @staticmethod
-    def _fetch(runs: list[BlockRun], acts: dict[int, dict[str, Any]]) -> dict[tuple[int, str], Tensor]:
-        import ray
-
-        keys = sorted({(r.spec.layer, k) for r in runs for k in (r.spec.input_kind, "out")})
-        return dict(zip(keys, ray.get([acts[layer][kind] for layer, kind in keys]), strict=True))
-
-    def train_step(self, step: int, acts: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        """Apply `step` to every block that reached step - 1; blocks already past it skip it (resumed runs)."""
-        if not self.runs or min(run.step for run in self.runs.values()) < step - 1:
+    def train_step(self, step: int, rows: Tensor) -> dict[str, Any]:
+        """Apply `step` (its token rows) to every block that reached step - 1; blocks already past it skip it
+        (resumed runs)."""
+        if not self.built or (self.runs and min(run.step for run in self.runs.values()) < step - 1):
             return {"status": "need_replay"}
         todo = [run for run in self.runs.values() if run.step == step - 1]
-        fetched = self._fetch(todo, acts)
         start = time.perf_counter()
-        losses = {}
-        for run in todo:
-            x, target = fetched[(run.spec.layer, run.spec.input_kind)], fetched[(run.spec.layer, "out")]
-            losses[run.spec.hash] = run.train_step(step, x, target, self.pos)
-        del fetched
+        losses, forward = {}, 0.0
+        if todo:
+            acts = self._activations(rows, [run.spec for run in todo])
+            forward = time.perf_counter() - start
+            for run in todo:
+                x, target = acts[(run.spec.layer, run.spec.input_kind)], acts[(run.spec.layer, "out")]
+                losses[run.spec.hash] = run.train_step(step, x, target, self.pos)
+            del acts
         trim_heap()  # the backward passes' freed buffers go back to the OS, not into a growing heap
-        result = {"status": "ok", "losses": losses, "seconds": time.perf_counter() - start}
+        result = {"status": "ok", "losses": losses, "seconds": time.perf_counter() - start, "forward_seconds": forward}
         every = self.cfg.checkpoint_every
         if every and step % every == 0 and step < self.total_steps:
             result["checkpoints"] = {run.spec.hash: run.checkpoint() for run in todo}
@@ -204,11 +234,13 @@ class BlockTrainer:
 
     def finish(self) -> dict[str, Any]:
         """Final weights and held-out scores of every block, once all reached the last step and were scored."""
-        if self._heldout_runs("final") is None:
+        if self._heldout_blocks("final") is None:
             return {"status": "need_replay"}
         sums = self.sums.get("final")
-        if sums is None or any(h not in sums.err for h in self.runs):
+        if (self.runs and sums is None) or any(h not in sums.err for h in self.runs):
             return {"status": "need_heldout"}
+        if any(h not in self.frozen_nmse for h in self.frozen):
+            return {"status": "need_replay"}
         blocks = {}
         for h, run in self.runs.items():
             blocks[h] = {
@@ -219,4 +251,9 @@ class BlockTrainer:
                 "seconds": run.seconds,
                 "train_loss": run.last_loss,
             }
+        for spec in self.specs:
+            if spec.hash in self.frozen:
+                nmse = self.frozen_nmse[spec.hash]
+                blocks[spec.hash] = {"state": None, "init": untrained_init(spec), "nmse_init": nmse}
+                blocks[spec.hash].update({"nmse_trained": nmse, "seconds": 0.0, "train_loss": float("nan")})
         return {"status": "ok", "blocks": blocks}
