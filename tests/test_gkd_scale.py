@@ -5,6 +5,7 @@ checks, and FSDP2 sharding (one process here, two Ray Train workers in the integ
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from puzzle.stages.gkd import (
     layer_outputs,
     pack_model,
     packed_dtype,
+    packed_state,
     run_gkd,
     unpack_model,
     weighted_gkd_loss,
@@ -116,11 +118,19 @@ def test_activation_checkpointing_keeps_loss_and_gradients(parent, child, ids):
 def test_parent_is_held_in_its_dtype_without_gradients(child, ids):
     """A bf16 parent comes back from the object store in bf16 (no fp32 copy), frozen and outside the module that
     DDP / FSDP wrap; the child keeps fp32 weights and gradients, also under bf16 autocast."""
-    loaded = PuzzleForCausalLM(tiny_puzzle_config()).to(torch.bfloat16)
-    packed = pack_model(loaded)
+    loaded = PuzzleForCausalLM(tiny_puzzle_config(tie_word_embeddings=True)).to(torch.bfloat16)
+    packed = pack_model(loaded, shared=True)
     assert packed_dtype(packed) == torch.bfloat16
-    parent = unpack_model(packed, "cpu", packed_dtype(packed)).eval().requires_grad_(False)
+    # Shared: the tied embedding is stored once, and the bytes come back through Ray's object store.
+    assert packed["state"]["lm_head.weight"] == ("alias", "model.embed_tokens.weight")
+    ray_got = pickle.loads(pickle.dumps(packed, protocol=5))
+    parent = unpack_model(ray_got, "cpu", packed_dtype(packed), frozen=True).eval().requires_grad_(False)
     assert {p.dtype for p in parent.parameters()} == {torch.bfloat16}
+    stored = packed_state(ray_got)["model.layers.0.mlp.up_proj.weight"]
+    assert parent.model.layers[0].mlp.up_proj.weight.data_ptr() == stored.data_ptr()  # used in place, not copied
+    copied = unpack_model(pack_model(loaded), "cpu", torch.bfloat16)  # the same parent, copied into a fresh model
+    with torch.no_grad():
+        torch.testing.assert_close(parent(ids).logits, copied(ids).logits, rtol=0, atol=0)
     assert unpack_model(pack_model(child)).lm_head.weight.dtype == torch.float32  # the child: fp32 by default
     model = DistillForward(child, parent, GKDConfig(), autocast=torch.bfloat16)
     assert {id(p) for p in model.parameters()} == {id(p) for p in child.parameters()}

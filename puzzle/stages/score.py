@@ -39,6 +39,7 @@ from puzzle.common.resources import check_resources
 from puzzle.common.seeding import derive_seed
 from puzzle.errors import ConfigError, PuzzleError
 from puzzle.model.block_config import BlockConfig
+from puzzle.model.packing import packed_dtype, share_model, shared_ref, unpack_model
 from puzzle.runner.stage import StageContext, StageResult
 from puzzle.stages.bld.stage import block_variants, load_block_store
 from puzzle.stages.data import load_split
@@ -223,7 +224,7 @@ def score_layer_naive(model: nn.Module, cache: ParentCache, layer_idx: int, new_
 
 @torch.no_grad()
 def _score_shard(
-    model: nn.Module,
+    model: nn.Module | dict,
     source: BlockSource,
     shard: list[tuple[int, list[BlockConfig]]],
     batches: list[torch.Tensor],
@@ -238,6 +239,8 @@ def _score_shard(
 
     if num_threads:
         torch.set_num_threads(num_threads)
+    if isinstance(model, dict):  # packed and shared (Ray): the parent's weights stay in the object store's memory
+        model = unpack_model(model, device, packed_dtype(model), frozen=True)
     model = model.to(device).eval()
     built = []
     for layer_idx, blocks in shard:
@@ -416,10 +419,12 @@ def _run_on_ray(parent, source, batches, shards, num_cpus, num_gpus, device, thr
     if not ray.is_initialized():
         raise PuzzleError("scoring with use_ray=True needs Ray initialised (the job runner starts or joins a cluster)")
     check_resources({"scoring.num_gpus": num_gpus})
-    task = ray.remote(_score_shard).options(
+    # max_calls=1: each task's worker exits when it is done, so idle workers do not keep a parent's worth of heap
+    # into the next stages (a process start is ~2 s against minutes of scoring).
+    task = ray.remote(max_calls=1)(_score_shard).options(
         num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries, retry_exceptions=True
     )
-    model_ref = ray.put(parent.to("cpu"))
+    model_ref = shared_ref(parent)  # tasks on a node map one copy of the weights
     source_ref = ray.put(source)
     batches_ref = ray.put([t.cpu() for t in batches])
     refs = [task.remote(model_ref, source_ref, shard, batches_ref, device, threads, seed) for shard in shards]
@@ -496,7 +501,7 @@ def pairs_mode(job: Any) -> str:
 
 def run(ctx: StageContext) -> StageResult:
     """Replace-1-block quality of every block on the validation split (Ray tasks); writes scores.json."""
-    parent = load_parent_model(ctx)
+    parent = share_model(load_parent_model(ctx))  # one copy for the driver and every task
     scores, info = run_scoring(
         ctx.job.scoring,
         parent,

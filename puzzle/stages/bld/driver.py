@@ -17,6 +17,7 @@ from puzzle.common.resources import check_resources
 from puzzle.common.rows import TokenRows, token_rows
 from puzzle.config import BLDConfig
 from puzzle.errors import ConfigError
+from puzzle.model.packing import shared_ref
 from puzzle.stages.bld.init import FFNStats
 from puzzle.stages.bld.plan import BlockSpec, block_hash, parent_fingerprint, plan_blocks, tokens_fingerprint
 from puzzle.stages.bld.session import TrainSession, batch_rows
@@ -191,17 +192,11 @@ def _train(model, todo, cfg, total_steps, rows, cache, work, logger, on_step) ->
     train_rows, calib, held = rows
     session = TrainSession(model.config, todo, cfg, total_steps, train_rows, calib, held, work, logger, on_step)
     checkpoints = {s.hash: load_checkpoint(session.checkpoint_path(s.hash)) for s in todo if s.trainable}
-    # The parent up to the last layer trained goes into the object store once (each trainer takes the layers up to its
-    # own last one); references are kept alive for the trainers' restarts.
-    embed = model.model.embed_tokens.weight.detach().cpu()
-    layers = [{k: v.cpu() for k, v in layer_state(model, i).items()} for i in range(max(s.layer for s in todo) + 1)]
-    parent_bytes = sum(t.numel() * t.element_size() for t in [embed, *(v for st in layers for v in st.values())])
-    payload = {
-        "embed": ray.put(embed),
-        "layers": [ray.put(state) for state in layers],
-        "pos": ray.put(position_embeddings(model, train_rows.shape[1])),
-    }
-    del embed, layers
+    # The parent goes into the object store once, as arrays the trainers map rather than copy (puzzle.model.packing:
+    # the stage's parent already lives there); each trainer builds the layers up to its own last one from it.
+    parent_ref = shared_ref(model)
+    parent_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
+    payload = {"parent": parent_ref, "pos": ray.put(position_embeddings(model, train_rows.shape[1]))}
     checkpoint_refs = {h: ray.put(c) for h, c in checkpoints.items() if c is not None}
     save_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     try:

@@ -14,6 +14,7 @@ from typing import Any
 from puzzle.common.seeding import derive_seed
 from puzzle.config import JobConfig, resolve_path
 from puzzle.config.search_space import ParentShape, SearchSpace
+from puzzle.model.packing import share_model
 from puzzle.runner.pipeline import BLOCKS_DIR
 from puzzle.runner.stage import StageContext, StageResult
 from puzzle.stages.bld.driver import run_bld
@@ -53,7 +54,7 @@ def run(ctx: StageContext) -> StageResult:
     whose key is missing. The stage directory gets store/, the index of this job's blocks (files linked from the
     store); its output hash is the set of block keys, so later stages rerun only when a block changed.
     """
-    parent = load_parent_model(ctx)
+    parent = share_model(load_parent_model(ctx))  # one copy for the driver and the trainers
     variants = variants_from_search_space(load_search_space(ctx), parent.config)
     cache = BlockCache(ctx.run_dir / BLOCKS_DIR)
     cache.clean_partial()  # blocks half-written by a killed run (we hold the run lock: nobody else writes them)

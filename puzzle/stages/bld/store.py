@@ -212,3 +212,9 @@ class BlockStore:
 
 def layer_state(model, layer_idx: int) -> dict[str, Tensor]:
     return {k: v.detach() for k, v in model.model.layers[layer_idx].state_dict().items()}
+
+
+def layer_weights(state: dict[str, Tensor], layer_idx: int) -> dict[str, Tensor]:
+    """Layer `layer_idx`'s weights from a whole model's state dict (what `layer_state` gives from the model)."""
+    prefix = f"model.layers.{layer_idx}."
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

@@ -18,8 +18,10 @@ from torch import Tensor
 from puzzle.common.memory import trim_heap
 from puzzle.common.seeding import derive_seed, seed_everything
 from puzzle.config import BLDConfig
+from puzzle.model.packing import packed_state
 from puzzle.stages.bld.init import FFNStats
 from puzzle.stages.bld.plan import BlockSpec
+from puzzle.stages.bld.store import layer_weights
 from puzzle.stages.bld.train import BlockRun, ParentPrefix, block_output, initial_layer, untrained_init, untrained_layer
 
 
@@ -77,9 +79,11 @@ class BlockTrainer:
         self.save_dtype = getattr(torch, save_dtype)
         self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.last_layer = max(s.layer for s in specs)
-        states = ray.get([payload["layers"][i] for i in range(self.last_layer + 1)])
-        embed, pos = ray.get([payload["embed"], payload["pos"]])
+        state = packed_state(ray.get(payload["parent"]))  # views of the object store's copy, shared on the node
+        states = [layer_weights(state, i) for i in range(self.last_layer + 1)]
+        embed, pos = state["model.embed_tokens.weight"], ray.get(payload["pos"])
         self.parent = ParentPrefix(config, embed, states, pos, self.device)
+        del state
         self.parent_states = {s.layer: self.parent.layers[s.layer].state_dict() for s in specs}
         self.pos = self.parent.pos
         self.stats = {i: FFNStats(linear) for i, linear in calibration_layers(specs).items()}

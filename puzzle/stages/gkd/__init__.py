@@ -33,7 +33,15 @@ from puzzle.stages.gkd.checkpoint import (
     save_checkpoint,
     weights_digest,
 )
-from puzzle.stages.gkd.data import batch_rows, fingerprint, pack_model, packed_dtype, plan, unpack_model
+from puzzle.stages.gkd.data import (
+    batch_rows,
+    fingerprint,
+    pack_model,
+    packed_dtype,
+    packed_state,
+    plan,
+    unpack_model,
+)
 from puzzle.stages.gkd.driver import GKDResult, run_gkd
 from puzzle.stages.gkd.loss import (
     DistillForward,
@@ -65,6 +73,7 @@ __all__ = [
     "load_checkpoint",
     "lr_factor",
     "pack_model",
+    "packed_state",
     "packed_dtype",
     "plan",
     "run_gkd",

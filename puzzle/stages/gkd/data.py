@@ -1,5 +1,5 @@
-"""What a GKD run trains on: the step plan of a token budget, the data order, the models packed as plain data for
-Ray's object store, and the fingerprint that names a run by all of its inputs."""
+"""What a GKD run trains on: the step plan of a token budget, the data order, and the fingerprint that names a run by
+all of its inputs (models travel packed: `puzzle.model.packing`)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 
 from puzzle.common.rows import shuffled_rows
 from puzzle.config import RESOURCE_KEYS, GKDConfig
+from puzzle.model.packing import pack_model, packed_dtype, packed_state, unpack_model
+
+__all__ = ["batch_rows", "fingerprint", "pack_model", "packed_dtype", "packed_state", "plan", "unpack_model"]
 
 
 def plan(cfg: GKDConfig, seq_len: int) -> dict[str, int]:
@@ -31,38 +33,6 @@ def batch_rows(step: int, micro: int, rank: int, cfg: GKDConfig, num_rows: int, 
     same data order as an uninterrupted one. Rows come from a fresh seeded permutation each epoch."""
     start = ((step * cfg.grad_accum + micro) * cfg.num_workers + rank) * cfg.batch_size
     return shuffled_rows(start, cfg.batch_size, num_rows, seed, seed_stride=100_003)
-
-
-def pack_model(model: nn.Module) -> dict[str, Any]:
-    """A PuzzleForCausalLM as plain data (config dict + CPU state dict) for the object store."""
-    return {
-        "config": model.config.to_dict(),
-        "state": {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()},
-    }
-
-
-def packed_dtype(packed: dict[str, Any]) -> torch.dtype:
-    """The dtype of a packed model's floating-point weights (the dtype it was loaded or trained in)."""
-    return next((t.dtype for t in packed["state"].values() if t.is_floating_point()), torch.float32)
-
-
-def unpack_model(
-    packed: dict[str, Any], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> nn.Module:
-    """Inverse of pack_model: rebuild the model from its config and load its weights (strict), in `dtype` (fp32 by
-    default: training's master weights). Built on `device` in `dtype` directly, so no fp32 copy of a bf16 parent is
-    ever made."""
-    from puzzle.model.modeling_puzzle import PuzzleConfig, PuzzleForCausalLM
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = PuzzleForCausalLM(PuzzleConfig.from_dict(dict(packed["config"])))
-    finally:
-        torch.set_default_dtype(previous)
-    model.load_state_dict(packed["state"], strict=True)
-    return model
 
 
 def fingerprint(packed_child: dict[str, Any], train_ids: torch.Tensor, cfg: GKDConfig) -> str:

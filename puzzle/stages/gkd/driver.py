@@ -14,8 +14,9 @@ from torch import nn
 from puzzle.common.resources import check_resources
 from puzzle.config import GKDConfig
 from puzzle.errors import ConfigError
+from puzzle.model.packing import pack_model, shared_ref, unpack_model
 from puzzle.stages.gkd.checkpoint import finished_checkpoint, load_checkpoint
-from puzzle.stages.gkd.data import fingerprint, pack_model, plan, unpack_model
+from puzzle.stages.gkd.data import fingerprint, plan
 from puzzle.stages.gkd.worker import ARGS_KEY, WorkerArgs, train_loop_per_worker
 
 
@@ -91,7 +92,7 @@ def run_gkd(
         return _result(packed_child, finished, schedule, run_name, 0.0, logger)
     args = WorkerArgs(
         cfg=cfg,
-        parent_ref=ray.put(pack_model(parent)),
+        parent_ref=shared_ref(parent),
         child_ref=ray.put(packed_child),
         data_ref=ray.put(train_ids.contiguous().cpu()),
         run_id=run_id,

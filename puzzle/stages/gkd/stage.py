@@ -10,6 +10,7 @@ import dataclasses
 from puzzle.common.progress import say
 from puzzle.common.seeding import derive_seed
 from puzzle.hf.export import save_child
+from puzzle.model.packing import share_model
 from puzzle.runner.stage import StageContext, StageResult, jsonable, read_json, write_json
 from puzzle.stages.bld.stage import load_block_store
 from puzzle.stages.data import load_split
@@ -20,7 +21,7 @@ from puzzle.stages.parent import load_parent_model
 def run(ctx: StageContext) -> StageResult:
     """Assemble the chosen solution's child from library blocks and distil it globally (Ray Train); with
     search.topk_gkd > 1, a short GKD of the top solutions picks which one. Saves child/ and gkd.json."""
-    parent = load_parent_model(ctx)
+    parent = share_model(load_parent_model(ctx))  # one copy for the driver and the workers
     solutions = read_json(ctx.upstream["search"] / "solutions.json")["solutions"]
     cfg = ctx.job.gkd
     out = gkd(

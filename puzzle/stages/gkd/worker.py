@@ -153,8 +153,9 @@ def train_loop_per_worker(config: dict[str, WorkerArgs]) -> None:
     device = ray.train.torch.get_device()
     # The parent in the dtype it was loaded in (the job's parent.dtype), frozen before anything can record a gradient;
     # the child in fp32 master weights.
-    packed_parent = ray.get(args.parent_ref)
-    parent = unpack_model(packed_parent, device, packed_dtype(packed_parent)).eval().requires_grad_(False)
+    packed_parent = ray.get(args.parent_ref)  # shared: on CPU the parent's weights stay in the object store's memory
+    parent = unpack_model(packed_parent, device, packed_dtype(packed_parent), frozen=True)
+    parent = parent.eval().requires_grad_(False)
     del packed_parent
     child = unpack_model(ray.get(args.child_ref), device).train()
     train_ids: torch.Tensor = ray.get(args.data_ref)

@@ -285,7 +285,8 @@ def _run_measurements(args: tuple, cached: dict, progress: bool, use_ray: bool, 
     import ray
 
     check_resources({"profiling.num_gpus": num_gpus})
-    task = ray.remote(_measure_all).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=2)
+    # max_calls=1: the worker exits after the task instead of idling with its heap through the later stages.
+    task = ray.remote(max_calls=1)(_measure_all).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=2)
     return ray.get(task.remote(*args, cached, progress))
 
 
