@@ -72,6 +72,25 @@ def test_tolerance_and_the_direction_of_a_latency_budget():
     assert asked[1].memory_gib == 1.0  # not measured: left as given
 
 
+def test_a_margin_makes_the_loop_aim_past_the_budget():
+    """With a 3 % margin a 1.51x measurement against 1.5x is a miss (the evaluate stage's later timing could fall
+    below 1.5x), corrected towards 1.545x; 1.56x then meets it."""
+    asked: list[Budget] = []
+    measurements = iter([1.51, 1.56])
+    result = closed_loop(
+        solver(asked),
+        lambda s: {"speedup": next(measurements)},
+        Budget(speedup=1.5),
+        rounds=4,
+        margin=0.03,
+        log=lambda m: None,
+    )
+    assert result.met and result.chosen_round == 2 and not result.rounds[0].met
+    assert asked[1].speedup == pytest.approx(1.5 * 1.5 * 1.03 / 1.51)
+    with pytest.raises(ConfigError, match="measure_margin"):
+        SearchConfig(measure_margin=-0.1)
+
+
 def test_a_corrected_budget_beyond_the_library_stops_the_loop():
     calls = []
 

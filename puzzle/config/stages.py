@@ -190,6 +190,10 @@ class SearchConfig:
     measure_overshoot: float | None = None
     """Also re-solve when the measured figure is past the budget by more than this fraction (None: any surplus is
     fine), to land on the budget: the compare stage's methods then meet at the same measured speed-up."""
+    measure_margin: float = 0.0
+    """The closed loop aims this fraction past the budget (a higher speed-up, a lower latency), so the evaluate
+    stage's own timing of the child, taken later, still meets the budget when timings move by that much (0: aim at
+    the budget itself)."""
     measure_repeats: int = 5
     """Timing rounds per closed-loop measurement (parent and child alternate; the median is kept)."""
 
@@ -198,6 +202,8 @@ class SearchConfig:
         check_positive("search.measure_rounds", self.measure_rounds, allow_zero=True)
         check_positive("search.measure_repeats", self.measure_repeats)
         check_positive("search.measure_overshoot", self.measure_overshoot, allow_zero=True)
+        if not 0.0 <= self.measure_margin < 1.0:
+            raise ConfigError(f"search.measure_margin={self.measure_margin} must be in [0, 1)")
         if not 0.0 <= self.measure_tolerance < 1.0:
             raise ConfigError(f"search.measure_tolerance={self.measure_tolerance} must be in [0, 1)")
         check_positive("search.num_solutions", self.num_solutions)

@@ -73,6 +73,7 @@ def run(ctx: StageContext) -> StageResult:
             ctx.job.budget,
             rounds=cfg.measure_rounds,
             tolerance=cfg.measure_tolerance,
+            margin=cfg.measure_margin,
             overshoot=cfg.measure_overshoot,
             log=say,
         )
