@@ -90,7 +90,8 @@ class BlockTrainer:
         self.calibrated = 0
         self.built = False
         self.runs: dict[str, BlockRun] = {}
-        self.frozen: dict[str, torch.nn.Module] = {}  # untrained blocks (no-op variants): scored, not trained
+        self.untrained = {s.hash for s in specs if not s.trainable}  # no-op variants: scored once, never trained
+        self.frozen: dict[str, torch.nn.Module] = {}  # their layers, until scored (then dropped)
         self.frozen_nmse: dict[str, float] = {}
         self.sums: dict[str, HeldoutSums] = {}
 
@@ -136,6 +137,8 @@ class BlockTrainer:
         for spec in self.specs:
             start = time.perf_counter()
             if not spec.trainable:
+                if spec.hash in self.frozen_nmse:
+                    continue
                 self.frozen[spec.hash] = untrained_layer(spec, self.config, self.parent_states[spec.layer]).to(
                     self.device
                 )
@@ -162,7 +165,7 @@ class BlockTrainer:
 
     def steps(self) -> dict[str, int]:
         """The step each trained block reached (untrained blocks count as finished)."""
-        return {h: run.step for h, run in self.runs.items()} | dict.fromkeys(self.frozen, self.total_steps)
+        return {h: run.step for h, run in self.runs.items()} | dict.fromkeys(self.untrained, self.total_steps)
 
     # ----------------------------------------------------------------------------------------------- held-out
 
@@ -210,6 +213,7 @@ class BlockTrainer:
                     self.runs[spec.hash].meta["nmse_init"] = sums.nmse(spec.hash)
                 else:
                     self.frozen_nmse[spec.hash] = sums.nmse(spec.hash)
+                    del self.frozen[spec.hash]  # scored for good: its layer is not needed again
         return True
 
     # ----------------------------------------------------------------------------------------------- training
@@ -243,7 +247,7 @@ class BlockTrainer:
         sums = self.sums.get("final")
         if (self.runs and sums is None) or any(h not in sums.err for h in self.runs):
             return {"status": "need_heldout"}
-        if any(h not in self.frozen_nmse for h in self.frozen):
+        if any(h not in self.frozen_nmse for h in self.untrained):
             return {"status": "need_replay"}
         blocks = {}
         for h, run in self.runs.items():
@@ -256,7 +260,7 @@ class BlockTrainer:
                 "train_loss": run.last_loss,
             }
         for spec in self.specs:
-            if spec.hash in self.frozen:
+            if spec.hash in self.untrained:
                 nmse = self.frozen_nmse[spec.hash]
                 blocks[spec.hash] = {"state": None, "init": untrained_init(spec), "nmse_init": nmse}
                 blocks[spec.hash].update({"nmse_trained": nmse, "seconds": 0.0, "train_loss": float("nan")})
