@@ -31,3 +31,23 @@ def test_without_a_record_the_header_holds_none(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         assert not f.metadata()
     assert load_state(path)[1] is None
+
+
+def test_views_of_one_storage_are_written_from_copies_and_the_rest_as_they_are(tmp_path, monkeypatch):
+    """Slices of one tensor (which safetensors refuses side by side) round-trip; a plain tensor is not copied."""
+    import puzzle.common.checkpoint as checkpoint
+
+    whole = torch.arange(12.0)
+    plain = torch.ones(3, 4)
+    written = {}
+
+    def spy(path, tensors, metadata):
+        written.update(tensors)
+        return real(path, tensors, metadata)
+
+    real = checkpoint.save_safetensors_atomic
+    monkeypatch.setattr(checkpoint, "save_safetensors_atomic", spy)
+    save_state(tmp_path / "w.safetensors", {"a": whole[:6], "b": whole[6:], "plain": plain})
+    assert written["plain"].data_ptr() == plain.data_ptr()
+    tensors, _ = load_state(tmp_path / "w.safetensors")
+    assert torch.equal(tensors["a"], whole[:6]) and torch.equal(tensors["b"], whole[6:])

@@ -21,10 +21,19 @@ META_KEY = "meta"
 def save_state(path: PathLike, tensors: Mapping[str, Tensor], meta: Any = None) -> Path:
     """Write `tensors` (CPU copies) and `meta` (anything json.dumps takes; omitted when None) to `path` atomically.
 
-    Tensors are copied because tied weights (embeddings = LM head) share storage, which safetensors refuses.
+    A tensor whose storage an earlier one already uses (tied weights: embeddings = LM head), which safetensors
+    refuses, is written from a copy; the others are written as they are (no second copy of a model in memory).
     """
-    copies = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    return save_safetensors_atomic(path, copies, None if meta is None else {META_KEY: json.dumps(meta)})
+    out: dict[str, Tensor] = {}
+    storages: set[int] = set()
+    for name, tensor in tensors.items():
+        t = tensor.detach().to("cpu").contiguous()
+        storage = t.untyped_storage().data_ptr()
+        if storage in storages or t.data_ptr() != storage or t.nbytes != t.untyped_storage().nbytes():
+            t = t.clone()  # shared with another entry, or a view of part of a larger storage
+        storages.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return save_safetensors_atomic(path, out, None if meta is None else {META_KEY: json.dumps(meta)})
 
 
 def load_state(path: PathLike, device: torch.device | str = "cpu") -> tuple[dict[str, Tensor], Any]:
