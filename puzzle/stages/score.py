@@ -376,16 +376,25 @@ def score_blocks(
                 layer_scores[block.name] = dict(parent_scores)
             elif block.name in got:
                 layer_scores[block.name] = {k: float(got[block.name][k]) for k in METRICS}
-            else:  # decoupled: composed from its two subblocks
-                att = got.get(BlockConfig(block.attention, own.ffn).name, parent_scores)
-                ffn = got.get(BlockConfig(own.attention, block.ffn).name, parent_scores)
+            else:  # decoupled: composed from its two subblocks (the parent's own scores for the parent's subblock)
+
+                def subblock(cfg: BlockConfig, i: int = i, got: dict = got) -> dict[str, float]:
+                    if cfg == _parent_block(parent, i):
+                        return parent_scores
+                    if cfg.name not in got:
+                        raise PuzzleError(f"layer {i}: subblock {cfg.name} was not scored; cannot compose its pairs")
+                    return got[cfg.name]
+
+                att = subblock(BlockConfig(block.attention, own.ffn))
+                ffn = subblock(BlockConfig(own.attention, block.ffn))
                 layer_scores[block.name] = compose_pair(att, ffn, parent_scores)
     info = {
         "parent_metrics": parent_metrics,
         "tokens": sum(ids.numel() for ids in batches),
         "num_batches": len(batches),
         "blocks_scored": sum(len(b) for _, b in jobs),
-        "pairs": pairs,
+        # A parent without per-layer block configs has no subblocks to pair: every pair was run.
+        "pairs": pairs if all(_parent_block(parent, i) is not None for i in range(len(variants))) else "full",
         "tasks": len(shards),
         "nodes": sorted({r["node"] for r in results if r.get("node")}),
         "seconds": time.perf_counter() - start,
@@ -515,4 +524,5 @@ def run(ctx: StageContext) -> StageResult:
         log=say,
     )
     tokens = int(info.get("tokens", 0) or 0) if isinstance(info, dict) else 0
-    return StageResult(tokens=tokens, summary={"blocks": sum(len(v) for v in scores.values())})
+    summary = {"blocks": sum(len(v) for v in scores.values()), "blocks_run": info.get("blocks_scored")}
+    return StageResult(tokens=tokens, summary=summary)
