@@ -455,8 +455,10 @@ def test_interrupted_run_resumes_from_checkpoints_and_equals_uninterrupted(basel
     assert list((tmp_path / "lib" / "work" / "checkpoints").glob("*.safetensors"))
     resumed = _run(parent, tokens, tmp_path / "lib")
     start = resumed.last_run["start_step"]
-    assert start > 1 and (start - 1) % 3 == 0
-    assert set(resumed.last_run["resumed_from"].values()) == {start - 1}
+    # Checkpoints fall due every 3 steps and are fetched a block at a time, from a trainer that may have gone on by
+    # the steps in flight: each records the step it holds, and the run resumes from the earliest.
+    steps = set(resumed.last_run["resumed_from"].values())
+    assert start > 1 and min(steps) == start - 1 and max(steps) <= start - 1 + CFG.get("max_inflight_steps", 2)
     _assert_same_library(baseline, resumed)
     assert not list((tmp_path / "lib" / "work" / "checkpoints").glob("*.safetensors"))
 

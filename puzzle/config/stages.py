@@ -53,11 +53,12 @@ class BLDConfig:
     grad_clip: float = 1.0
     """Gradient-norm clip per block (0 disables)."""
     checkpoint_every: int = 50
-    """Steps between trainer checkpoints (resume and worker restarts replay at most this many steps; 0 disables)."""
+    """Steps between trainer checkpoints, fetched a block at a time (each holds the step it reached: the due step or
+    one of the steps in flight after it); resume and restarts replay at most this many steps; 0 disables."""
     max_restarts: int = 3
     """Times Ray restarts a trainer actor that died; its blocks resume from their last checkpoint."""
     max_inflight_steps: int = 2
-    """Parent-forward batches in flight ahead of the slowest trainer (bounds object-store memory)."""
+    """Token batches in flight ahead of the slowest trainer (how far trainers may run ahead of the driver)."""
 
     def __post_init__(self) -> None:
         check_choice("bld.mode", self.mode, BLD_MODES)

@@ -195,7 +195,8 @@ def _train(model, todo, cfg, total_steps, rows, cache, work, logger, on_step) ->
     # The parent goes into the object store once, as arrays the trainers map rather than copy (puzzle.model.packing:
     # the stage's parent already lives there); each trainer builds the layers up to its own last one from it.
     parent_ref = shared_ref(model)
-    parent_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}  # tied weights once
+    parent_bytes = sum(t.numel() * t.element_size() for t in unique.values())
     payload = {"parent": parent_ref, "pos": ray.put(position_embeddings(model, train_rows.shape[1]))}
     checkpoint_refs = {h: ray.put(c) for h, c in checkpoints.items() if c is not None}
     save_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -205,18 +206,19 @@ def _train(model, todo, cfg, total_steps, rows, cache, work, logger, on_step) ->
         stream_start = time.perf_counter()
         session.stream(first, bar)
         stream_seconds = time.perf_counter() - stream_start
-        blocks = session.finish()
-        bar.set_postfix_str(f"blocks {len(blocks)}/{len(todo)}")
+        tokens = total_steps * cfg.batch_size * train_rows.shape[1]
+
+        def write(block_hash: str, block: dict, state) -> None:
+            entry = {k: block[k] for k in ("init", "nmse_init", "nmse_trained", "seconds", "train_loss")}
+            entry.update({"tokens": 0 if block.get("untrained") else tokens, "hash": block_hash, "parent": False})
+            cache.put(block_hash, entry, state)  # finished first, then its checkpoint goes
+            session.checkpoint_path(block_hash).unlink(missing_ok=True)
+
+        written = session.finish(write)
+        bar.set_postfix_str(f"blocks {written}/{len(todo)}")
         bar.close()
     finally:
         session.close()
-    tokens = total_steps * cfg.batch_size * train_rows.shape[1]
-    for spec in todo:
-        block = blocks[spec.hash]
-        entry = {k: block[k] for k in ("init", "nmse_init", "nmse_trained", "seconds", "train_loss")}
-        entry.update({"tokens": tokens if spec.trainable else 0, "hash": spec.hash, "parent": False})
-        cache.put(spec.hash, entry, block["state"])  # finished first, then its checkpoint goes
-        session.checkpoint_path(spec.hash).unlink(missing_ok=True)
     streamed = (total_steps - first + 1) * cfg.batch_size * train_rows.shape[1]
     return {
         "workers": len(session.actors),

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
+from puzzle.common.memory import trim_heap
 from puzzle.config import BLDConfig
 from puzzle.errors import PuzzleError
 from puzzle.stages.bld.plan import BlockSpec, assign_blocks
@@ -191,10 +192,18 @@ class TrainSession:
     # ------------------------------------------------------------------------------------------ training
 
     def handle(self, ai: int, step: int, result: dict[str, Any]) -> None:
+        import ray
+
         self.trainer_seconds += result["seconds"]
         self.forward_seconds += result["forward_seconds"]
-        for h, ckpt in result.get("checkpoints", {}).items():
-            save_checkpoint(self.checkpoint_path(h), ckpt)
+        # Checkpoints come one block at a time, so the driver never holds more than one block's weights and AdamW
+        # state. The actor may be a step or two further by now: each checkpoint records the step it holds.
+        for h in result.get("checkpoint_due", []):
+            ckpt = ray.get(self.actors[ai].block_checkpoint.remote(h))
+            if ckpt is not None:  # None: restarted since; the next call finds out and replays
+                save_checkpoint(self.checkpoint_path(h), ckpt)
+            del ckpt
+            trim_heap()
         if self.logger is not None and result["losses"]:
             by_hash = {s.hash: s for s in self.groups[ai]}
             metrics = {}
@@ -258,26 +267,43 @@ class TrainSession:
             self.collect(inflight.popleft(), inflight)
             bar.update(tokens_per_step)
 
-    def finish(self) -> dict[str, dict[str, Any]]:
-        """Final weights and held-out scores of every block, recovering trainers that died at the very end."""
+    def finish(self, write: Callable[[str, dict[str, Any], Any], None]) -> int:
+        """Score every block after training and hand each to `write(hash, record, weights)` (weights None for an
+        untrained block), fetching the weights a block at a time; trainers that die meanwhile are recovered. Returns
+        the number of blocks written."""
         import ray
 
         pending = list(range(len(self.actors)))
-        blocks: dict[str, dict[str, Any]] = {}
+        written = 0
         while pending:
             for ai in self.heldout_pass("final", pending):
                 self.recover(ai, deque())
             results = ray.get([self.actors[ai].finish.remote() for ai in pending])
             again = []
             for ai, result in zip(pending, results, strict=True):
-                if result["status"] == "ok":
-                    blocks.update(result["blocks"])
+                if result["status"] == "ok" and self._write_blocks(ai, result["blocks"], write):
+                    written += len(result["blocks"])
                     continue
-                if result["status"] == "need_replay":
+                if result["status"] in ("ok", "need_replay"):  # "ok" here: it died while its blocks were fetched
                     self.recover(ai, deque())
                 again.append(ai)
             pending = again
-        return blocks
+        return written
+
+    def _write_blocks(self, ai: int, blocks: dict[str, dict[str, Any]], write) -> bool:
+        """Fetch and write trainer `ai`'s finished blocks one at a time; False if it lost them (restarted)."""
+        import ray
+
+        for h, record in blocks.items():
+            state = None
+            if not record.get("untrained"):
+                state = ray.get(self.actors[ai].block_state.remote(h))
+                if state is None:
+                    return False
+            write(h, record, state)
+            del state
+            trim_heap()
+        return True
 
     def close(self) -> None:
         import ray

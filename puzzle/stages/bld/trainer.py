@@ -237,8 +237,18 @@ class BlockTrainer:
         result = {"status": "ok", "losses": losses, "seconds": time.perf_counter() - start, "forward_seconds": forward}
         every = self.cfg.checkpoint_every
         if every and step % every == 0 and step < self.total_steps:
-            result["checkpoints"] = {run.spec.hash: run.checkpoint() for run in todo}
+            result["checkpoint_due"] = [run.spec.hash for run in todo]  # the driver fetches them one at a time
         return result
+
+    def block_checkpoint(self, block_hash: str) -> dict[str, Any] | None:
+        """One block's checkpoint as it is now (its meta holds the step it reached), None if this actor lost it."""
+        run = self.runs.get(block_hash)
+        return None if run is None else run.checkpoint()
+
+    def block_state(self, block_hash: str) -> dict[str, Tensor] | None:
+        """One finished block's weights to store (after `finish` answered ok), None if this actor lost it."""
+        run = self.runs.get(block_hash)
+        return None if run is None or run.step < self.total_steps else run.saved_state(self.save_dtype)
 
     def finish(self) -> dict[str, Any]:
         """Final weights and held-out scores of every block, once all reached the last step and were scored."""
@@ -251,8 +261,7 @@ class BlockTrainer:
             return {"status": "need_replay"}
         blocks = {}
         for h, run in self.runs.items():
-            blocks[h] = {
-                "state": run.saved_state(self.save_dtype),
+            blocks[h] = {  # weights stay here until the driver fetches them a block at a time (`block_state`)
                 "init": run.meta["init"],
                 "nmse_init": float(run.meta["nmse_init"]),
                 "nmse_trained": sums.nmse(h),
@@ -262,6 +271,6 @@ class BlockTrainer:
         for spec in self.specs:
             if spec.hash in self.untrained:
                 nmse = self.frozen_nmse[spec.hash]
-                blocks[spec.hash] = {"state": None, "init": untrained_init(spec), "nmse_init": nmse}
+                blocks[spec.hash] = {"init": untrained_init(spec), "nmse_init": nmse, "untrained": True}
                 blocks[spec.hash].update({"nmse_trained": nmse, "seconds": 0.0, "train_loss": float("nan")})
         return {"status": "ok", "blocks": blocks}
