@@ -5,7 +5,8 @@
 Prints, for the demo search space (search_space/demo.yaml) on the demo-shaped parent:
 1. BLD on Ray (`puzzle.stages.bld.run_bld`, the stage's own code): tokens/s streamed through the parent,
    block-tokens/s, and
-   the time spent in the shared parent forward (driver, incl. ray.put) vs in the trainers (sum over actors).
+   the time the trainers spend in their parent forward (one per batch each, shared by all of a trainer's blocks) vs
+   in training (sums over actors).
 2. In one process, one thread, the same blocks trained a few steps two ways: the shared design (one parent forward per
    batch, every block trains on its activations) vs recomputing the parent prefix (embeddings + layers 0..i) for every
    block of layer i. It prints the speed-up of the parent-forward work alone (expected ~ blocks per layer x (L + 1) / 2,
@@ -170,8 +171,9 @@ def main() -> None:
     print(f"   tokens/s through the parent:   {ray_run['tokens_per_s']:.0f}")
     print(f"   block-tokens/s (x blocks):      {ray_run['block_tokens_per_s']:.0f}")
     print(
-        f"   shared parent forward: {ray_run['forward_seconds']:.2f} s ({100 * ray_run['forward_seconds'] / busy:.0f}%)"
-        f"   trainers: {ray_run['trainer_seconds']:.2f} s ({100 * ray_run['trainer_seconds'] / busy:.0f}%)"
+        f"   trainers' parent forward: {ray_run['forward_seconds']:.2f} s"
+        f" ({100 * ray_run['forward_seconds'] / busy:.0f}%)"
+        f"   trainers in all: {ray_run['trainer_seconds']:.2f} s ({100 * ray_run['trainer_seconds'] / busy:.0f}%)"
     )
 
     cmp = bench_in_process(model, variants, tokens, cfg, args.compare_steps)

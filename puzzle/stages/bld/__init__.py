@@ -7,17 +7,18 @@ its loss the normalised MSE  ||out_child - out_parent||^2 / ||out_parent - in||^
 - Decoupled mode (default): each attention variant trains beside the frozen parent FFN, each FFN variant beside the
   frozen parent attention, so a layer with m attention and n FFN variants costs m + n blocks; pairs are composed later
   without training. Coupled mode trains each (attention, FFN) pair. Parent and no-op variants are never trained.
-- The parent's forward pass runs ONCE per batch, on the driver, which captures the layer inputs, post-attention
-  states and outputs the trainers need, puts each tensor into the Ray object store once and hands the references to
-  `BlockTrainer` actors (each owns one or more layers' blocks, with num_cpus / num_gpus from `BLDConfig`). No parent
-  prefix is recomputed. Calibration (FFN channel scores and least-squares sums), held-out scoring and training all
-  stream this way, one batch at a time: memory is set by the batch size and the blocks, not by the token budgets.
+- Each `BlockTrainer` actor (num_cpus / num_gpus from `BLDConfig`) owns a run of consecutive layers and runs the
+  parent's embedding and layers up to its last one itself, on its own device, once per batch for all of its blocks
+  (`ParentPrefix`). The driver puts the parent into the Ray object store once, as arrays every trainer of a node maps
+  (`puzzle.model.packing`), and then sends only token ids: no activation passes through the driver. Calibration (FFN
+  channel scores and least-squares sums), held-out scoring and training all stream this way, one batch at a time:
+  memory is set by the batch size and the blocks, not by the token budgets.
 - Content-addressed: a block's key (`block_hash`) covers the parent as loaded (weights and dtype), its layer, kind and
   variant, the data, and the training hyperparameters with the seed (every BLD setting but the resource-only ones:
   workers, CPUs, GPUs, checkpoint cadence). Finished blocks live in a `BlockCache` under their key, which the pipeline
   keeps in the run directory (runs/<name>/blocks/) across reruns of the stage: a block whose key is there is never
-  trained again, so adding a variant trains only the new blocks. Trainers return checkpoints (weights and AdamW state)
-  every `checkpoint_every` steps and the driver writes them under the block's key: a killed run resumes from them,
+  trained again, so adding a variant trains only the new blocks. Every `checkpoint_every` steps the driver fetches each
+  block's checkpoint (weights and AdamW state), one block at a time, and writes it under the block's key: a killed run resumes from them,
   and a trainer actor that dies is restarted by Ray and replays its missing steps from its last checkpoint. Training
   is deterministic per block (fixed data order, each block seeded from its key), so the finished library equals an
   uninterrupted run's, however blocks are spread over trainers.
