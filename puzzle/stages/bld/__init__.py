@@ -18,10 +18,10 @@ its loss the normalised MSE  ||out_child - out_parent||^2 / ||out_parent - in||^
   workers, CPUs, GPUs, checkpoint cadence). Finished blocks live in a `BlockCache` under their key, which the pipeline
   keeps in the run directory (runs/<name>/blocks/) across reruns of the stage: a block whose key is there is never
   trained again, so adding a variant trains only the new blocks. Every `checkpoint_every` steps the driver fetches each
-  block's checkpoint (weights and AdamW state), one block at a time, and writes it under the block's key: a killed run resumes from them,
-  and a trainer actor that dies is restarted by Ray and replays its missing steps from its last checkpoint. Training
-  is deterministic per block (fixed data order, each block seeded from its key), so the finished library equals an
-  uninterrupted run's, however blocks are spread over trainers.
+  block's checkpoint (weights and AdamW state), one block at a time, and writes it under the block's key: a killed
+  run resumes from them, and a trainer actor that dies is restarted by Ray and replays its missing steps from its last
+  checkpoint. Training is deterministic per block (fixed data order, each block seeded from its key), so the finished
+  library equals an uninterrupted run's, however blocks are spread over trainers.
 
 A job's library on disk (`BlockStore`): root/index.json maps "layer_{i}" -> "attention" | "ffn" | "block" -> variant
 name -> entry {file, init, nmse_init, nmse_trained, tokens, seconds, hash, parent}; `file` is a safetensors file of the
