@@ -18,7 +18,9 @@ they are stored as GiB; bandwidths are decimal (TB/s = 1e12 bytes/s).
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 from puzzle.errors import ConfigError
 
@@ -163,3 +165,15 @@ def roofline_ms(flops: float, bytes_moved: float, spec: DeviceSpec, dtype: objec
     compute_s = flops / spec.peak_flops(dtype)
     memory_s = bytes_moved / spec.memory_bandwidth
     return max(compute_s, memory_s) * 1e3
+
+
+def cpu_model() -> str:
+    """This machine's CPU model name (/proc/cpuinfo's "model name"; the platform's processor name elsewhere)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return model

@@ -7,7 +7,6 @@ evaluation stage does, so predicted (sum of blocks + fixed costs) and measured f
 from __future__ import annotations
 
 import gc
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from puzzle.common.hardware import cpu_model
 from puzzle.errors import ConfigError, PuzzleError
 from puzzle.model.modeling_puzzle import cache_of
 
@@ -69,15 +69,7 @@ def device_name(device: torch.device) -> str:
     """A stable name of the hardware behind `device` (CPU model and thread count, or the CUDA device name)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu:{model} ({torch.get_num_threads()} threads)"
+    return f"cpu:{cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 CLOCKS = ("wall", "cpu")
