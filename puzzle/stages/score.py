@@ -269,6 +269,18 @@ def _score_shard(
     return {"scores": scores, "parent": parent.means(), "tokens": sum(ids.numel() for ids in batches), "node": node}
 
 
+def _subblock_scores(
+    block: BlockConfig, own: BlockConfig, got: dict[str, dict], parent_scores: dict[str, float], layer_idx: int
+) -> dict[str, float]:
+    """The scores of one subblock variant of a decoupled pair: the parent's for the layer's own block, else what was
+    measured (PuzzleError if it was not)."""
+    if block == own:
+        return parent_scores
+    if block.name not in got:
+        raise PuzzleError(f"layer {layer_idx}: subblock {block.name} was not scored; cannot compose its pairs")
+    return got[block.name]
+
+
 def _parent_block(model: nn.Module, layer_idx: int) -> BlockConfig | None:
     cfg = model.config
     if hasattr(cfg, "block_config"):
@@ -377,16 +389,8 @@ def score_blocks(
             elif block.name in got:
                 layer_scores[block.name] = {k: float(got[block.name][k]) for k in METRICS}
             else:  # decoupled: composed from its two subblocks (the parent's own scores for the parent's subblock)
-
-                def subblock(cfg: BlockConfig, i: int = i, got: dict = got) -> dict[str, float]:
-                    if cfg == _parent_block(parent, i):
-                        return parent_scores
-                    if cfg.name not in got:
-                        raise PuzzleError(f"layer {i}: subblock {cfg.name} was not scored; cannot compose its pairs")
-                    return got[cfg.name]
-
-                att = subblock(BlockConfig(block.attention, own.ffn))
-                ffn = subblock(BlockConfig(own.attention, block.ffn))
+                att = _subblock_scores(BlockConfig(block.attention, own.ffn), own, got, parent_scores, i)
+                ffn = _subblock_scores(BlockConfig(own.attention, block.ffn), own, got, parent_scores, i)
                 layer_scores[block.name] = compose_pair(att, ffn, parent_scores)
     info = {
         "parent_metrics": parent_metrics,
