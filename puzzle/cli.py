@@ -1,4 +1,4 @@
-"""The `puzzle` command line: `puzzle run|submit|status|logs|stop|search ...`.
+"""The `puzzle` command line: `puzzle run|submit|status|logs|stop|estimate|search ...`.
 
 Each subcommand lives in its stage's module, which exposes `register(subparsers)`; the parser it adds
 sets `func=callable(args) -> int`. A `PuzzleError` (a problem the user can fix) becomes one line on
@@ -14,7 +14,13 @@ import sys
 from puzzle.errors import PuzzleError
 
 # Modules that contribute subcommands, in the order they appear in --help.
-COMMAND_MODULES = ("puzzle.runner.run", "puzzle.runner.jobs", "puzzle.stages.search.cli", "puzzle.hf.gguf")
+COMMAND_MODULES = (
+    "puzzle.runner.run",
+    "puzzle.runner.jobs",
+    "puzzle.estimate.cli",
+    "puzzle.stages.search.cli",
+    "puzzle.hf.gguf",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -260,8 +260,18 @@ class RunConfig:
     seed: int = 0
     """Seeds every random source of the run (puzzle.common.seeding): each stage, BLD block, GKD worker and scoring task
     gets a seed derived from it. data.seed alone picks the data split, so runs with different seeds share a test set."""
+    max_hours: float | None = None
+    """Refuse to start when the job's estimated wall time (puzzle estimate) exceeds this many hours."""
+    max_usd: float | None = None
+    """Refuse to start when the job's estimated cost exceeds this many dollars (needs price_per_hour)."""
+    price_per_hour: float | None = None
+    """Dollars per GPU-hour (per machine-hour on CPU) for the estimate's cost."""
 
     def __post_init__(self) -> None:
+        for name in ("max_hours", "max_usd", "price_per_hour"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"run.{name}={value} must be positive (or null)")
         if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
             raise ConfigError(f"run.name={self.name!r} must be a plain directory name (no '/')")
 

@@ -358,6 +358,9 @@ def run_job(
     selected, force_from = select_stages(stages, from_stage, until)
     if validate:
         validate_job(job)
+        from puzzle.estimate import preflight
+
+        preflight(job, tuple(s.name for s in selected), say)
     run_dir = job.run_dir
     with run_lock(run_dir):
         clean_stale(run_dir)

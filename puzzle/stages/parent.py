@@ -207,6 +207,11 @@ def _is_complete(path: Path) -> bool:
     return all((path / name).is_file() for name in _REQUIRED_FILES)
 
 
+def default_parent_cached(recipe: ParentRecipe | None = None) -> bool:
+    """Whether this machine's cache holds the default parent for `recipe` (built by an earlier run)."""
+    return _is_complete(default_cache_root() / "parents" / (recipe or ParentRecipe()).key())
+
+
 # ----------------------------------------------------------------------------------------------- build
 
 

@@ -1,0 +1,436 @@
+"""`puzzle estimate --calibrate`: short probes on this machine's device that fit the cost model's rates.
+
+Probes (under a minute on a 2-core CPU): forward and training passes of small Llama-shaped models (puzzle's own
+model) at two widths and a few batch sizes, training all weights or a fraction s of them, at one thread and at every
+core (CPU); softmax + KL over a vocabulary; decode steps through a KV cache at two widths and depths; random
+initialisation; a safetensors write; peak memory of training steps at several (batch, s) in fresh processes; a local
+Ray cluster's start, its daemons' memory and a worker's start; and one MIP solve. The throughput curve and the
+memory curve (puzzle.estimate.fit) are fitted to them; the result is stored per device in the machine cache
+($PUZZLE_CACHE/estimate/) and used by every later estimate on this device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from puzzle.estimate.fit import fit_memory, fit_throughput, intensity
+
+WIDTHS = (128, 512)
+ROWS = (128, 512, 2048)
+LAYERS = 2
+VOCAB = 1024
+
+
+def probe_config(width: int, layers: int = LAYERS, vocab: int = VOCAB) -> Any:
+    """A Llama-shaped PuzzleConfig: heads of 64, half as many KV heads, SwiGLU FFN of 3 x width."""
+    from transformers import LlamaConfig
+
+    from puzzle.hf.convert import puzzle_config_from_hf
+
+    heads = max(2, width // 64)
+    hf = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=3 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        head_dim=64,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+    return puzzle_config_from_hf(hf)
+
+
+def _model(config: Any, device: str, dtype: Any) -> Any:
+    from puzzle.estimate.work import parent_blocks
+    from puzzle.stages.profile.blocks import random_model
+
+    return random_model(config, parent_blocks(config), device, dtype)
+
+
+def _timed(fn: Callable[[], Any], sync: Callable[[], None], repeats: int = 2) -> float:
+    fn()
+    sync()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - start)
+    return statistics.median(out)
+
+
+def _trainable(model: Any, fraction: str) -> float:
+    """Freeze all but the last layer's FFN for fraction "part" (as BLD trains one block on the parent's inputs: only
+    what lies above it keeps activations); returns the trained share of the parameters."""
+    total = sum(p.numel() for p in model.parameters())
+    if fraction == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return 1.0
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ffn = model.model.layers[-1].mlp
+    for p in ffn.parameters():
+        p.requires_grad_(True)
+    return sum(p.numel() for p in ffn.parameters()) / total
+
+
+def compute_probes(device: str, threads: int, log: Callable[[str], Any]) -> list[dict[str, Any]]:
+    """Forward, train, vocab and decode probes at `threads` torch threads."""
+    import torch
+    import torch.nn.functional as F
+
+    from puzzle.estimate.work import decode_step, model_flops, parent_blocks
+    from puzzle.stages.profile.timing import measure_decode_latency
+
+    torch.set_num_threads(threads)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    probes = []
+    for width in WIDTHS:
+        config = probe_config(width)
+        model = _model(config, device, dtype)
+        for rows in ROWS:
+            seq = min(rows, 128)
+            ids = torch.randint(VOCAB, (rows // seq, seq), device=device)
+            flops = model_flops(config, parent_blocks(config), seq) * rows
+            with torch.no_grad():
+                t = _timed(lambda ids=ids, model=model: model(input_ids=ids, use_cache=False), sync)
+            probes.append(
+                {
+                    "kind": "forward",
+                    "threads": threads,
+                    "width": width,
+                    "rows": rows,
+                    "s": 1.0,
+                    "flops": flops,
+                    "seconds": t,
+                }
+            )
+            for fraction in ("all", "part"):
+                s = _trainable(model, fraction)
+                opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+
+                def step(ids=ids, opt=opt, model=model) -> None:
+                    out = model(input_ids=ids, use_cache=False)
+                    out.logits.float().logsumexp(-1).mean().backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+                model.train()
+                t = _timed(step, sync)
+                model.eval()
+                # Without a gradient into the frozen layers below it the backward touches only the trained part.
+                probes.append(
+                    {
+                        "kind": "train",
+                        "threads": threads,
+                        "width": width,
+                        "rows": rows,
+                        "s": s,
+                        "flops": flops * (1 + 2 * s),
+                        "seconds": t,
+                    }
+                )
+        for depth in (2, 8):
+            deep = _model(probe_config(width, layers=depth), device, dtype)
+            t = measure_decode_latency(deep, 1, 64, steps=8, warmup=1, repeats=3).median_ms / 1e3
+            step = decode_step(deep.config, parent_blocks(deep.config), 1, 64, dtype.itemsize)
+            probes.append(
+                {
+                    "kind": "decode",
+                    "threads": threads,
+                    "width": width,
+                    "rows": 1,
+                    "flops": step.flops,
+                    "bytes": step.bytes,
+                    "kernels": step.kernels,
+                    "seconds": t,
+                }
+            )
+            del deep
+        del model
+    logits = torch.randn(512, 16384, device=device)
+    probs = torch.softmax(torch.randn(512, 16384, device=device), -1)
+    ids = torch.randint(16384, (512, 1), device=device)
+
+    def metrics() -> None:
+        logq = F.log_softmax(logits.float(), dim=-1)
+        (probs * logq).sum(-1)
+        logq.gather(-1, ids)
+        logq.amax(-1)
+
+    probes.append({"kind": "vocab", "threads": threads, "elements": 512 * 16384, "seconds": _timed(metrics, sync, 3)})
+    log(f"calibrate: compute probes at {threads} thread(s) done")
+    return probes
+
+
+def fit_compute(probes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Throughput curves per thread count, the vocab rate and the decode (s/byte, s/kernel) from the probes."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    out: dict[str, Any] = {"forward": {}, "train": {}, "vocab": {}, "decode": {}}
+    for threads in sorted({p["threads"] for p in probes}):
+        mine = [p for p in probes if p["threads"] == threads]
+        for kind in ("forward", "train"):
+            pts = [p for p in mine if p["kind"] == kind]
+            out[kind][threads] = fit_throughput(
+                [intensity(p["rows"], p["width"]) for p in pts],
+                [p["s"] for p in pts],
+                [p["flops"] / p["seconds"] for p in pts],
+            )
+        out["vocab"][threads] = statistics.median(p["elements"] / p["seconds"] for p in mine if p["kind"] == "vocab")
+        # A decode step at batch 1 reads every weight once and does ~2 FLOPs per weight: its time is bytes read and
+        # kernel launches (the FLOPs ride along with the bytes; the model adds them at the forward rate).
+        dec = [p for p in mine if p["kind"] == "decode"]
+        design = np.array([[p["bytes"] / 1e9, p["kernels"] / 1e3] for p in dec])
+        (per_gb, per_kkernel), _ = nnls(design, np.array([p["seconds"] for p in dec]))
+        out["decode"][threads] = (per_gb / 1e9, per_kkernel / 1e3)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def memory_probe(width: int, batch: int, fraction: str, device: str) -> dict[str, Any]:
+    """Run in a fresh process: activation bytes of one training step at (batch, trained fraction) beyond the model,
+    its gradients and its optimizer state, and the model's per-sequence activation bytes as the cost model counts."""
+    import torch
+
+    from puzzle.common.memory import trim_heap
+    from puzzle.estimate.work import block_activation_bytes, head_activation_bytes, parent_blocks
+
+    torch.set_num_threads(1)
+    cuda = device.startswith("cuda")
+    config = probe_config(width)
+    model = _model(config, device, torch.float32).train()
+    s = _trainable(model, fraction)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    seq = 128
+
+    def step(b: int) -> None:
+        ids = torch.randint(VOCAB, (b, seq), device=device)
+        model(input_ids=ids, use_cache=False).logits.float().logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(1)
+    trim_heap()
+    grads = sum(p.numel() for p in params) * 4
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(batch)
+        used = torch.cuda.max_memory_allocated() - base - grads
+    else:  # the process's RSS, sampled every millisecond while the step runs (the heap was trimmed before it)
+        import threading
+
+        import psutil
+
+        proc = psutil.Process()
+        base = proc.memory_info().rss
+        peak = [base]
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], proc.memory_info().rss)
+                time.sleep(0.001)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        step(batch)
+        done.set()
+        watcher.join()
+        used = peak[0] - base - grads
+    per_seq = sum(block_activation_bytes(config, b, seq, 4) for b in parent_blocks(config))
+    per_seq += head_activation_bytes(config, seq)
+    return {
+        "kind": "memory",
+        "width": width,
+        "batch": batch,
+        "s": s,
+        "used": float(max(used, 0)),
+        "activation_bytes": per_seq,
+    }
+
+
+def _subprocess_json(args: list[str], timeout: float = 300) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "puzzle.estimate.calibrate", *args], capture_output=True, text=True, timeout=timeout
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"calibration probe {args} failed: {out.stderr.strip()[-400:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def process_probe() -> dict[str, Any]:
+    """Run in a fresh process: its RSS after importing what a puzzle Ray worker imports."""
+    import psutil
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    import puzzle.model.modeling_puzzle  # noqa: F401
+
+    info = psutil.Process().memory_full_info()
+    return {"kind": "process", "bytes": float(getattr(info, "pss", info.rss))}
+
+
+def ray_probe(log: Callable[[str], Any]) -> dict[str, Any]:
+    """Start a local Ray cluster: its start time, its daemons' memory, a worker's start time and memory."""
+    import ray
+
+    from puzzle.common.memory import MemorySampler
+
+    start = time.perf_counter()
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray_start = time.perf_counter() - start
+    try:
+        with MemorySampler(interval=0.2) as sampler:
+            time.sleep(0.5)
+
+            @ray.remote(num_cpus=1, max_calls=1)
+            def worker() -> int:
+                import torch  # noqa: F401
+                import transformers  # noqa: F401
+
+                import puzzle.model.modeling_puzzle  # noqa: F401
+
+                return os.getpid()
+
+            start = time.perf_counter()
+            ray.get(worker.remote())
+            worker_start = time.perf_counter() - start
+        peak = sampler.stop()
+        daemons = peak.by_kind_bytes.get("ray_system", 0)
+    finally:
+        ray.shutdown()
+    log(f"calibrate: Ray start {ray_start:.1f} s, worker start {worker_start:.1f} s")
+    return {"kind": "ray", "ray_start_s": ray_start, "worker_start_s": worker_start, "ray_base_bytes": float(daemons)}
+
+
+def misc_probes(device: str) -> dict[str, Any]:
+    """Initialisation rate, disk write rate and one MIP solve (30 layers x 12 variants)."""
+    import random
+
+    import pulp
+    import torch
+    from safetensors.torch import save_file
+
+    config = probe_config(512, layers=8)
+    start = time.perf_counter()
+    model = _model(config, device, torch.float32)
+    init = sum(p.numel() for p in model.parameters()) / (time.perf_counter() - start)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    size = sum(v.numel() * v.element_size() for v in state.values())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.safetensors"
+        start = time.perf_counter()
+        save_file(state, str(path))
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+        disk = size / (time.perf_counter() - start)
+    rng = random.Random(0)
+    layers, options = 30, 12
+    prob = pulp.LpProblem("probe", pulp.LpMinimize)
+    x = {(i, j): pulp.LpVariable(f"x_{i}_{j}", cat="Binary") for i in range(layers) for j in range(options)}
+    cost = {k: rng.random() for k in x}
+    score = {k: rng.random() for k in x}
+    prob += pulp.lpSum(score[k] * v for k, v in x.items())
+    for i in range(layers):
+        prob += pulp.lpSum(x[i, j] for j in range(options)) == 1
+    prob += pulp.lpSum(cost[k] * v for k, v in x.items()) <= layers * 0.4
+    start = time.perf_counter()
+    prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=60))
+    mip = (time.perf_counter() - start) / (layers * options)
+    return {"kind": "misc", "init_params_s": init, "disk_bytes_s": disk, "mip_s_per_variable": mip}
+
+
+# ----------------------------------------------------------------------------------------------- all together
+
+
+def calibrate(device: str = "cpu", log: Callable[[str], Any] = print) -> Any:
+    """Run every probe on `device` ("cpu" or "cuda"), fit the model and store it; returns the DeviceModel."""
+    import psutil
+    import torch
+
+    from puzzle.estimate.model import DeviceModel, local_device_name, save_calibration
+
+    started = time.perf_counter()
+    cores = os.cpu_count() or 1
+    cuda = device.startswith("cuda")
+    thread_counts = [1] if cuda else sorted({1, cores})
+    probes: list[dict[str, Any]] = []
+    for threads in thread_counts:
+        probes += compute_probes(device, threads, log)
+    compute = fit_compute(probes)
+    mem = [
+        _subprocess_json(["memory", str(w), str(b), f, device])
+        for w, b, f in ((128, 2, "all"), (128, 8, "all"), (512, 4, "all"), (512, 8, "part"), (128, 8, "part"))
+    ]
+    memory = fit_memory(
+        [p["batch"] for p in mem], [p["s"] for p in mem], [p["activation_bytes"] for p in mem], [p["used"] for p in mem]
+    )
+    log(f"calibrate: memory C0={memory.c0:.3f} C1={memory.c1:.3f}")
+    proc = _subprocess_json(["process"])
+    ray = ray_probe(log)
+    misc = misc_probes(device)
+    total = torch.cuda.get_device_properties(0).total_memory if cuda else psutil.virtual_memory().total
+    model = DeviceModel(
+        name=local_device_name(),
+        kind="gpu" if cuda else "cpu",
+        calibrated=True,
+        memory_bytes=float(total),
+        cores=1 if cuda else cores,
+        forward=compute["forward"],
+        train=compute["train"],
+        vocab=compute["vocab"],
+        decode=compute["decode"],
+        init_params_s=misc["init_params_s"],
+        disk_bytes_s=misc["disk_bytes_s"],
+        worker_start_s=ray["worker_start_s"],
+        ray_start_s=ray["ray_start_s"],
+        driver_base_bytes=proc["bytes"],
+        worker_base_bytes=proc["bytes"],
+        ray_base_bytes=ray["ray_base_bytes"],
+        mip_s_per_variable=misc["mip_s_per_variable"],
+        memory=memory,
+        probes=probes + mem + [proc, ray, misc],
+        dtype="bfloat16" if cuda else "float32",
+    )
+    path = save_calibration(model)
+    log(f"calibrate: {model.name} in {time.perf_counter() - started:.0f} s -> {path}")
+    return model
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of the probes that need a fresh process."""
+    if argv[0] == "memory":
+        print(json.dumps(memory_probe(int(argv[1]), int(argv[2]), argv[3], argv[4])))
+    elif argv[0] == "process":
+        print(json.dumps(process_probe()))
+    else:
+        raise SystemExit(f"unknown probe {argv[0]!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

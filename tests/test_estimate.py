@@ -1,0 +1,271 @@
+"""`puzzle estimate`: FLOP counts against hand-computed values, the curve fits recovering known constants, and jobs
+refused before compute when the prediction does not fit the device."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from puzzle import cli
+from puzzle.errors import ConfigError, InfeasibleError
+from puzzle.estimate import JobEstimate, check_estimate
+from puzzle.estimate.fit import MemoryFit, Throughput, fit_memory, fit_throughput, intensity
+from puzzle.estimate.model import DeviceModel, StageEstimate, device_key, save_calibration, stage_estimate
+from puzzle.estimate.work import Lane, Pass, StageWork, block_flops, decode_step, head_flops, model_flops
+from puzzle.model.block_config import AttentionConfig, BlockConfig, FFNConfig
+
+
+@pytest.fixture
+def config():
+    from tiny import tiny_llama_config
+
+    from puzzle.hf.convert import puzzle_config_from_hf
+
+    # hidden 32, 4 heads of 8, 2 KV heads, SwiGLU 64, vocab 128, 2 layers
+    return puzzle_config_from_hf(tiny_llama_config())
+
+
+def test_block_flops_match_a_hand_count(config):
+    # q 32x32 + k 32x16 + v 32x16 + o 32x32 = 3072; gate, up, down 3 x 32 x 64 = 6144: 9216 matrix weights.
+    # Causal attention over L = 7: QK^T and AV, 2 x 2 FLOPs x 4 heads x 8 dims x (L + 1) / 2 keys per token = 512.
+    parent = config.block_config(0)
+    assert block_flops(config, parent, 7) == 2 * 9216 + 512
+    gqa1 = BlockConfig(AttentionConfig(n_heads_in_group=4), FFNConfig(intermediate_size=16))
+    # k and v shrink to one head of 8 (32 x 8 each); FFN 3 x 32 x 16.
+    assert block_flops(config, gqa1, 7) == 2 * (1024 + 256 + 256 + 1024 + 3 * 32 * 16) + 512
+    noop = BlockConfig(AttentionConfig(no_op=True), FFNConfig(no_op=True))
+    assert block_flops(config, noop, 7) == 0
+    assert head_flops(config) == 2 * 32 * 128
+    assert model_flops(config, [parent, parent], 7) == 2 * (2 * 9216 + 512) + 2 * 32 * 128
+
+
+def test_decode_step_counts_weights_kv_cache_and_head(config):
+    parent = config.block_config(0)
+    step = decode_step(config, [parent], batch=2, context=10, elem=4)
+    # per token: 2 x 9216 matrix FLOPs + attention over 10 cached keys (4 x 4 heads x 8 dims x 10) + the head.
+    assert step.flops == 2 * (2 * 9216 + 4 * 4 * 8 * 10) + 2 * 2 * 32 * 128
+    # weights (9216 + two 32-wide norms) + KV cache (2 x 2 heads x 8 x 10 positions x 2 rows) + the head, fp32.
+    assert step.bytes == 4 * (9216 + 64) + 4 * 2 * 10 * (2 * 2 * 8) + 4 * 128 * 32
+
+
+def _job_shape(config, **sections):
+    from puzzle.config.schema import JobConfig
+    from puzzle.estimate.stages import JobShape
+
+    job = JobConfig()
+    job.data = type("D", (), {"seq_len": 8})()
+    for name, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(job, name), key, value)
+    parent = [config.block_config(i) for i in range(config.num_hidden_layers)]
+    return JobShape(
+        job=job,
+        config=config,
+        variants=[],
+        blocks=[[b] for b in parent],
+        child=parent,
+        cpus=2,
+        gpus=0,
+        gpu=False,
+        parent_cached=True,
+        parent_source="path",
+    )
+
+
+def test_gkd_stage_flops_match_a_hand_count(config):
+    from puzzle.estimate.stages import gkd_stage
+
+    shape = _job_shape(
+        config,
+        gkd={
+            "tokens": 640,
+            "batch_size": 4,
+            "grad_accum": 2,
+            "num_workers": 1,
+            "activation_checkpointing": False,
+            "checkpoint_every": 0,
+        },
+    )
+    work = gkd_stage(shape)
+    # 640 tokens in steps of 4 x 8 x 2 = 64: 10 steps, 20 micro-batches of 32 tokens. Each: the parent's forward,
+    # the child's forward + backward (3 x), softmax/KL over 3 x 32 x 128 logits.
+    per_token = 2 * (2 * 9216 + 2 * 4 * 8 * 9) + 2 * 32 * 128
+    (lane,) = work.lanes
+    flops = {p.kind: p.flops * p.calls for p in lane.passes}
+    assert work.tokens == 640
+    assert flops["forward"] == 20 * 32 * per_token
+    assert flops["train"] == 20 * 32 * 3 * per_token
+    assert flops["vocab"] == 3 * 20 * 32 * 128
+
+
+def test_throughput_fit_recovers_known_constants():
+    truth = Throughput(c2=3.0e9, c4=2.0e10)
+    b = [4.0, 16.0, 64.0, 256.0, 4.0, 64.0, 256.0]
+    s = [1.0, 1.0, 1.0, 1.0, 0.25, 0.25, 0.25]
+    fitted = fit_throughput(b, s, [truth(x, y) for x, y in zip(b, s, strict=True)])
+    assert fitted.c2 == pytest.approx(truth.c2, rel=1e-6)
+    assert fitted.c4 == pytest.approx(truth.c4, rel=1e-6)
+
+
+def test_memory_fit_recovers_known_constants_and_inverts_to_the_largest_batch():
+    truth = MemoryFit(c0=1.7, c1=0.4)
+    probes = [(2, 1.0, 3e6), (8, 1.0, 3e6), (8, 0.2, 5e6), (4, 0.5, 1e6)]
+    used = [b * truth.per_sequence(lb, s) for b, s, lb in probes]
+    fitted = fit_memory([p[0] for p in probes], [p[1] for p in probes], [p[2] for p in probes], used)
+    assert fitted.c0 == pytest.approx(1.7, rel=1e-6) and fitted.c1 == pytest.approx(0.4, rel=1e-6)
+    # b_max = floor(C0 * free / (L * ((1 - C1) + C1 * s))): 1.7 * 1e9 / (1e6 * 0.8) = 2125
+    assert fitted.max_batch(1e9, 1e6, s=0.5) == 2125
+
+
+def test_intensity_grows_with_rows_towards_the_width():
+    assert intensity(1, 512) < intensity(64, 512) < intensity(4096, 512) < 512
+
+
+def _device(memory_bytes: float, name: str = "probe device") -> DeviceModel:
+    rate = Throughput(c2=0.0, c4=1e10)
+    return DeviceModel(
+        name=name,
+        kind="cpu",
+        calibrated=True,
+        memory_bytes=memory_bytes,
+        cores=2,
+        forward={1: rate},
+        train={1: rate},
+        vocab={1: 1e9},
+        decode={1: (1e-9, 1e-5)},
+        init_params_s=1e8,
+        disk_bytes_s=1e9,
+        worker_start_s=2.0,
+        ray_start_s=5.0,
+        driver_base_bytes=1e8,
+        worker_base_bytes=1e8,
+        ray_base_bytes=1e8,
+        mip_s_per_variable=1e-3,
+    )
+
+
+def test_stage_time_is_its_slowest_lane_plus_driver_and_worker_starts():
+    work = StageWork("bld", workers=2)
+    work.lanes = [Lane([Pass("forward", 10, 1e10)]), Lane([Pass("forward", 20, 1e10)])]
+    work.driver = Lane([Pass("init", 1, 1e8)])
+    est = stage_estimate(work, _device(1e12))
+    assert est.seconds == pytest.approx(20 * 1.0 + 1.0 + 2.0)
+
+
+def test_a_stage_over_the_device_memory_is_refused(config):
+    stage = StageEstimate("gkd", 60.0, {"total": 90.0}, 90.0, None, None, 0, [])
+    est = JobEstimate("tiny", True, 0, None, [stage], 5.0, memory_limit_gib=64.0)
+    from puzzle.config.schema import JobConfig
+
+    with pytest.raises(InfeasibleError, match="stage gkd is predicted to need 90.0 GiB"):
+        check_estimate(est, JobConfig())
+    job = JobConfig()
+    job.run.max_hours = 0.01
+    est.memory_limit_gib = 128.0
+    with pytest.raises(InfeasibleError, match="run.max_hours"):
+        check_estimate(est, job)
+    job.run.max_hours, job.run.max_usd = None, 1.0
+    with pytest.raises(ConfigError, match="needs a price"):
+        check_estimate(est, job)
+
+
+def test_puzzle_run_refuses_a_job_whose_prediction_exceeds_the_machine(tmp_path, monkeypatch, capsys):
+    """One line and exit code 2 before any stage runs, when the calibrated machine is too small for the job."""
+    from test_runner import write_corpus, write_job
+    from tiny import save_tiny_parent
+
+    from puzzle.estimate.model import local_device_name
+
+    monkeypatch.setenv("PUZZLE_CACHE", str(tmp_path / "cache"))
+    save_calibration(_device(2**20, name=local_device_name()))  # a 1 MiB machine
+    job = write_job(tmp_path, save_tiny_parent(tmp_path), write_corpus(tmp_path / "corpus"))
+    runs = tmp_path / "runs"
+    capsys.readouterr()
+    assert cli.main(["run", str(job), "--runs-dir", str(runs)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is predicted to need" in err[0] and "GiB per machine" in err[0]
+    assert not (runs / "tiny" / "stages").exists()
+
+
+def test_estimate_cli_prints_every_stage_and_json(tmp_path, monkeypatch, capsys):
+    from test_runner import write_corpus, write_job
+    from tiny import save_tiny_parent
+
+    from puzzle.estimate.model import calibration_dir, local_device_name
+
+    monkeypatch.setenv("PUZZLE_CACHE", str(tmp_path / "cache"))
+    save_calibration(_device(2**40, name=local_device_name()))
+    assert (calibration_dir() / f"{device_key(local_device_name())}.json").is_file()
+    job = write_job(tmp_path, save_tiny_parent(tmp_path), write_corpus(tmp_path / "corpus"))
+    assert cli.main(["estimate", str(job), "--price-per-hour", "2"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("bld", "score", "profile", "search", "gkd", "evaluate"):
+        assert f"\n{stage} " in out
+    assert "calibrated" in out and "total" in out
+    assert cli.main(["estimate", str(job), "--json", "--device", "h100", "--gpus", "8"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["device"] == "H100 SXM" and data["gpus"] == 8 and not data["calibrated"]
+    assert math.isclose(data["device_hours"], data["seconds"] / 3600 * 8)
+
+
+def test_estimate_without_a_calibration_says_how_to_make_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PUZZLE_CACHE", str(tmp_path / "cache"))
+    assert cli.main(["estimate", "jobs/demo.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "puzzle estimate --calibrate" in err and len(err.strip().splitlines()) == 1
+
+
+def test_calibration_fit_recovers_rates_from_synthetic_probes():
+    from puzzle.estimate.calibrate import fit_compute
+
+    fwd, trn = Throughput(c2=2.0e9, c4=1.0e10), Throughput(c2=1.0e9, c4=8.0e9)
+    probes = []
+    for width in (128, 512):
+        for rows in (128, 512, 2048):
+            b = intensity(rows, width)
+            probes.append(
+                {
+                    "kind": "forward",
+                    "threads": 1,
+                    "width": width,
+                    "rows": rows,
+                    "s": 1.0,
+                    "flops": 1e10,
+                    "seconds": 1e10 / fwd(b),
+                }
+            )
+            for s in (1.0, 0.3):
+                probes.append(
+                    {
+                        "kind": "train",
+                        "threads": 1,
+                        "width": width,
+                        "rows": rows,
+                        "s": s,
+                        "flops": 3e10,
+                        "seconds": 3e10 / trn(b, s),
+                    }
+                )
+        for depth in (2, 8):
+            nbytes, kernels = 1e6 * width * depth, 20 * depth
+            probes.append(
+                {
+                    "kind": "decode",
+                    "threads": 1,
+                    "width": width,
+                    "rows": 1,
+                    "flops": 0.0,
+                    "bytes": nbytes,
+                    "kernels": kernels,
+                    "seconds": nbytes * 1e-10 + kernels * 2e-5,
+                }
+            )
+    probes.append({"kind": "vocab", "threads": 1, "elements": 1e8, "seconds": 0.1})
+    fitted = fit_compute(probes)
+    assert fitted["forward"][1].c2 == pytest.approx(2.0e9, rel=1e-6)
+    assert fitted["train"][1].c4 == pytest.approx(8.0e9, rel=1e-6)
+    per_byte, per_kernel = fitted["decode"][1]
+    assert per_byte == pytest.approx(1e-10, rel=1e-6) and per_kernel == pytest.approx(2e-5, rel=1e-6)
+    assert fitted["vocab"][1] == pytest.approx(1e9)
