@@ -170,7 +170,12 @@ def estimate_job(
     if cold:
         shape.parent_cached = shape.parent_source == "path"
     names = [n for n in (stages or STAGE_NAMES) if n in PARENT_STAGES]
-    results = [stage_estimate(w, dev) for w in stage_works(shape, names)]
+    results, lingering = [], 0
+    for work in stage_works(shape, names):
+        cpus = shape.cpus if dev.kind == "cpu" else 0
+        results.append(stage_estimate(work, dev, cpus=cpus, dashboard=job.cluster.dashboard, lingering=lingering))
+        if work.name == "gkd":  # Ray Train's workers and controller stay alive, idle, until the cluster stops
+            lingering = work.memory.processes
     assumptions = [
         f"child: the parent with FFNs narrowed to {1 / (job.budget.speedup or 1):.0%} of its layers' matrix weights "
         "(the budget's speed-up), for GKD, the closed loop and evaluation",

@@ -135,7 +135,7 @@ def compute_probes(device: str, threads: int, log: Callable[[str], Any]) -> list
                 model.train()
                 t = _timed(step, sync)
                 model.eval()
-                # Without a gradient into the frozen layers below it the backward touches only the trained part.
+                # Counted as 3 x the forward whatever is trained (work.train does the same): T(b, s) absorbs s.
                 probes.append(
                     {
                         "kind": "train",
@@ -143,7 +143,7 @@ def compute_probes(device: str, threads: int, log: Callable[[str], Any]) -> list
                         "width": width,
                         "rows": rows,
                         "s": s,
-                        "flops": flops * (1 + 2 * s),
+                        "flops": 3 * flops,
                         "seconds": t,
                     }
                 )
@@ -165,9 +165,11 @@ def compute_probes(device: str, threads: int, log: Callable[[str], Any]) -> list
             )
             del deep
         del model
-    logits = torch.randn(512, 16384, device=device)
-    probs = torch.softmax(torch.randn(512, 16384, device=device), -1)
-    ids = torch.randint(16384, (512, 1), device=device)
+    # [positions, vocab] arrays of 128 MiB each: larger than any CPU cache, as a real vocabulary's are.
+    vocab = 65536
+    logits = torch.randn(512, vocab, device=device)
+    probs = torch.softmax(torch.randn(512, vocab, device=device), -1)
+    ids = torch.randint(vocab, (512, 1), device=device)
 
     def metrics() -> None:
         logq = F.log_softmax(logits.float(), dim=-1)
@@ -175,7 +177,7 @@ def compute_probes(device: str, threads: int, log: Callable[[str], Any]) -> list
         logq.gather(-1, ids)
         logq.amax(-1)
 
-    probes.append({"kind": "vocab", "threads": threads, "elements": 512 * 16384, "seconds": _timed(metrics, sync, 3)})
+    probes.append({"kind": "vocab", "threads": threads, "elements": 512 * vocab, "seconds": _timed(metrics, sync, 3)})
     log(f"calibrate: compute probes at {threads} thread(s) done")
     return probes
 
@@ -283,48 +285,75 @@ def _subprocess_json(args: list[str], timeout: float = 300) -> dict[str, Any]:
 
 
 def process_probe() -> dict[str, Any]:
-    """Run in a fresh process: its RSS after importing what a puzzle Ray worker imports."""
+    """Run in a fresh process: its PSS after importing what a `puzzle run` driver imports."""
+    import datasets  # noqa: F401
     import psutil
+    import ray  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    import puzzle.model.modeling_puzzle  # noqa: F401
+    import puzzle.runner.run  # noqa: F401
+    import puzzle.stages.gkd  # noqa: F401
 
     info = psutil.Process().memory_full_info()
     return {"kind": "process", "bytes": float(getattr(info, "pss", info.rss))}
 
 
+def _pss(proc: Any) -> float:
+    info = proc.memory_full_info()
+    return float(getattr(info, "pss", info.rss))
+
+
 def ray_probe(log: Callable[[str], Any]) -> dict[str, Any]:
-    """Start a local Ray cluster: its start time, its daemons' memory, a worker's start time and memory."""
+    """Start a local Ray cluster as `puzzle run` does (dashboard on): its start time, its daemons' memory (the
+    dashboard's share apart: cluster.dashboard=false leaves it out), an idle pre-started worker's memory, and a
+    worker's start time and memory once it has imported torch, transformers and puzzle's model."""
+    import psutil
     import ray
 
-    from puzzle.common.memory import MemorySampler
-
     start = time.perf_counter()
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(num_cpus=1, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
     ray_start = time.perf_counter() - start
     try:
-        with MemorySampler(interval=0.2) as sampler:
-            time.sleep(0.5)
+        time.sleep(2.0)  # Ray pre-starts one idle worker per CPU
+        daemons, dashboard, idle = 0.0, 0.0, []
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                cmd = " ".join(proc.cmdline())
+                pss = _pss(proc)
+            except psutil.Error:
+                continue
+            if "default_worker.py" in cmd:
+                idle.append(pss)
+                continue
+            daemons += pss
+            if "dashboard" in cmd and "--disable-frontend" not in cmd:
+                dashboard += pss
 
-            @ray.remote(num_cpus=1, max_calls=1)
-            def worker() -> int:
-                import torch  # noqa: F401
-                import transformers  # noqa: F401
+        @ray.remote(num_cpus=1, max_calls=1)
+        def worker() -> float:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
 
-                import puzzle.model.modeling_puzzle  # noqa: F401
+            import puzzle.model.modeling_puzzle  # noqa: F401
 
-                return os.getpid()
+            return _pss(psutil.Process())
 
-            start = time.perf_counter()
-            ray.get(worker.remote())
-            worker_start = time.perf_counter() - start
-        peak = sampler.stop()
-        daemons = peak.by_kind_bytes.get("ray_system", 0)
+        start = time.perf_counter()
+        worker_bytes = ray.get(worker.remote())
+        worker_start = time.perf_counter() - start
     finally:
         ray.shutdown()
     log(f"calibrate: Ray start {ray_start:.1f} s, worker start {worker_start:.1f} s")
-    return {"kind": "ray", "ray_start_s": ray_start, "worker_start_s": worker_start, "ray_base_bytes": float(daemons)}
+    return {
+        "kind": "ray",
+        "ray_start_s": ray_start,
+        "worker_start_s": worker_start,
+        "ray_base_bytes": daemons,
+        "dashboard_bytes": dashboard,
+        "idle_worker_bytes": statistics.median(idle) if idle else 0.0,
+        "worker_bytes": worker_bytes,
+    }
 
 
 def misc_probes(device: str) -> dict[str, Any]:
@@ -395,7 +424,7 @@ def calibrate(device: str = "cpu", log: Callable[[str], Any] = print) -> Any:
     misc = misc_probes(device)
     total = torch.cuda.get_device_properties(0).total_memory if cuda else psutil.virtual_memory().total
     model = DeviceModel(
-        name=local_device_name(),
+        name=local_device_name(cuda),
         kind="gpu" if cuda else "cpu",
         calibrated=True,
         memory_bytes=float(total),
@@ -409,8 +438,10 @@ def calibrate(device: str = "cpu", log: Callable[[str], Any] = print) -> Any:
         worker_start_s=ray["worker_start_s"],
         ray_start_s=ray["ray_start_s"],
         driver_base_bytes=proc["bytes"],
-        worker_base_bytes=proc["bytes"],
+        worker_base_bytes=ray["worker_bytes"],
         ray_base_bytes=ray["ray_base_bytes"],
+        dashboard_bytes=ray["dashboard_bytes"],
+        idle_worker_bytes=ray["idle_worker_bytes"],
         mip_s_per_variable=misc["mip_s_per_variable"],
         memory=memory,
         probes=probes + mem + [proc, ray, misc],

@@ -69,6 +69,10 @@ class DeviceModel:
     worker_base_bytes: float
     ray_base_bytes: float
     mip_s_per_variable: float
+    dashboard_bytes: float = 0.0
+    """The Ray dashboard's share of ray_base_bytes (cluster.dashboard=false leaves it out)."""
+    idle_worker_bytes: float = 0.0
+    """One idle Ray worker: Ray keeps one per CPU started beside the stage's own."""
     memory: MemoryFit = field(default_factory=lambda: MemoryFit(c0=1.0, c1=0.5))
     probes: list[dict[str, Any]] = field(default_factory=list)
     dtype: str = "float32"
@@ -137,11 +141,11 @@ def device_key(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
-def local_device_name() -> str:
-    """This machine's CPU (model and cores) or its first CUDA GPU."""
-    import torch
+def local_device_name(gpu: bool = False) -> str:
+    """This machine's first CUDA GPU, or its CPU (model and cores)."""
+    if gpu:
+        import torch
 
-    if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     from puzzle.common.hardware import cpu_model
 
@@ -202,7 +206,15 @@ def device_model(device: str | None, dtype: str) -> DeviceModel:
     there is one, else roofline rates for a named GPU. ConfigError for this CPU without a calibration."""
     local = device in (None, "cpu", "cuda") or (device or "").startswith("cuda:")
     if local:
-        name = local_device_name()
+        import torch
+
+        gpu = (device or "cpu").startswith("cuda")
+        if gpu and not torch.cuda.is_available():
+            raise ConfigError(
+                "the job runs on this machine's GPU (device cuda) and it has none: "
+                "name the GPU to estimate for, e.g. --device h100"
+            )
+        name = local_device_name(gpu)
         model = load_calibration(name)
         if model is None:
             raise NotCalibrated(
@@ -230,7 +242,11 @@ class StageEstimate:
     notes: list[str]
 
 
-def stage_estimate(work: StageWork, device: DeviceModel, slots: int = 1) -> StageEstimate:
+def stage_estimate(
+    work: StageWork, device: DeviceModel, *, cpus: int = 1, dashboard: bool = True, lingering: int = 0
+) -> StageEstimate:
+    """Seconds and peak memory of one stage's work on `device`, in a Ray cluster of `cpus` CPUs (one pre-started
+    idle worker each) with or without the dashboard, beside `lingering` workers an earlier stage left alive."""
     lanes = [device.lane_seconds(lane) for lane in work.lanes]
     seconds = max(lanes, default=0.0) + sum(device.lane_seconds(lane) for lane in [work.driver, *work.serial])
     if work.workers:
@@ -238,7 +254,10 @@ def stage_estimate(work: StageWork, device: DeviceModel, slots: int = 1) -> Stag
     seconds += work.mip_solves * work.mip_variables * device.mip_s_per_variable + work.fixed_seconds
     m = work.memory
     act = sum(n * device.memory.per_sequence(b, s) for n, b, s in m.activation_sequences)
-    base = device.driver_base_bytes + m.processes * device.worker_base_bytes + (device.ray_base_bytes if m.ray else 0)
+    base = device.driver_base_bytes + m.processes * device.worker_base_bytes
+    if m.ray:
+        base += device.ray_base_bytes - (0.0 if dashboard else device.dashboard_bytes)
+        base += max(0, cpus - m.processes) * device.idle_worker_bytes + lingering * device.worker_base_bytes
     parts = {
         "baseline": base,
         "weights": m.weights,

@@ -24,6 +24,7 @@ from puzzle.estimate.work import (
     head_activation_bytes,
     head_flops,
     model_flops,
+    optimizer_step,
     parent_blocks,
     train,
     vocab,
@@ -140,6 +141,7 @@ def parent_stage(s: JobShape) -> StageWork:
     flops = model_flops(s.config, parent_blocks(s.config), seq)
     lane = Lane(threads=available_cores())
     lane.add(train(recipe.steps, flops, rows, s.width, 1.0), vocab(recipe.steps, rows, s.config))
+    lane.add(optimizer_step(recipe.steps, s.parent_params))
     evaluate = recipe.eval_max_tokens or 131072
     lane.add(forward(math.ceil(evaluate / (32 * seq)), flops, 32 * seq, s.width))
     work.driver = lane
@@ -187,10 +189,11 @@ def bld_stage(s: JobShape) -> StageWork:
             f = block_flops(config, spec.block, s.seq_len)
             lane.add(forward(2 * heldout, f, rows, s.width))
             if spec.trainable:
-                params = block_params(config, spec.block)
-                total = block_params(config, BlockConfig(spec.attention, config.block_config(spec.layer).ffn))
-                share = params / max(total, 1) if spec.kind == "attention" else 1.0
-                lane.add(train(steps, f, rows, s.width, share))
+                # An attention variant trains beside the frozen parent FFN: only its own weights are trained.
+                trained = BlockConfig(spec.attention, NOOP.ffn) if spec.kind == "attention" else spec.block
+                params = block_params(config, trained)
+                share = params / max(block_params(config, spec.block), 1)
+                lane.add(train(steps, f, rows, s.width, share), optimizer_step(steps, params))
                 optimizer += params * ADAM_BYTES
                 if spec.kind == "attention":  # an fp32 copy of the frozen parent FFN it trains beside
                     optimizer += block_params(config, BlockConfig(NOOP.attention, parent[spec.layer].ffn)) * 4
@@ -379,7 +382,7 @@ def gkd_stage(s: JobShape) -> StageWork:
         lane.add(forward(micro, parent_f, rows, s.width), train(micro, child_f, rows, s.width, 1.0))
         if cfg.activation_checkpointing:
             lane.add(forward(micro, child_f - head_flops(config), rows, s.width))
-        lane.add(vocab(3 * micro, rows, config))
+        lane.add(vocab(3 * micro, rows, config), optimizer_step(steps, s.child_params()))
         work.lanes.append(lane)
     child = s.child_params()
     saves = ceil_div(steps, cfg.checkpoint_every) if cfg.checkpoint_every else 0
@@ -418,7 +421,8 @@ def evaluate_stage(s: JobShape) -> StageWork:
     work.driver = quality
     work.serial = [_speed_rounds(s, [parent_blocks(config), s.child], cfg.repeats)]
     work.memory.weights = (s.parent_params + s.child_params()) * s.elem
-    work.memory.transient = 4 * rows * config.vocab_size * 4.0
+    # A batch's parent and child logits, both log-softmaxes and the KL's elementwise terms, fp32.
+    work.memory.transient = 5 * rows * config.vocab_size * 4.0
     work.memory.kv_cache = 2 * _kv(s, s.job.target.batch_sizes[0], s.job.target.context_len)
     return work
 

@@ -24,6 +24,9 @@ from puzzle.model.block_config import AttentionConfig, BlockConfig, FFNConfig
 
 ADAM_BYTES = 16
 """Bytes per trained parameter: fp32 master weight, gradient and AdamW's two moments."""
+STEP_BYTES = 32
+"""Bytes an AdamW step moves per trained parameter: reads weight, gradient and both moments, writes weight and both
+moments, and the backward's gradient write (fp32)."""
 KERNELS_PER_SUBBLOCK = 8
 """Kernel launches of one attention or FFN subblock in a decode step (norm, projections, rotary, attention, adds)."""
 NOOP = BlockConfig(AttentionConfig(no_op=True), FFNConfig(no_op=True))
@@ -185,6 +188,11 @@ def forward(calls: float, flops_per_token: float, rows: int, width: int) -> Pass
 
 def train(calls: float, flops_per_token: float, rows: int, width: int, trained: float) -> Pass:
     return Pass("train", calls, 3.0 * flops_per_token * rows, rows=rows, width=width, trained=trained)
+
+
+def optimizer_step(calls: float, params: float) -> Pass:
+    """AdamW steps over `params` trained parameters: memory traffic, at the device's byte rate."""
+    return Pass("memory", calls, float(params) * STEP_BYTES)
 
 
 def vocab(calls: float, rows: int, config: Any) -> Pass:
