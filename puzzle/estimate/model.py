@@ -272,8 +272,10 @@ def stage_estimate(
     out["total"] = total / GIB
     if work.batch_sequences:  # a training stage: one worker's model, optimizer state and a micro-batch
         worker = work.model_bytes + device.memory.per_sequence(work.train_activation_bytes) * work.batch_sequences
-    else:
+    elif work.on_device or device.kind == "cpu":
         worker = m.weights + m.transient / max(1, m.processes) + m.kv_cache
+    else:  # host memory only: nothing on the GPU
+        worker = 0.0
     max_batch = None
     if work.batch_sequences and work.train_activation_bytes:
         free = device.memory_bytes - work.model_bytes - (device.worker_base_bytes if device.kind == "cpu" else 0)

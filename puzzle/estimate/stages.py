@@ -122,7 +122,7 @@ def parent_stage(s: JobShape) -> StageWork:
     """puzzle.stages.parent: nothing when the checkpoint is cached or given; the default parent's training
     (ParentRecipe: steps x batch x seq_len tokens, forward + backward of every weight) when it is not; a GGUF
     import dequantises every weight once (counted like initialising them)."""
-    work = StageWork("parent")
+    work = StageWork("parent", on_device=False)
     work.memory.ray = False
     if s.parent_cached or s.parent_source == "path":
         work.notes.append("parent checkpoint cached or given: nothing to build")
@@ -429,7 +429,7 @@ def evaluate_stage(s: JobShape) -> StageWork:
 
 def export_stage(s: JobShape) -> StageWork:
     """puzzle.stages.export: the child's weights written as safetensors."""
-    work = StageWork("export")
+    work = StageWork("export", on_device=False)
     work.driver.add(Pass("disk", 1, float(s.child_params() * s.elem)))
     work.memory.weights = s.child_params() * s.elem
     return work
@@ -437,14 +437,14 @@ def export_stage(s: JobShape) -> StageWork:
 
 def data_stage(s: JobShape) -> StageWork:
     """puzzle.stages.data: tokenising and packing the corpus, cached per machine; not counted (seconds here)."""
-    work = StageWork("data")
+    work = StageWork("data", on_device=False)
     work.memory.ray = False
     work.notes.append("tokenising not counted (cached per machine after the first run)")
     return work
 
 
 def compare_stage(s: JobShape) -> StageWork:
-    work = StageWork("compare")
+    work = StageWork("compare", on_device=False)
     if s.job.compare.baselines:
         work.notes.append("baselines not counted")
     return work

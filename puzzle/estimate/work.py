@@ -100,6 +100,8 @@ class StageWork:
     train_fraction: float = 1.0
     model_bytes: float = 0.0
     """Memory a training worker holds besides activations (for the largest batch that fits)."""
+    on_device: bool = True
+    """Whether the stage's work sits on the accelerator (parent, data and export work in host memory)."""
 
 
 # ------------------------------------------------------------------------------------------------ counting
