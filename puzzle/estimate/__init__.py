@@ -207,13 +207,14 @@ def job_device(job: Any) -> str:
 
 def preflight(job: Any, stages: tuple[str, ...], log: Any) -> JobEstimate | None:
     """What `puzzle run` does first: print the estimate of the stages it will run and refuse (InfeasibleError) when a
-    stage's predicted peak memory exceeds the device's or the job's time or cost limit. Without a calibration of
-    this machine it says how to make one and goes on (unless a limit was set: that needs the estimate)."""
-    from puzzle.estimate.model import NotCalibrated
+    stage's predicted peak memory exceeds the device's or the job's time or cost limit. Without rates for the device
+    (no calibration of this machine, or GPUs on a remote cluster) it says so and goes on, unless a limit was set:
+    that needs the estimate."""
+    from puzzle.estimate.model import NoDeviceModel
 
     try:
         est = estimate_job(job, stages=stages)
-    except NotCalibrated as err:
+    except NoDeviceModel as err:
         if job.run.max_hours is not None or job.run.max_usd is not None:
             raise ConfigError(f"run.max_hours / run.max_usd need an estimate: {err}") from None
         log(f"estimate: none ({err})")

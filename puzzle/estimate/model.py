@@ -127,7 +127,12 @@ class DeviceModel:
 # ----------------------------------------------------------------------------------------------- lookup
 
 
-class NotCalibrated(ConfigError):
+class NoDeviceModel(ConfigError):
+    """No rates for the device the job runs on: this machine has none stored, or the job's GPU is elsewhere (a
+    remote cluster's) and was not named."""
+
+
+class NotCalibrated(NoDeviceModel):
     """This machine's device has no stored calibration (`puzzle estimate --calibrate` makes one)."""
 
 
@@ -210,8 +215,8 @@ def device_model(device: str | None, dtype: str) -> DeviceModel:
 
         gpu = (device or "cpu").startswith("cuda")
         if gpu and not torch.cuda.is_available():
-            raise ConfigError(
-                "the job runs on this machine's GPU (device cuda) and it has none: "
+            raise NoDeviceModel(
+                "the job's stages run on a GPU (device cuda) and this machine has none: "
                 "name the GPU to estimate for, e.g. --device h100"
             )
         name = local_device_name(gpu)
