@@ -166,3 +166,17 @@ def test_the_stage_line_shows_the_peak(capsys):
     out = capsys.readouterr().out
     assert "stage bld: done in 0.0 s, peak memory 3.21 GiB (CUDA 1.50 GiB)\n" in out
     assert "stage data: done in 0.0 s\n" in out  # no figures, no memory
+
+
+def test_wait_for_exit_returns_once_the_processes_are_gone():
+    import subprocess
+    import sys
+
+    import psutil
+
+    from puzzle.common.memory import wait_for_exit
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    wait_for_exit([proc.pid, 2**22 + 12345], timeout_s=30)  # the second pid does not exist
+    proc.wait(timeout=5)  # reap it: an exited child stays a zombie until its parent waits
+    assert proc.returncode == 0 and not psutil.pid_exists(proc.pid)

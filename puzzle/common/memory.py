@@ -296,6 +296,18 @@ class MemorySampler:
         return kind
 
 
+def wait_for_exit(pids: list[int], timeout_s: float = 10.0) -> None:
+    """Wait (at most `timeout_s`) until the processes `pids` of this machine have exited: Ray workers of tasks with
+    max_calls=1 exit after returning their result, and a stage that returned before they were gone would leave their
+    memory to the next stage's peak, more or less of it depending on the timing."""
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        try:
+            psutil.Process(pid).wait(timeout=max(0.0, deadline - time.monotonic()))
+        except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+            continue
+
+
 def trim_heap() -> None:
     """glibc's malloc_trim: return the heap's free pages to the OS (a no-op where the C library has none)."""
     if sys.platform.startswith("linux"):

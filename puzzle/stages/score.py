@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from puzzle.common.atomic import write_json_atomic
-from puzzle.common.memory import trim_heap
+from puzzle.common.memory import trim_heap, wait_for_exit
 from puzzle.common.progress import say
 from puzzle.common.resources import check_resources
 from puzzle.common.seeding import derive_seed
@@ -266,7 +266,8 @@ def _score_shard(
     node = None
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         node = sys.modules["ray"].get_runtime_context().get_node_id()
-    return {"scores": scores, "parent": parent.means(), "tokens": sum(ids.numel() for ids in batches), "node": node}
+    tokens = sum(ids.numel() for ids in batches)
+    return {"scores": scores, "parent": parent.means(), "tokens": tokens, "node": node, "pid": os.getpid()}
 
 
 def _subblock_scores(
@@ -446,7 +447,10 @@ def _run_on_ray(parent, source, batches, shards, num_cpus, num_gpus, device, thr
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             bar.update(len(done))
-    return ray.get(refs)
+    results = ray.get(refs)
+    here = ray.get_runtime_context().get_node_id()
+    wait_for_exit([r["pid"] for r in results if r.get("node") == here])  # their heaps are gone before the next stage
+    return results
 
 
 def validation_batches(validation: Any, batch_size: int, tokens: int | None, num_batches: int | None) -> list:

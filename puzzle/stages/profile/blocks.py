@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from puzzle.common.atomic import write_json_atomic
+from puzzle.common.memory import wait_for_exit
 from puzzle.common.resources import check_resources
 from puzzle.config import ProfilingConfig
 from puzzle.errors import ConfigError, PuzzleError
@@ -285,9 +286,20 @@ def _run_measurements(args: tuple, cached: dict, progress: bool, use_ray: bool, 
     import ray
 
     check_resources({"profiling.num_gpus": num_gpus})
-    # max_calls=1: the worker exits after the task instead of idling with its heap through the later stages.
-    task = ray.remote(max_calls=1)(_measure_all).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=2)
-    return ray.get(task.remote(*args, cached, progress))
+    # max_calls=1: the worker exits after the task instead of idling with its heap through the later stages; the
+    # stage waits for it to be gone, so its memory does not land in the next stage's peak.
+    task = ray.remote(max_calls=1)(_measure_task).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=2)
+    result, pid, node = ray.get(task.remote(*args, cached, progress))
+    if node == ray.get_runtime_context().get_node_id():
+        wait_for_exit([pid])
+    return result
+
+
+def _measure_task(*args: Any) -> tuple[Any, int, str]:
+    """`_measure_all` in a Ray task, with the worker's pid and node (to wait for its exit)."""
+    import ray
+
+    return _measure_all(*args), os.getpid(), ray.get_runtime_context().get_node_id()
 
 
 def profile_blocks(
