@@ -219,35 +219,23 @@ def bld_stage(s: JobShape) -> StageWork:
     return work
 
 
-def scored_blocks(s: JobShape) -> list[tuple[int, list[BlockConfig]]]:
-    """What puzzle.stages.score runs per layer: decoupled subblocks (each attention variant beside the parent FFN,
-    each FFN beside the parent attention) or every pair, the layer's own block left out."""
-    from puzzle.stages.score import pairs_mode, subblock_variants
-
-    decoupled = pairs_mode(s.job) == "decoupled"
-    out = []
-    for i, blocks in enumerate(s.blocks):
-        own = s.config.block_config(i)
-        measured = subblock_variants(blocks, own) if decoupled else list(blocks)
-        out.append((i, [b for b in measured if b != own and not (b.attention.no_op and b.ffn.no_op)]))
-    return out
-
-
 def score_stage(s: JobShape) -> StageWork:
     """puzzle.stages.score: Ray tasks of scoring.group_size consecutive layers, each a fresh worker (max_calls=1).
     Per validation batch a task runs the parent once (keeping the states entering its layers and the parent's
     targets), then every scored block of its layers from its layer to the LM head; each pass ends in softmax/KL
-    over the vocabulary."""
+    over the vocabulary. Which blocks and tasks: the stage's own scored_blocks and shards."""
+    from puzzle.stages.score import pairs_mode, scored_blocks, shards
+
     cfg, config = s.job.scoring, s.config
     rows = cfg.batch_size * s.seq_len
     batches = cfg.num_batches or ceil_div(cfg.tokens, rows)
     parent = parent_blocks(config)
-    jobs = [(i, blocks) for i, blocks in scored_blocks(s) if blocks]
-    shards = [jobs[k : k + cfg.group_size] for k in range(0, len(jobs), cfg.group_size)]
+    jobs = scored_blocks(s.blocks, parent, pairs_mode(s.job))
+    tasks = shards(jobs, cfg.group_size)
     threads = s.threads(cfg.num_cpus)
     full = model_flops(config, parent, s.seq_len)
     lanes = []
-    for shard in shards:
+    for shard in tasks:
         lane = Lane(threads=threads)
         lane.add(forward(batches, full, rows, s.width), vocab(2 * batches, rows, config))
         for i, blocks in shard:
@@ -259,19 +247,19 @@ def score_stage(s: JobShape) -> StageWork:
                 lane.add(vocab(batches, rows, config))
         lanes.append(lane)
     slots = s.slots(cfg.num_cpus, cfg.num_gpus)
-    work = StageWork("score", tokens=batches * rows, workers=len(shards))
+    work = StageWork("score", tokens=batches * rows, workers=len(tasks))
     work.lanes = spread(lanes, slots, lambda lane: sum(p.flops for p in lane.passes))
     per_task = (
         rows * config.vocab_size * 4.0 * 3  # the parent's probabilities, its logits and a block's logits
         + 4 * CHUNK * config.vocab_size * 4.0  # a chunk's log-softmax, product and temporaries
         + (cfg.group_size + 2) * rows * s.width * 4.0  # states entering the task's layers
     )
-    built = max((sum(block_params(config, b) for _, bl in sh for b in bl) for sh in shards), default=0) * s.elem
-    work.memory.transient = min(slots, len(shards)) * (per_task + built)
+    built = max((sum(block_params(config, b) for _, bl in sh for b in bl) for sh in tasks), default=0) * s.elem
+    work.memory.transient = min(slots, len(tasks)) * (per_task + built)
     work.memory.object_store = s.parent_bytes
     work.memory.weights = s.parent_bytes
-    work.memory.processes = min(slots, len(shards))
-    work.notes.append(f"{sum(len(b) for _, b in jobs)} blocks scored in {len(shards)} tasks, {slots} at a time")
+    work.memory.processes = min(slots, len(tasks))
+    work.notes.append(f"{sum(len(b) for _, b in jobs)} blocks scored in {len(tasks)} tasks, {slots} at a time")
     return work
 
 

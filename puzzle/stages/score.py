@@ -289,8 +289,20 @@ def _parent_block(model: nn.Module, layer_idx: int) -> BlockConfig | None:
     return None
 
 
-def _shards(jobs: list[tuple[int, list[BlockConfig]]], layers_per_task: int) -> list[list[tuple[int, list]]]:
-    """Contiguous runs of `layers_per_task` layers (those with something to score)."""
+def scored_blocks(
+    variants: Sequence[Sequence[BlockConfig]], own: Sequence[BlockConfig | None], pairs: str
+) -> list[tuple[int, list[BlockConfig]]]:
+    """Per layer, the blocks scoring runs: with decoupled pairs each attention variant beside the parent FFN and each
+    FFN variant beside the parent attention, else every listed block; the layer's own block (`own[i]`) left out."""
+    jobs = []
+    for i, blocks in enumerate(variants):
+        measured = subblock_variants(blocks, own[i]) if pairs == "decoupled" and own[i] is not None else list(blocks)
+        jobs.append((i, [b for b in measured if b != own[i]]))
+    return jobs
+
+
+def shards(jobs: list[tuple[int, list[BlockConfig]]], layers_per_task: int) -> list[list[tuple[int, list]]]:
+    """Contiguous runs of `layers_per_task` layers (those with something to score): one scoring task each."""
     jobs = [(i, blocks) for i, blocks in jobs if blocks]
     return [jobs[k : k + layers_per_task] for k in range(0, len(jobs), layers_per_task)]
 
@@ -360,19 +372,15 @@ def score_blocks(
     if not batches:
         raise PuzzleError("scoring got no validation batches; check scoring.tokens / the validation split size")
     parent = parent.eval()
-    jobs: list[tuple[int, list[BlockConfig]]] = []
-    for i, blocks in enumerate(variants):
-        own = _parent_block(parent, i)
-        measured = subblock_variants(blocks, own) if pairs == "decoupled" and own is not None else list(blocks)
-        jobs.append((i, [b for b in measured if b != own]))
-    shards = _shards(jobs, group_size)
+    jobs = scored_blocks(variants, [_parent_block(parent, i) for i in range(len(variants))], pairs)
+    tasks = shards(jobs, group_size)
     threads = max(1, int(num_cpus)) if num_cpus >= 1 else 1
     if use_ray:
         results = _run_on_ray(
-            parent, source, batches, shards, num_cpus, num_gpus, device, threads, max_retries, progress, seed
+            parent, source, batches, tasks, num_cpus, num_gpus, device, threads, max_retries, progress, seed
         )
     else:
-        results = _run_local(parent, source, batches, shards, device, progress, seed)
+        results = _run_local(parent, source, batches, tasks, device, progress, seed)
     parent_metrics = results[0]["parent"] if results else _parent_only(parent, batches, device)
     parent_scores = {"kl_div": 0.0, "lm_loss": parent_metrics["lm_loss"], "top1": 1.0}
     measured_scores: dict[int, dict[str, dict[str, float]]] = {}
@@ -400,7 +408,7 @@ def score_blocks(
         "blocks_scored": sum(len(b) for _, b in jobs),
         # A parent without per-layer block configs has no subblocks to pair: every pair was run.
         "pairs": pairs if all(_parent_block(parent, i) is not None for i in range(len(variants))) else "full",
-        "tasks": len(shards),
+        "tasks": len(tasks),
         "nodes": sorted({r["node"] for r in results if r.get("node")}),
         "seconds": time.perf_counter() - start,
     }
