@@ -34,13 +34,20 @@ class JobEstimate:
     def seconds(self) -> float:
         return sum(s.seconds for s in self.stages) + self.ray_start_s
 
+    def hours(self, seconds: float) -> float:
+        """Device-hours of `seconds` of the job: every GPU it holds is paid for (the machine on a CPU)."""
+        return seconds / 3600 * max(1, self.gpus)
+
+    def dollars(self, seconds: float) -> float | None:
+        return None if self.price_per_hour is None else self.hours(seconds) * self.price_per_hour
+
     @property
     def device_hours(self) -> float:
-        return self.seconds / 3600 * max(1, self.gpus)
+        return self.hours(self.seconds)
 
     @property
     def cost(self) -> float | None:
-        return None if self.price_per_hour is None else self.device_hours * self.price_per_hour
+        return self.dollars(self.seconds)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,13 +61,7 @@ class JobEstimate:
             "device_hours": self.device_hours,
             "cost": self.cost,
             "stages": [
-                {
-                    **asdict(s),
-                    "device_hours": s.seconds / 3600 * max(1, self.gpus),
-                    "cost": None
-                    if self.price_per_hour is None
-                    else s.seconds / 3600 * max(1, self.gpus) * self.price_per_hour,
-                }
+                {**asdict(s), "device_hours": self.hours(s.seconds), "cost": self.dollars(s.seconds)}
                 for s in self.stages
             ],
             "assumptions": self.assumptions,
@@ -84,12 +85,10 @@ def parent_config(job: Any) -> tuple[Any, str, bool]:
         hf = AutoConfig.from_pretrained(path, trust_remote_code=job.parent.trust_remote_code)
         return puzzle_config_from_hf(hf), "path", True
     if job.parent.gguf is not None:
-        from puzzle.config.paths import default_cache_root
-        from puzzle.hf.gguf import import_key, is_imported, resolve_gguf
+        from puzzle.hf.gguf import cached_import_dir, is_imported, resolve_gguf
 
         path = resolve_gguf(str(job.parent.gguf))
-        key, _ = import_key(path)
-        target = default_cache_root() / "gguf" / f"{path.stem}-{key}"
+        target = cached_import_dir(path)
         if is_imported(target):
             return puzzle_config_from_hf(AutoConfig.from_pretrained(target)), "gguf", True
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -257,7 +256,7 @@ def format_table(est: JobEstimate) -> str:
     rows = [("stage", "time", "dev-h", "peak GiB", "weights", "optim", "activ", "kv", "max batch", "cost")]
     for s in est.stages:
         m = s.memory
-        dev_h = s.seconds / 3600 * max(1, est.gpus)
+        dev_h = est.hours(s.seconds)
         need = s.worker_gib if est.gpus else m["total"]
         rows.append(
             (
@@ -270,7 +269,7 @@ def format_table(est: JobEstimate) -> str:
                 f"{m['activations']:.2f}",
                 f"{m['kv_cache']:.2f}",
                 f"{s.max_batch} (uses {s.batch})" if s.max_batch is not None else "",
-                "" if est.price_per_hour is None else f"${dev_h * est.price_per_hour:,.2f}",
+                "" if est.price_per_hour is None else f"${est.dollars(s.seconds):,.2f}",
             )
         )
     cost = "" if est.cost is None else f"${est.cost:,.2f}"

@@ -84,6 +84,11 @@ def is_imported(path: Path) -> bool:
     return (path / SOURCE_FILE).is_file() and (path / "config.json").is_file()
 
 
+def cached_import_dir(path: Path, key: str | None = None) -> Path:
+    """Where the machine cache keeps the import of GGUF file `path` ($PUZZLE_CACHE/gguf/<stem>-<key>/)."""
+    return default_cache_root() / "gguf" / f"{path.stem}-{key or import_key(path)[0]}"
+
+
 def import_gguf(
     spec: str | os.PathLike,
     out_dir: str | os.PathLike | None = None,
@@ -97,7 +102,7 @@ def import_gguf(
     check_gguf_support()
     path = resolve_gguf(str(spec))
     key, source = import_key(path)
-    target = Path(out_dir) if out_dir is not None else default_cache_root() / "gguf" / f"{path.stem}-{key}"
+    target = Path(out_dir) if out_dir is not None else cached_import_dir(path, key)
     if is_imported(target):
         log(f"gguf parent: cached at {target}")
         return target

@@ -191,8 +191,7 @@ def ensure_default_parent(
 ) -> Path:
     """Directory of the default parent checkpoint, building it first if this machine has none for `recipe`."""
     recipe = recipe or ParentRecipe()
-    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
-    target = root / "parents" / recipe.key()
+    target = default_parent_dir(recipe, cache_root)
     if _is_complete(target):
         log(f"default parent: cached at {target}")
         return target
@@ -207,9 +206,15 @@ def _is_complete(path: Path) -> bool:
     return all((path / name).is_file() for name in _REQUIRED_FILES)
 
 
+def default_parent_dir(recipe: ParentRecipe, cache_root: str | os.PathLike | None = None) -> Path:
+    """Where the default parent for `recipe` lives in the machine cache (`cache_root`, default $PUZZLE_CACHE)."""
+    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
+    return root / "parents" / recipe.key()
+
+
 def default_parent_cached(recipe: ParentRecipe | None = None) -> bool:
     """Whether this machine's cache holds the default parent for `recipe` (built by an earlier run)."""
-    return _is_complete(default_cache_root() / "parents" / (recipe or ParentRecipe()).key())
+    return _is_complete(default_parent_dir(recipe or ParentRecipe()))
 
 
 # ----------------------------------------------------------------------------------------------- build
