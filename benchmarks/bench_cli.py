@@ -24,6 +24,8 @@ from pathlib import Path
 
 from bench_mip import synthetic_library  # benchmarks/ is on sys.path when this file runs as a script
 
+from puzzle.common.hardware import cpu_model  # no torch: the benchmark's own process stays light
+
 
 def puzzle_command() -> list[str]:
     """The installed console script beside this interpreter, else `python -m puzzle`."""
@@ -48,16 +50,6 @@ def heavy_imports(module: str) -> list[str]:
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
     return [m for m in out.split(",") if m]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

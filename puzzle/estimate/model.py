@@ -256,7 +256,7 @@ def stage_estimate(
     seconds = max(lanes, default=0.0) + sum(device.lane_seconds(lane) for lane in [work.driver, *work.serial])
     if work.workers:
         seconds += math.ceil(work.workers / max(1, len(work.lanes) or 1)) * device.worker_start_s
-    seconds += work.mip_solves * work.mip_variables * device.mip_s_per_variable + work.fixed_seconds
+    seconds += work.mip_solves * work.mip_variables * device.mip_s_per_variable
     m = work.memory
     act = sum(n * device.memory.per_sequence(b, s) for n, b, s in m.activation_sequences)
     base = device.driver_base_bytes + m.processes * device.worker_base_bytes

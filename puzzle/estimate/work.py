@@ -89,15 +89,12 @@ class StageWork:
     tokens: int = 0
     workers: int = 0
     """Ray workers the stage starts (each pays the device's worker start-up time, in parallel)."""
-    fixed_seconds: float = 0.0
-    """Work the cost model does not count in FLOPs (a solver's time limit, an import), already in seconds."""
     notes: list[str] = field(default_factory=list)
     mip_solves: int = 0
     mip_variables: int = 0
     batch_sequences: int = 0
     """Sequences per training micro-batch (BLD, GKD): what the largest-batch figure is compared with."""
     train_activation_bytes: float = 0.0
-    train_fraction: float = 1.0
     model_bytes: float = 0.0
     """Memory a training worker holds besides activations (for the largest batch that fits)."""
     on_device: bool = True
