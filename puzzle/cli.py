@@ -1,4 +1,4 @@
-"""The `puzzle` command line: `puzzle run|submit|status|logs|stop|estimate|search ...`.
+"""The `puzzle` command line: `puzzle run|submit|status|logs|stop|estimate|search|check-export ...`.
 
 Each subcommand lives in its stage's module, which exposes `register(subparsers)`; the parser it adds
 sets `func=callable(args) -> int`. A `PuzzleError` (a problem the user can fix) becomes one line on
@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "puzzle.estimate.cli",
     "puzzle.stages.search.cli",
     "puzzle.hf.gguf",
+    "puzzle.hf.engines",
 )
 
 

@@ -21,6 +21,7 @@ from puzzle.config.stages import (
     SearchConfig,
 )
 from puzzle.errors import ConfigError
+from puzzle.hf.engines import engines_named
 
 
 @dataclass
@@ -142,9 +143,15 @@ class TargetConfig:
     """Generated tokens per sequence (decode)."""
     seq_len: int | None = None
     """Context length for decode latency and KV-cache memory; None means prompt_len + gen_len."""
+    engines: list[str] = field(default_factory=list)
+    """Serving engines the child must load in (vllm, sglang, tensorrt_llm, llamacpp, mlx_lm): the search space keeps
+    only variants every one of them serves (puzzle.hf.engines). Empty: no restriction."""
 
     def __post_init__(self) -> None:
         check_choice("target.dtype", self.dtype, DTYPES)
+        engines_named(self.engines)
+        if len(set(self.engines)) != len(self.engines):
+            raise ConfigError(f"target.engines={self.engines} names an engine twice")
         if not self.batch_sizes:
             raise ConfigError("target.batch_sizes is empty; give at least one batch size, e.g. [1]")
         for b in self.batch_sizes:

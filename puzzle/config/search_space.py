@@ -42,6 +42,7 @@ Rules:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Mapping
@@ -52,6 +53,14 @@ from typing import Any
 import yaml
 
 from puzzle.errors import ConfigError
+from puzzle.hf.engines import (
+    attention_problem,
+    engines_named,
+    ffn_problem,
+    servable_attention,
+    servable_block,
+    servable_ffn,
+)
 from puzzle.model.block_config import AttentionConfig, BlockConfig, FFNConfig
 
 _ATTENTION_KEYS = {"kv_heads", "kv_heads_of", "linear", "no_op"}
@@ -217,6 +226,9 @@ class SearchSpace:
     source: str = "<dict>"
     """The file (or label) this space came from, for error messages."""
     description: str = ""
+    engines: tuple[str, ...] = ()
+    """Serving engines every child must load in (`target.engines`): variants one of them cannot serve are left out
+    (puzzle.hf.engines). Empty: no restriction."""
 
     @classmethod
     def load(cls, path: str | Path) -> SearchSpace:
@@ -270,7 +282,8 @@ class SearchSpace:
         if override is not None and override.keep_parent:
             return [parent.parent_attention]
         section = override.attention if override is not None and override.attention is not None else self.attention
-        return section.variants(parent, self.source)
+        engines = engines_named(self.engines)
+        return [a for a in section.variants(parent, self.source) if servable_attention(a, engines)]
 
     def ffn_variants(self, parent: ParentShape, layer_idx: int) -> list[FFNConfig]:
         """FFN options of layer `layer_idx`, the parent's first."""
@@ -278,16 +291,17 @@ class SearchSpace:
         if override is not None and override.keep_parent:
             return [parent.parent_ffn]
         section = override.ffn if override is not None and override.ffn is not None else self.ffn
-        return section.variants(parent, self.ffn_multiple_of)
+        engines = engines_named(self.engines)
+        variants = section.variants(parent, self.ffn_multiple_of)
+        return [f for f in variants if servable_ffn(f, engines, parent.hidden_size)]
 
     def block_variants(self, parent: ParentShape, layer_idx: int) -> list[BlockConfig]:
         """Every (attention, FFN) pair of layer `layer_idx`; the parent block is first."""
-        return [
-            BlockConfig(attention=a, ffn=f)
-            for a, f in itertools.product(
-                self.attention_variants(parent, layer_idx), self.ffn_variants(parent, layer_idx)
-            )
-        ]
+        engines = engines_named(self.engines)
+        last = layer_idx % parent.num_hidden_layers == parent.num_hidden_layers - 1
+        pairs = itertools.product(self.attention_variants(parent, layer_idx), self.ffn_variants(parent, layer_idx))
+        blocks = [BlockConfig(attention=a, ffn=f) for a, f in pairs]
+        return [b for b in blocks if servable_block(b, engines, last)]
 
     def enumerate(self, parent: ParentShape) -> list[list[BlockConfig]]:
         """Block variants of every layer of `parent` (validates the space first)."""
@@ -314,10 +328,46 @@ class SearchSpace:
         for _, override in self.layers:
             if override.attention is not None:
                 override.attention.kv_head_counts(parent, self.source)
+        self._check_parent_servable(parent)
+
+    def _check_parent_servable(self, parent: ParentShape) -> None:
+        """The parent's own block is every layer's first variant (the all-parent model is always a candidate), so a
+        target engine that cannot serve it leaves a layer kept as the parent with nothing servable."""
+        for engine in engines_named(self.engines):
+            problem = attention_problem(parent.parent_attention, engine) or ffn_problem(
+                parent.parent_ffn, engine, parent.hidden_size
+            )
+            if problem:
+                raise ConfigError(
+                    f"target.engines: {engine.label} cannot serve the parent's own block ({problem}, hidden "
+                    f"{parent.hidden_size}), which every layer may keep; remove {engine.name} from target.engines"
+                )
+
+    def removed_by_engines(self, parent: ParentShape) -> list[str]:
+        """What `engines` leaves out, over all layers, for a log line: subblock variant names, and (attention, FFN)
+        pairs as "attn_x+ffn_y" where only the pair is unservable."""
+        unrestricted = dataclasses.replace(self, engines=())
+        removed: list[str] = []
+        for i in range(parent.num_hidden_layers):
+            kept_subblocks = {*self.attention_variants(parent, i), *self.ffn_variants(parent, i)}
+            kept = set(self.block_variants(parent, i))
+            for block in unrestricted.block_variants(parent, i):
+                gone = [sub.name for sub in (block.attention, block.ffn) if sub not in kept_subblocks]
+                if not gone and block not in kept:
+                    gone = [f"{block.attention.name}+{block.ffn.name}"]
+                removed += [name for name in gone if name not in removed]
+        return removed
 
     def num_candidates(self, parent: ParentShape) -> int:
         """The number of distinct child architectures: the product of per-layer variant counts."""
         return math.prod(len(v) for v in self.enumerate(parent))
+
+
+def job_search_space(job: Any) -> SearchSpace:
+    """A job's search space: its `search_space.path` file, restricted to the job's `target.engines`."""
+    from puzzle.config.paths import resolve_path
+
+    return dataclasses.replace(SearchSpace.load(resolve_path(job.search_space.path)), engines=tuple(job.target.engines))
 
 
 def ffn_width(fraction: float, parent_width: int, multiple_of: int = 1) -> int:

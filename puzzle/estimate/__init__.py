@@ -112,14 +112,13 @@ def parent_config(job: Any) -> tuple[Any, str, bool]:
 def job_shape(job: Any, device: Any, gpus: int | None) -> Any:
     import os
 
-    from puzzle.config import resolve_path
-    from puzzle.config.search_space import ParentShape, SearchSpace
+    from puzzle.config.search_space import ParentShape, job_search_space
     from puzzle.estimate.stages import JobShape
     from puzzle.estimate.work import child_blocks
     from puzzle.stages.bld.plan import variants_from_search_space
 
     config, source, cached = parent_config(job)
-    space = SearchSpace.load(resolve_path(job.search_space.path))
+    space = job_search_space(job)
     gpu = device.kind == "gpu"
     cpus = job.cluster.num_cpus or os.cpu_count() or 1
     n_gpus = gpus if gpus is not None else (job.cluster.num_gpus or (1 if gpu else 0))

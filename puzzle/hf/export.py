@@ -1,14 +1,17 @@
 """Export: write a child `PuzzleForCausalLM` as a Hugging Face checkpoint that stock tools load.
 
 The directory holds `model.safetensors`, `config.json` (model_type "nemotron-nas", architectures
-["DeciLMForCausalLM"] as vLLM's `DeciLMForCausalLM` expects, `block_configs` in DeciLM vocabulary with
-`ffn.intermediate_size` for every block, `auto_map` to the shipped code), the modeling / configuration files (so
+["DeciLMForCausalLM"] as vLLM's `DeciLMForCausalLM` expects, `block_configs` in DeciLM vocabulary with each FFN's
+width as below, `auto_map` to the shipped code), the modeling / configuration files (so
 `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works where puzzle is not installed) and the
 tokenizer files. Everything is written to a temporary sibling directory and renamed into place, so a half-written
 export never looks finished.
 
-`ffn_mult` is deliberately not written: vLLM prefers it over `intermediate_size` and rounds it to a multiple of 256,
-which would disagree with widths that are not of that form.
+Each active FFN's width is written as `ffn_mult` alone when it can be expressed by it (a multiple of 256; see
+`puzzle.model.block_config.ffn_mult_for`), which every engine reads and mlx-lm requires (it rejects an
+`intermediate_size` key), and as `intermediate_size` alone otherwise (vLLM and transformers load it; engines that
+read only ffn_mult cannot). No-op and linear FFNs get `ffn_mult: null`, as llama.cpp's converter expects.
+`puzzle check-export` says which engines load the result.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 from puzzle.common.atomic import atomic_dir
 from puzzle.errors import PuzzleError
+from puzzle.model.block_config import ffn_mult_for
 from puzzle.model.modeling_puzzle import PuzzleForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -88,9 +92,18 @@ def _rewrite_config(config_file: Path) -> None:
     config["auto_map"] = {**config.get("auto_map", {}), **EXPORT_AUTO_MAP}
     for i, block in enumerate(config["block_configs"]):
         ffn = block["ffn"]
-        if not (ffn["no_op"] or ffn["replace_with_linear"]) and not ffn.get("intermediate_size"):
+        if ffn["no_op"] or ffn["replace_with_linear"]:
+            ffn.pop("intermediate_size", None)
+            ffn["ffn_mult"] = None  # llama.cpp's converter reads the key in every layer
+            continue
+        if not ffn.get("intermediate_size"):
             raise RuntimeError(f"block_configs[{i}].ffn has no intermediate_size")
-        ffn.pop("ffn_mult", None)
+        mult = ffn_mult_for(ffn["intermediate_size"], config["hidden_size"])
+        if mult is None:  # only intermediate_size says this width; engines that read ffn_mult alone cannot load it
+            ffn.pop("ffn_mult", None)
+        else:  # ffn_mult alone: mlx-lm rejects an intermediate_size key, and every reader gets the same width from it
+            ffn.pop("intermediate_size")
+            ffn["ffn_mult"] = mult
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

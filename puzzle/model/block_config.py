@@ -7,6 +7,7 @@ TensorRT-LLM read. `n_heads_in_group` = attention heads / KV heads; `intermediat
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -155,10 +156,31 @@ class BlockConfig:
         )
 
 
+FFN_MULT_MULTIPLE = 256
+"""Widths derived from ffn_mult are rounded up to a multiple of this."""
+
+
 def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
     """DeciLM's rule: int(2 * ffn_mult * hidden / 3), rounded up to a multiple of 256."""
     intermediate = int(2 * ffn_mult * hidden_size / 3)
-    return intermediate + (-intermediate % 256)
+    return intermediate + (-intermediate % FFN_MULT_MULTIPLE)
+
+
+def ffn_mult_for(width: int, hidden_size: int) -> float | None:
+    """An ffn_mult that readers of DeciLM's rule turn back into exactly `width`, or None if none does.
+
+    Such widths are the multiples of 256 (the rounding). The value is the shortest decimal, at most 6 places (readers
+    round ffn_mult to 6), for which int(2 * ffn_mult * hidden / 3) is `width` itself before any rounding: 5.25 for
+    Llama-3.1-8B's 14336, not 5.2, which only the rounding turns into 14336.
+    """
+    if width < 1 or width % FFN_MULT_MULTIPLE:
+        return None
+    exact = 1.5 * width / hidden_size
+    for digits in range(1, 7):
+        for mult in (round(exact, digits), math.ceil(exact * 10**digits) / 10**digits):
+            if mult > 0 and int(2 * mult * hidden_size / 3) == width:
+                return mult
+    return None
 
 
 def parent_block_config(num_attention_heads: int, num_key_value_heads: int, intermediate_size: int) -> BlockConfig:

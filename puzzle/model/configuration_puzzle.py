@@ -16,7 +16,7 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from .block_config import BlockConfig, ConfigError, FFNConfig
+from .block_config import BlockConfig, ConfigError, FFNConfig, ffn_mult_for
 
 
 class _AttrDict(dict):
@@ -115,7 +115,13 @@ class PuzzleConfig(PreTrainedConfig):
                 block.attention.num_key_value_heads(self.num_attention_heads)
             except ConfigError as err:
                 raise ConfigError(f"block_configs[{i}]: {err}") from None
-            normalised.append(_as_attr_dict(block.to_dict()))
+            entry = block.to_dict()
+            # SGLang and TensorRT-LLM read the width only as ffn_mult (vLLM prefers it when present); given only where
+            # it reproduces the width exactly, so a width it cannot express is read from intermediate_size or fails.
+            mult = ffn_mult_for(block.ffn.intermediate_size, self.hidden_size) if block.ffn.is_mlp else None
+            if mult is not None:
+                entry["ffn"]["ffn_mult"] = mult
+            normalised.append(_as_attr_dict(entry))
         return normalised
 
     def _block_with_parent_defaults(self, entry: Any) -> BlockConfig:

@@ -64,7 +64,8 @@ MEMORY_INTERVAL_S = 0.5
 
 def hashed_section(job: JobConfig, section: str) -> Any:
     """A config section as a stage hash sees it: without its resource-only keys, and for search_space with the
-    file's content (the section names only its path, and an edited file must invalidate what was built from it)."""
+    file's content (the section names only its path, and an edited file must invalidate what was built from it) and
+    target.engines, which restricts the space."""
     values = section_dict(job, section)
     if isinstance(values, dict):
         values = {k: v for k, v in values.items() if k not in RESOURCE_KEYS.get(section, ())}
@@ -73,6 +74,7 @@ def hashed_section(job: JobConfig, section: str) -> Any:
             values["sha256"] = hashlib.sha256(resolve_path(job.search_space.path).read_bytes()).hexdigest()
         except OSError:
             values["sha256"] = None  # the stage itself reports the missing file
+        values["engines"] = sorted(job.target.engines)  # target.engines removes variants from the space
     return values
 
 

@@ -85,13 +85,13 @@ def _check_weight_files(path: Path, cfg: ParentConfig) -> None:
 
 
 def check_search_space(job: JobConfig, hf_config: dict[str, Any] | None) -> None:
-    """The search-space file parses and, when the parent's config is known, fits the parent."""
-    from puzzle.config.search_space import ParentShape, SearchSpace
+    """The search-space file parses and, when the parent's config is known, fits the parent and every engine of
+    target.engines serves the parent's block."""
+    from puzzle.config.search_space import ParentShape, job_search_space
 
-    path = resolve_path(job.search_space.path)
-    if not path.is_file():
+    if not resolve_path(job.search_space.path).is_file():
         raise ConfigError(f"search_space.path={job.search_space.path} not found; see search_space/*.yaml")
-    space = SearchSpace.load(path)
+    space = job_search_space(job)
     if hf_config is not None:
         space.validate(ParentShape.from_config(hf_config))
 

@@ -12,8 +12,8 @@ import json
 from typing import Any
 
 from puzzle.common.seeding import derive_seed
-from puzzle.config import JobConfig, resolve_path
-from puzzle.config.search_space import ParentShape, SearchSpace
+from puzzle.config import JobConfig
+from puzzle.config.search_space import ParentShape, job_search_space
 from puzzle.model.packing import share_model
 from puzzle.runner.pipeline import BLOCKS_DIR
 from puzzle.runner.stage import StageContext, StageResult
@@ -28,7 +28,7 @@ STORE_DIR = "store"
 
 
 def load_search_space(ctx: StageContext) -> Any:
-    return SearchSpace.load(resolve_path(ctx.job.search_space.path))
+    return job_search_space(ctx.job)
 
 
 def block_variants(ctx: StageContext, parent_config: Any) -> list[list[Any]]:
