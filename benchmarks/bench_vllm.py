@@ -5,7 +5,8 @@
 
 Builds a random-weight child (head_dim = hidden / heads; layers cycle through GQA with every KV-head count dividing the
 heads, a no-op attention, a no-op FFN and FFN widths 2x, 1.5x and 0.78x hidden; no linear subblocks), exports it with
-`puzzle.hf.export.save_child`, runs scripts/vllm_generate.py in .venv-vllm (fp32, greedy, ignore_eos) and prints:
+`puzzle.hf.export.save_child`, runs puzzle/stages/serve/vllm_client.py in .venv-vllm (fp32, greedy, ignore_eos) and
+prints:
 vLLM's engine start-up and generation time, puzzle's `generate()` time for the same prompts (one at a time, KV cache),
 how many prompts / first tokens / steps agree, and the largest |logprob| difference on the chosen tokens.
 """
@@ -91,16 +92,20 @@ def puzzle_greedy(model: PuzzleForCausalLM, prompts: list[list[int]], new_tokens
     return tokens, logprobs, time.perf_counter() - start
 
 
-def run_vllm(export: Path, prompts: list[list[int]], new_tokens: int, work: Path) -> tuple[dict, float]:
+def run_vllm(export: Path, prompts: list[list[int]], new_tokens: int, work: Path) -> tuple[dict, float, float]:
+    """vLLM's greedy result for the child, its engine start-up and its generation time (one batch of all prompts)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
     env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CACHE_ROOT=str(work / "vllm-cache"))
-    command = [str(REPO / ".venv-vllm/bin/python"), str(REPO / "scripts/vllm_generate.py"), str(export)]
-    command += ["--prompts", json.dumps(prompts), "--max-new-tokens", str(new_tokens), "--out", str(work / "out.json")]
-    start = time.perf_counter()
-    run = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
+    spec = {"models": {"child": str(export)}, "greedy": {"prompts": prompts, "new_tokens": new_tokens}}
+    (work / "spec.json").write_text(json.dumps(spec))
+    command = [str(REPO / ".venv-vllm/bin/python"), str(REPO / "puzzle/stages/serve/vllm_client.py")]
+    run = subprocess.run([*command, str(work / "spec.json"), str(work / "out.json")], cwd=work, env=env, text=True,
+                         capture_output=True)  # fmt: skip
     if run.returncode != 0:
         sys.exit(f"vLLM failed:\n{run.stderr[-4000:]}")
-    return json.loads((work / "out.json").read_text()), time.perf_counter() - start
+    result = json.loads((work / "out.json").read_text())
+    child = result["models"]["child"]
+    return {"version": result["version"], **child["greedy"]}, child["load_s"], child["greedy_s"]
 
 
 def main() -> None:
@@ -118,7 +123,7 @@ def main() -> None:
     child = build_child(args.hidden, args.heads, args.layers)
     with tempfile.TemporaryDirectory() as tmp:
         export = save_child(child, Path(tmp) / "export")
-        result, wall = run_vllm(export, prompts, args.new_tokens, Path(tmp))
+        result, load_s, generate_s = run_vllm(export, prompts, args.new_tokens, Path(tmp))
     tokens, logprobs, puzzle_s = puzzle_greedy(child, prompts, args.new_tokens)
 
     steps = sum(len(t) for t in tokens)
@@ -137,10 +142,9 @@ def main() -> None:
     print(
         f"       {params / 1e6:.2f}M params, blocks: {[child.config.block_config(i).name for i in range(args.layers)]}"
     )
-    print(f"vLLM {result['vllm_version']}: engine start-up {result['load_s']:.1f} s, subprocess wall {wall:.1f} s")
-    rate = steps / result["generate_s"]
+    print(f"vLLM {result['version']}: engine start-up {load_s:.1f} s")
     shape = f"{args.prompts} prompts x {args.new_tokens} tokens"
-    print(f"vLLM generate: {shape} in {result['generate_s']:.2f} s ({rate:.1f} tok/s)")
+    print(f"vLLM generate: {shape} in {generate_s:.2f} s ({steps / generate_s:.1f} tok/s)")
     print(f"puzzle generate (one prompt at a time): {puzzle_s:.2f} s ({steps / puzzle_s:.1f} tok/s)")
     same = sum(a == b for a, b in zip(result["tokens"], tokens, strict=True))
     first = sum(a[0] == b[0] for a, b in zip(result["tokens"], tokens, strict=True))

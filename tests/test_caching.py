@@ -100,15 +100,15 @@ def test_evaluation_settings_rerun_only_evaluate_and_what_reads_it(job):
     compare.baselines or budgets makes it a no-op)."""
     rerun(job)
     job.evaluate.repeats = 5
-    assert rerun(job) == ["parent", "evaluate", "export", "compare"]
+    assert rerun(job) == ["parent", "evaluate", "export", "serve", "compare"]
     job.evaluate.batch_size = 3
-    assert rerun(job) == ["parent", "evaluate", "export", "compare"]
+    assert rerun(job) == ["parent", "evaluate", "export", "serve", "compare"]
 
 
 def test_a_key_that_changes_results_reruns_its_stage_and_everything_downstream(job):
     rerun(job)
     job.gkd.num_workers = 2  # the global batch: not a resource-only key for GKD
-    assert rerun(job) == ["parent", "gkd", "evaluate", "export", "compare"]
+    assert rerun(job) == ["parent", "gkd", "evaluate", "export", "serve", "compare"]
     job.bld.lr = 5e-3
     assert rerun(job) == ["parent", *STAGES[2:]]
 
@@ -230,7 +230,7 @@ def test_run_seed_decides_the_export_and_only_changed_inputs_rerun(tmp_path, ray
     a.evaluate.repeats = 2
     run_job(a)
     after = _finished(a)
-    assert [name for name in AFTER_PARENT if after[name] != before[name]] == ["evaluate", "export", "compare"]
+    assert [name for name in AFTER_PARENT if after[name] != before[name]] == ["evaluate", "export", "serve", "compare"]
 
     c = _pipeline_job(tmp_path, "c", seed=1)
     run_job(c)

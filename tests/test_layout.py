@@ -236,7 +236,7 @@ def test_no_module_is_over_600_lines():
     assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 
-STAGES = ("parent", "data", "bld", "score", "profile", "search", "gkd", "evaluate", "export", "compare")
+STAGES = ("parent", "data", "bld", "score", "profile", "search", "gkd", "evaluate", "export", "serve", "compare")
 
 
 def test_every_stage_has_a_module_of_its_name():

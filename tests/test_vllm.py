@@ -1,7 +1,7 @@
 """A puzzle export loads and generates in vLLM: greedy tokens equal transformers' on a heterogeneous child.
 
 vLLM lives in its own environment (it pins its own torch): `make vllm-env` creates .venv-vllm, and
-scripts/vllm_generate.py runs there in a subprocess. Without that environment these tests are skipped.
+puzzle/stages/serve/vllm_client.py runs there in a subprocess. Without that environment these tests are skipped.
 
     make vllm-env && .venv/bin/pytest tests/test_vllm.py -m slow -q
 """
@@ -25,7 +25,7 @@ from puzzle.model.modeling_puzzle import PuzzleForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("PUZZLE_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
-SCRIPT = REPO / "scripts" / "vllm_generate.py"
+SCRIPT = REPO / "puzzle" / "stages" / "serve" / "vllm_client.py"
 
 pytestmark = [
     pytest.mark.slow,
@@ -100,8 +100,10 @@ def greedy(model: torch.nn.Module, prompt: list[int]) -> tuple[list[int], list[f
     return tokens, logprobs
 
 
-def run_vllm(export: Path, tmp_path: Path) -> dict:
-    out = tmp_path / "vllm.json"
+def run_vllm(models: dict[str, Path], tmp_path: Path, **sections) -> dict:
+    """The vLLM client on `models` ({name: checkpoint}) with the spec's optional sections (greedy, throughput)."""
+    spec, out = tmp_path / "spec.json", tmp_path / "vllm.json"
+    spec.write_text(json.dumps({"models": {k: str(v) for k, v in models.items()}, **sections}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
     env.update(
         HF_HUB_OFFLINE="1",
@@ -111,17 +113,7 @@ def run_vllm(export: Path, tmp_path: Path) -> dict:
         VLLM_DO_NOT_TRACK="1",
     )
     run = subprocess.run(
-        [
-            str(VLLM_PYTHON),
-            str(SCRIPT),
-            str(export),
-            "--prompts",
-            json.dumps(PROMPTS),
-            "--max-new-tokens",
-            str(NEW_TOKENS),
-            "--out",
-            str(out),
-        ],
+        [str(VLLM_PYTHON), str(SCRIPT), str(spec), str(out)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -138,13 +130,20 @@ def exported(tmp_path_factory) -> tuple[PuzzleForCausalLM, Path, dict]:
     child = heterogeneous_child()
     assert linear_layers(child.config) == []
     export = save_child(child, tmp_path / "export", tokenizer=tiny_tokenizer())
-    return child, export, run_vllm(export, tmp_path)
+    result = run_vllm(
+        {"child": export, "again": export},  # two engines side by side in one process, as the serve stage runs them
+        tmp_path,
+        greedy={"prompts": PROMPTS, "new_tokens": NEW_TOKENS, "logprobs": 2},
+        throughput={"batch_sizes": [1, 2], "prompt_len": 8, "gen_len": 4, "repeats": 1, "vocab_size": TINY_VOCAB},
+    )
+    return child, export, result
 
 
 def test_vllm_greedy_tokens_equal_puzzle_and_transformers(exported):
     child, export, result = exported
     reloaded = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype=torch.float32).eval()
-    for prompt, vllm_tokens in zip(PROMPTS, result["tokens"], strict=True):
+    assert result["models"]["again"]["greedy"] == result["models"]["child"]["greedy"]
+    for prompt, vllm_tokens in zip(PROMPTS, result["models"]["child"]["greedy"]["tokens"], strict=True):
         tokens, _ = greedy(child, prompt)
         assert greedy(reloaded, prompt)[0] == tokens
         assert vllm_tokens == tokens, f"prompt {prompt}: vLLM {vllm_tokens} vs puzzle {tokens}"
@@ -154,7 +153,7 @@ def test_vllm_logprobs_match_puzzle(exported):
     """Beyond the argmax: vLLM's log-probability of each chosen token agrees with puzzle's in fp32."""
     child, _, result = exported
     worst = 0.0
-    for prompt, steps in zip(PROMPTS, result["logprobs"], strict=True):
+    for prompt, steps in zip(PROMPTS, result["models"]["child"]["greedy"]["logprobs"], strict=True):
         tokens, logprobs = greedy(child, prompt)
         assert len(steps) == NEW_TOKENS
         for token, expected, step in zip(tokens, logprobs, steps, strict=True):
@@ -162,3 +161,10 @@ def test_vllm_logprobs_match_puzzle(exported):
             assert math.isfinite(got)
             worst = max(worst, abs(got - expected))
     assert worst < 1e-3, f"largest |logprob difference| between vLLM and puzzle: {worst:.2e}"
+
+
+def test_vllm_throughput_is_timed_for_every_model_and_batch(exported):
+    _, _, result = exported
+    for name in ("child", "again"):
+        figures = result["models"][name]["throughput"]
+        assert sorted(figures) == ["1", "2"] and all(len(v) == 1 and v[0] > 0 for v in figures.values())

@@ -40,6 +40,7 @@ from puzzle.config.stages import (
     ProfilingConfig,
     ScoringConfig,
     SearchConfig,
+    ServeConfig,
 )
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "ScoringConfig",
     "SearchConfig",
     "SearchSpaceConfig",
+    "ServeConfig",
     "TargetConfig",
     "job_from_dict",
     "job_to_dict",

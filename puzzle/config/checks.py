@@ -14,6 +14,10 @@ WANDB_MODES = ("disabled", "offline", "online")
 BLD_MODES = ("decoupled", "coupled")
 SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("float32", "bfloat16", "float16")
+# Engines the serve stage runs parent and child in (puzzle.stages.serve), and the GGUF types it converts to for
+# llama.cpp.
+SERVE_ENGINES = ("vllm", "llamacpp")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 # What replace-1-block scoring records for every block (puzzle.stages.score.METRICS, kept equal by a test): the
 # library's metrics.* keys, one of which search.objective optimises.
 SCORING_METRICS = ("kl_div", "lm_loss", "top1")

@@ -19,6 +19,7 @@ from puzzle.config.stages import (
     ProfilingConfig,
     ScoringConfig,
     SearchConfig,
+    ServeConfig,
 )
 from puzzle.errors import ConfigError
 from puzzle.hf.engines import engines_named
@@ -301,6 +302,7 @@ class JobConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     gkd: GKDConfig = field(default_factory=GKDConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -1,5 +1,6 @@
 """The schemas of the stages that compute: BLD, scoring, profiling, search, GKD, evaluation and the comparison
-(one dataclass per job section, each field documented and checked in `__post_init__`). Plain values only."""
+and serving (one dataclass per job section, each field documented and checked in `__post_init__`). Plain values
+only."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from typing import Any
 
 from puzzle.config.checks import (
     BLD_MODES,
+    GGUF_TYPES,
     MAXIMIZED_METRICS,
     SCHEDULES,
     SCORING_METRICS,
+    SERVE_ENGINES,
     check_choice,
     check_fraction,
     check_positive,
@@ -348,3 +351,44 @@ class CompareConfig:
             raise ConfigError(f"compare.baselines={list(self.baselines)} names a baseline twice")
         for value in self.budgets:
             check_positive("compare.budgets", value)
+
+
+@dataclass
+class ServeConfig:
+    """The exported parent and child served in real engines (the serve stage): their greedy tokens against puzzle's,
+    and generation throughput at each batch size, beside puzzle's own forward timed the same way."""
+
+    engines: list[str] = field(default_factory=list)
+    """Engines to serve in: vllm (its environment built by `make vllm-env`), llamacpp (`make llamacpp-env`). Empty:
+    the stage does nothing."""
+    prompts: int = 8
+    """Greedy prompts, from the test split."""
+    prompt_tokens: int = 32
+    """Tokens of each greedy prompt."""
+    new_tokens: int = 16
+    """Greedy tokens generated per prompt and compared with puzzle's."""
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    """Batch sizes at which generation throughput is measured."""
+    prompt_len: int | None = None
+    """Prompt tokens of each throughput sequence; None uses target.prompt_len."""
+    gen_len: int | None = None
+    """Generated tokens of each throughput sequence; None uses target.gen_len."""
+    repeats: int = 3
+    """Timed rounds per batch size (models in alternation); the median is reported."""
+    gguf_type: str = "f32"
+    """The GGUF type llama.cpp serves (f32 and f16 should give puzzle's greedy tokens; q8_0 reports agreement)."""
+    timeout_s: int = 3600
+    """Longest an engine's client may run."""
+
+    def __post_init__(self) -> None:
+        for name in self.engines:
+            check_choice("serve.engines", name, SERVE_ENGINES)
+        if len(set(self.engines)) != len(self.engines):
+            raise ConfigError(f"serve.engines={list(self.engines)} names an engine twice")
+        check_choice("serve.gguf_type", self.gguf_type, GGUF_TYPES)
+        if not self.batch_sizes:
+            raise ConfigError("serve.batch_sizes is empty; give at least one batch size, e.g. [1, 8]")
+        for b in self.batch_sizes:
+            check_positive("serve.batch_sizes[]", b)
+        for name in ("prompts", "prompt_tokens", "new_tokens", "prompt_len", "gen_len", "repeats", "timeout_s"):
+            check_positive(f"serve.{name}", getattr(self, name))

@@ -1,6 +1,6 @@
 """The pipeline: the ordered list of a job's stages, each with the job sections and upstream stages it reads.
 
-    parent -> data -> bld -> score -> profile -> search -> gkd -> evaluate -> export -> compare
+    parent -> data -> bld -> score -> profile -> search -> gkd -> evaluate -> export -> serve -> compare
 
 Each stage's code is the module of the same name under `puzzle.stages` (for a package, its `stage` module), which
 exposes the adapter `run(ctx) -> StageResult` (`puzzle.runner.stage`). The runner hashes a stage's sections and its
@@ -86,6 +86,13 @@ def build_stages() -> list[Stage]:
             sections=("target", "budget", "search"),
             after=("parent", "profile", "search", "gkd", "evaluate"),
             publish=("export", "report.json", "report.md", "*.png"),
+        ),
+        Stage(
+            "serve",
+            run=adapter("serve.stage"),
+            sections=("serve", "target"),
+            after=("parent", "data", "export"),
+            publish=("serve.json", "serve.md"),
         ),
         Stage(
             "compare",

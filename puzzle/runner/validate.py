@@ -292,6 +292,10 @@ def validate_job(job: JobConfig, *, local: bool = True, check_address: bool = Tr
             resolve_gguf(job.parent.gguf)
             check_gguf_support()
     check_search_space(job, hf_config)
+    if local:
+        from puzzle.stages.serve.clients import check_engine_environments
+
+        check_engine_environments(job)
     check_budget(job, job.run_dir / "library.json" if local else None)
     address = ray_address(job)
     # Joining a cluster, CUDA is the workers' business: check_cluster_resources checks it after connecting.

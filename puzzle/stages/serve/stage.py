@@ -1,0 +1,200 @@
+"""The serve stage: the exported child and its parent served in real engines, beside puzzle's own forward.
+
+For each engine of `serve.engines` (vllm, llamacpp), after `puzzle.hf.engines.check_export` says the export loads
+there: the engine's client runs in that engine's own environment (`make vllm-env`, `make llamacpp-env`) as a
+subprocess, on parent and child side by side, and reports (1) greedy tokens for `serve.prompts` prompts from the test
+split, compared token by token with puzzle's own greedy tokens for the same model, and (2) generation throughput
+(whole generations of target.prompt_len + target.gen_len tokens, EOS ignored) at each of `serve.batch_sizes`. Puzzle's
+own forward is timed the same way (`puzzle.stages.evaluate.measure_generation`, models in alternation), so the
+engine's speed-up and puzzle's stand in one table (serve.md; serve.json for tools).
+
+An engine that cannot load the export is a result, not an error: serve.json records why (the check-export reasons).
+A missing engine environment is an error before anything runs (`check_engine_environments`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from puzzle.common.progress import say
+from puzzle.errors import PuzzleError
+from puzzle.hf.engines import check_export, engines_named
+from puzzle.runner.stage import StageContext, StageResult, write_json
+from puzzle.stages.data import load_split
+from puzzle.stages.parent import load_parent_model
+from puzzle.stages.serve.clients import run_client
+
+
+def greedy_prompts(test: Any, count: int, tokens: int) -> list[list[int]]:
+    """The first `tokens` tokens of the first `count` rows of the test split."""
+    rows = test[:count]["input_ids"]
+    if len(rows) < count or any(len(r) < tokens for r in rows):
+        raise PuzzleError(f"the test split has fewer than {count} rows of {tokens} tokens; lower serve.prompts")
+    return [[int(t) for t in row[:tokens]] for row in rows]
+
+
+@torch.no_grad()
+def puzzle_greedy(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy continuations by full forwards and argmax (no cache, EOS not special): the reference engines match."""
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        for _ in range(new_tokens):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+        out.append(ids[0, len(prompt) :].tolist())
+    return out
+
+
+def puzzle_throughput(
+    models: dict[str, torch.nn.Module], batch_sizes: list[int], prompt_len: int, gen_len: int, repeats: int
+) -> dict[str, dict[str, list[float]]]:
+    """Generated tokens/s of whole greedy generations in puzzle's forward, models in alternation, per batch size."""
+    from puzzle.stages.evaluate import measure_generation
+
+    out: dict[str, dict[str, list[float]]] = {name: {} for name in models}
+    for batch in batch_sizes:
+        for model in models.values():
+            measure_generation(model, batch, prompt_len, gen_len)  # warm-up at this batch
+        for _ in range(repeats):
+            for name, model in models.items():
+                seconds = measure_generation(model, batch, prompt_len, gen_len)
+                out[name].setdefault(str(batch), []).append(batch * gen_len / seconds)
+    return out
+
+
+def agreement(engine_tokens: list[list[int]], puzzle_tokens: list[list[int]]) -> dict[str, Any]:
+    """How far an engine's greedy tokens match puzzle's: whole prompts, tokens up to the first divergence."""
+    first = [next((i for i, (a, b) in enumerate(zip(e, p, strict=True)) if a != b), len(p))
+             for e, p in zip(engine_tokens, puzzle_tokens, strict=True)]  # fmt: skip
+    total = sum(len(p) for p in puzzle_tokens)
+    return {
+        "prompts_identical": sum(f == len(p) for f, p in zip(first, puzzle_tokens, strict=True)),
+        "prompts": len(puzzle_tokens),
+        "tokens_before_divergence": sum(first),
+        "tokens": total,
+        "first_divergence": first,
+    }
+
+
+def medians(figures: dict[str, list[float]]) -> dict[str, float]:
+    return {batch: statistics.median(values) for batch, values in figures.items()}
+
+
+def speedups(result: dict[str, Any]) -> dict[str, float]:
+    """Child over parent tokens/s, per batch size, from a client's (or puzzle's) throughput figures."""
+    parent, child = medians(result["parent"]["throughput"]), medians(result["child"]["throughput"])
+    return {batch: child[batch] / parent[batch] for batch in child if batch in parent}
+
+
+def serve_markdown(report: dict[str, Any]) -> str:
+    """serve.md: per engine, loads or why not, greedy agreement with puzzle, and tokens/s beside puzzle's."""
+    lines = ["# Served in engines", ""]
+    setup = report["setup"]
+    lines += [
+        f"Greedy: {setup['prompts']} test-split prompts of {setup['prompt_tokens']} tokens, {setup['new_tokens']} new "
+        f"tokens each, compared with puzzle's own forward. Throughput: whole generations of {setup['prompt_len']} "
+        f"prompt + {setup['gen_len']} generated tokens, EOS ignored, median of {setup['repeats']} rounds with parent "
+        "and child in alternation; tokens/s are generated tokens per second.",
+        "",
+        "| engine | version | model | greedy prompts identical | tokens before divergence | "
+        + " | ".join(f"tok/s b={b}" for b in setup["batch_sizes"])
+        + " |",
+        "|---|---|---|---:|---:|" + "---:|" * len(setup["batch_sizes"]),
+    ]
+    notes = []
+    for engine, result in report["engines"].items():
+        if not result.get("loads", True):
+            notes.append(f"- {engine} does not load the export: {'; '.join(result['problems'])}")
+            continue
+        for model in ("parent", "child"):
+            figures = medians(result[model]["throughput"])
+            match = result[model].get("agreement")
+            same = f"{match['prompts_identical']}/{match['prompts']}" if match else "(reference)"
+            before = f"{match['tokens_before_divergence']}/{match['tokens']}" if match else ""
+            rates = " | ".join(f"{figures[str(b)]:.1f}" for b in setup["batch_sizes"])
+            lines.append(f"| {engine} | {result.get('version', '')} | {model} | {same} | {before} | {rates} |")
+    lines += ["", "Speed-up of the child over the parent, per batch size:", ""]
+    lines += ["| engine | " + " | ".join(f"b={b}" for b in setup["batch_sizes"]) + " |"]
+    lines += ["|---|" + "---:|" * len(setup["batch_sizes"])]
+    for engine, result in report["engines"].items():
+        if result.get("speedup"):
+            cells = " | ".join(f"{result['speedup'][str(b)]:.2f}x" for b in setup["batch_sizes"])
+            lines.append(f"| {engine} | {cells} |")
+    return "\n".join([*lines, "", *notes, ""]).rstrip() + "\n"
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Serve parent and child in every engine of serve.engines; writes serve.json and serve.md."""
+    cfg, target = ctx.job.serve, ctx.job.target
+    if not cfg.engines:
+        write_json(ctx.out_dir / "serve.json", {"engines": {}})
+        return StageResult(summary={"engines": []})
+    from puzzle.model.modeling_puzzle import PuzzleForCausalLM
+
+    export = ctx.upstream["export"] / "export"
+    parent_dir = Path(ctx.parent_info()["path"])
+    prompt_len = cfg.prompt_len or target.prompt_len
+    gen_len = cfg.gen_len or target.gen_len
+    setup = {
+        "prompts": cfg.prompts,
+        "prompt_tokens": cfg.prompt_tokens,
+        "new_tokens": cfg.new_tokens,
+        "batch_sizes": cfg.batch_sizes,
+        "prompt_len": prompt_len,
+        "gen_len": gen_len,
+        "repeats": cfg.repeats,
+        "export": str(export),
+        "parent": str(parent_dir),
+        "torch_threads": torch.get_num_threads(),
+    }
+    prompts = greedy_prompts(load_split(ctx, "test"), cfg.prompts, cfg.prompt_tokens)
+    models = {
+        "parent": load_parent_model(ctx).float().eval(),
+        "child": PuzzleForCausalLM.from_pretrained(export, dtype=torch.float32).eval(),
+    }
+    say("serve: puzzle's own greedy tokens and generation throughput (the reference)")
+    reference = {name: {"greedy": {"tokens": puzzle_greedy(m, prompts, cfg.new_tokens)}} for name, m in models.items()}
+    timed = puzzle_throughput(models, cfg.batch_sizes, prompt_len, gen_len, cfg.repeats)
+    for name in models:
+        reference[name]["throughput"] = timed[name]
+    vocab = models["parent"].config.vocab_size
+    del models
+    reference_speedup = speedups(reference)
+    engines: dict[str, Any] = {"puzzle": {"version": torch.__version__, **reference, "speedup": reference_speedup}}
+    for verdict in check_export(export, engines_named(cfg.engines, where="serve.engines")):
+        engine = verdict.engine.name
+        if not verdict.loads:
+            say(f"serve: {engine} does not load the export: {'; '.join(verdict.problems)}")
+            engines[engine] = {"loads": False, "problems": list(verdict.problems)}
+            continue
+        spec = {
+            "models": {"parent": str(parent_dir), "child": str(export)},
+            "dtype": target.dtype,
+            "gguf_type": cfg.gguf_type,
+            "max_model_len": max(prompt_len + gen_len, cfg.prompt_tokens + cfg.new_tokens),
+            "greedy": {"prompts": prompts, "new_tokens": cfg.new_tokens, "logprobs": 2},
+            "throughput": {
+                "batch_sizes": cfg.batch_sizes,
+                "prompt_len": prompt_len,
+                "gen_len": gen_len,
+                "repeats": cfg.repeats,
+                "seed": 0,
+                "vocab_size": vocab,
+            },  # fmt: skip
+        }
+        result = run_client(engine, spec, ctx.work_dir / engine, cfg.timeout_s)
+        for name in ("parent", "child"):
+            got = result["models"][name]
+            got["agreement"] = agreement(got["greedy"]["tokens"], reference[name]["greedy"]["tokens"])
+        engines[engine] = {"loads": True, **result["models"], "version": result["version"]}
+        engines[engine]["speedup"] = speedups(engines[engine])
+        say(f"serve: {engine} child/parent speed-up {engines[engine]['speedup']}, puzzle's {reference_speedup}")
+    report = {"setup": setup, "engines": engines}
+    write_json(ctx.out_dir / "serve.json", report)
+    (ctx.out_dir / "serve.md").write_text(serve_markdown(report))
+    summary = {name: e.get("speedup") for name, e in engines.items()}
+    return StageResult(summary={"speedup": summary})
