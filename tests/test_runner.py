@@ -174,7 +174,19 @@ def test_a_stage_that_previously_succeeded_then_fails_loses_its_old_results(tmp_
 def test_pipeline_order_and_wiring():
     stages = build_stages()
     names = [s.name for s in stages]
-    assert names == ["parent", "data", "bld", "score", "profile", "search", "gkd", "evaluate", "export", "serve", "compare"]
+    assert names == [
+        "parent",
+        "data",
+        "bld",
+        "score",
+        "profile",
+        "search",
+        "gkd",
+        "evaluate",
+        "export",
+        "serve",
+        "compare",
+    ]
     for i, stage in enumerate(stages):
         assert set(stage.after) <= set(names[:i]), f"{stage.name} depends on a later stage"
 

@@ -66,17 +66,27 @@ def puzzle_throughput(
     return out
 
 
-def agreement(engine_tokens: list[list[int]], puzzle_tokens: list[list[int]]) -> dict[str, Any]:
-    """How far an engine's greedy tokens match puzzle's: whole prompts, tokens up to the first divergence."""
-    first = [next((i for i, (a, b) in enumerate(zip(e, p, strict=True)) if a != b), len(p))
-             for e, p in zip(engine_tokens, puzzle_tokens, strict=True)]  # fmt: skip
-    total = sum(len(p) for p in puzzle_tokens)
+def agreement(
+    model: torch.nn.Module, prompts: list[list[int]], engine_tokens: list[list[int]], puzzle_tokens: list[list[int]]
+) -> dict[str, Any]:
+    """How far an engine's greedy tokens match puzzle's: whole prompts, tokens up to the first divergence, and at each
+    divergence the margin puzzle's own forward gave its token over the engine's (logit difference, nats): a margin of
+    a few 1e-4 is a near tie that float rounding decides, a large one is a real disagreement."""
+    first, margins = [], []
+    for prompt, got, want in zip(prompts, engine_tokens, puzzle_tokens, strict=True):
+        i = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), len(want))
+        first.append(i)
+        if i < len(want):
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + want[:i]])).logits[0, -1].float()
+            margins.append(float(logits[want[i]] - logits[got[i]]))
     return {
         "prompts_identical": sum(f == len(p) for f, p in zip(first, puzzle_tokens, strict=True)),
         "prompts": len(puzzle_tokens),
         "tokens_before_divergence": sum(first),
-        "tokens": total,
+        "tokens": sum(len(p) for p in puzzle_tokens),
         "first_divergence": first,
+        "divergence_margins": margins,
     }
 
 
@@ -162,7 +172,6 @@ def run(ctx: StageContext) -> StageResult:
     for name in models:
         reference[name]["throughput"] = timed[name]
     vocab = models["parent"].config.vocab_size
-    del models
     reference_speedup = speedups(reference)
     engines: dict[str, Any] = {"puzzle": {"version": torch.__version__, **reference, "speedup": reference_speedup}}
     for verdict in check_export(export, engines_named(cfg.engines, where="serve.engines")):
@@ -189,7 +198,8 @@ def run(ctx: StageContext) -> StageResult:
         result = run_client(engine, spec, ctx.work_dir / engine, cfg.timeout_s)
         for name in ("parent", "child"):
             got = result["models"][name]
-            got["agreement"] = agreement(got["greedy"]["tokens"], reference[name]["greedy"]["tokens"])
+            want = reference[name]["greedy"]["tokens"]
+            got["agreement"] = agreement(models[name], prompts, got["greedy"]["tokens"], want)
         engines[engine] = {"loads": True, **result["models"], "version": result["version"]}
         engines[engine]["speedup"] = speedups(engines[engine])
         say(f"serve: {engine} child/parent speed-up {engines[engine]['speedup']}, puzzle's {reference_speedup}")
