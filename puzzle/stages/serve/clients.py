@@ -21,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 ENVIRONMENTS = {
     "vllm": ("PUZZLE_VLLM_PYTHON", ".venv-vllm", "make vllm-env", "vllm_client.py"),
     "llamacpp": ("PUZZLE_LLAMACPP_PYTHON", ".venv-llamacpp", "make llamacpp-env", "llamacpp_client.py"),
+    "lmeval": ("PUZZLE_LMEVAL_PYTHON", ".venv-lmeval", "make lmeval-env", "-m lm_eval"),
 }
 KV_CACHE_GIB = 2
 """vLLM's CPU KV-cache reservation per model, GiB (its default would take far more than these lengths need)."""
@@ -33,14 +34,16 @@ def engine_python(engine: str) -> Path:
 
 
 def check_engine_environments(job: JobConfig) -> None:
-    """Every engine of serve.engines has its environment, checked before any stage runs."""
-    for engine in job.serve.engines:
+    """Every engine of serve.engines has its environment (and lm-eval, with serve.lm_eval), checked before any stage
+    runs."""
+    needed = [*job.serve.engines, *(["lmeval"] if job.serve.lm_eval else [])]
+    for engine in needed:
         python = engine_python(engine)
         if not python.is_file():
             variable, _, make, _ = ENVIRONMENTS[engine]
+            option = "serve.lm_eval is set" if engine == "lmeval" else f"serve.engines includes {engine}"
             raise ConfigError(
-                f"serve.engines includes {engine}, but its interpreter {python} does not exist; "
-                f"run `{make}` (or set {variable})"
+                f"{option}, but its interpreter {python} does not exist; run `{make}` (or set {variable})"
             )
 
 

@@ -27,6 +27,7 @@ from puzzle.runner.stage import StageContext, StageResult, write_json
 from puzzle.stages.data import load_split
 from puzzle.stages.parent import load_parent_model
 from puzzle.stages.serve.clients import run_client
+from puzzle.stages.serve.harness import harness_command, run_harness, write_task
 
 
 def greedy_prompts(test: Any, count: int, tokens: int) -> list[list[int]]:
@@ -103,6 +104,33 @@ def speedups(result: dict[str, Any]) -> dict[str, float]:
 def serve_markdown(report: dict[str, Any]) -> str:
     """serve.md: per engine, loads or why not, greedy agreement with puzzle, and tokens/s beside puzzle's."""
     lines = ["# Served in engines", ""]
+    if report["engines"]:
+        lines += _engine_lines(report)
+    if report.get("lm_eval"):
+        lines += _harness_lines(report["lm_eval"])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _harness_lines(scores: dict[str, Any]) -> list[str]:
+    lines = [
+        "## lm-evaluation-harness",
+        "",
+        f"Task `puzzle_heldout`: {scores['documents']} held-out documents decoded from the test split, rolling "
+        f"log-likelihood (lower is better). Command: `{scores['command']}`",
+        "",
+        "| model | word perplexity | byte perplexity | bits per byte |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in ("parent", "child"):
+        got = scores[name]
+        lines.append(
+            f"| {name} | {got['word_perplexity']:.3f} | {got['byte_perplexity']:.4f} | {got['bits_per_byte']:.4f} |"
+        )
+    return [*lines, ""]
+
+
+def _engine_lines(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     setup = report["setup"]
     lines += [
         f"Greedy: {setup['prompts']} test-split prompts of {setup['prompt_tokens']} tokens, {setup['new_tokens']} new "
@@ -134,17 +162,29 @@ def serve_markdown(report: dict[str, Any]) -> str:
         if result.get("speedup"):
             cells = " | ".join(f"{result['speedup'][str(b)]:.2f}x" for b in setup["batch_sizes"])
             lines.append(f"| {engine} | {cells} |")
-    return "\n".join([*lines, "", *notes, ""]).rstrip() + "\n"
+    return [*lines, "", *notes, ""]
 
 
 def run(ctx: StageContext) -> StageResult:
-    """Serve parent and child in every engine of serve.engines; writes serve.json and serve.md."""
-    cfg, target = ctx.job.serve, ctx.job.target
-    if not cfg.engines:
-        write_json(ctx.out_dir / "serve.json", {"engines": {}})
-        return StageResult(summary={"engines": []})
+    """Serve parent and child in every engine of serve.engines (and lm-eval, with serve.lm_eval); writes serve.json
+    and serve.md, and with lm-eval the task it ran (lm_eval/)."""
+    cfg = ctx.job.serve
+    report: dict[str, Any] = {"setup": {}, "engines": {}}
+    if cfg.engines:
+        report = serve_in_engines(ctx)
+    if cfg.lm_eval:
+        report["lm_eval"] = score_with_harness(ctx)
+    write_json(ctx.out_dir / "serve.json", report)
+    if cfg.engines or cfg.lm_eval:
+        (ctx.out_dir / "serve.md").write_text(serve_markdown(report))
+    return StageResult(summary={"speedup": {name: e.get("speedup") for name, e in report["engines"].items()}})
+
+
+def serve_in_engines(ctx: StageContext) -> dict[str, Any]:
+    """Puzzle's own greedy tokens and throughput for parent and child, then each engine's beside them."""
     from puzzle.model.modeling_puzzle import PuzzleForCausalLM
 
+    cfg, target = ctx.job.serve, ctx.job.target
     export = ctx.upstream["export"] / "export"
     parent_dir = Path(ctx.parent_info()["path"])
     prompt_len = cfg.prompt_len or target.prompt_len
@@ -171,9 +211,10 @@ def run(ctx: StageContext) -> StageResult:
     timed = puzzle_throughput(models, cfg.batch_sizes, prompt_len, gen_len, cfg.repeats)
     for name in models:
         reference[name]["throughput"] = timed[name]
-    vocab = models["parent"].config.vocab_size
     reference_speedup = speedups(reference)
     engines: dict[str, Any] = {"puzzle": {"version": torch.__version__, **reference, "speedup": reference_speedup}}
+    throughput = {"batch_sizes": cfg.batch_sizes, "prompt_len": prompt_len, "gen_len": gen_len, "repeats": cfg.repeats,
+                  "seed": 0, "vocab_size": models["parent"].config.vocab_size}  # fmt: skip
     for verdict in check_export(export, engines_named(cfg.engines, where="serve.engines")):
         engine = verdict.engine.name
         if not verdict.loads:
@@ -186,14 +227,7 @@ def run(ctx: StageContext) -> StageResult:
             "gguf_type": cfg.gguf_type,
             "max_model_len": max(prompt_len + gen_len, cfg.prompt_tokens + cfg.new_tokens),
             "greedy": {"prompts": prompts, "new_tokens": cfg.new_tokens, "logprobs": 2},
-            "throughput": {
-                "batch_sizes": cfg.batch_sizes,
-                "prompt_len": prompt_len,
-                "gen_len": gen_len,
-                "repeats": cfg.repeats,
-                "seed": 0,
-                "vocab_size": vocab,
-            },  # fmt: skip
+            "throughput": throughput,
         }
         result = run_client(engine, spec, ctx.work_dir / engine, cfg.timeout_s)
         for name in ("parent", "child"):
@@ -203,8 +237,23 @@ def run(ctx: StageContext) -> StageResult:
         engines[engine] = {"loads": True, **result["models"], "version": result["version"]}
         engines[engine]["speedup"] = speedups(engines[engine])
         say(f"serve: {engine} child/parent speed-up {engines[engine]['speedup']}, puzzle's {reference_speedup}")
-    report = {"setup": setup, "engines": engines}
-    write_json(ctx.out_dir / "serve.json", report)
-    (ctx.out_dir / "serve.md").write_text(serve_markdown(report))
-    summary = {name: e.get("speedup") for name, e in engines.items()}
-    return StageResult(summary={"speedup": summary})
+    return {"setup": setup, "engines": engines}
+
+
+def score_with_harness(ctx: StageContext) -> dict[str, Any]:
+    """lm-evaluation-harness scores of parent and child on held-out documents decoded from the test split."""
+    from transformers import AutoTokenizer
+
+    cfg = ctx.job.serve
+    parent_dir = Path(ctx.parent_info()["path"])
+    rows = load_split(ctx, "test")[: cfg.lm_eval_docs]["input_ids"]
+    tokenizer = AutoTokenizer.from_pretrained(parent_dir)
+    task_dir = write_task(ctx.out_dir / "lm_eval", [tokenizer.decode(row) for row in rows])
+    device = "cuda" if ctx.job.target.device.startswith("cuda") else "cpu"
+    checkpoints = {"parent": parent_dir, "child": ctx.upstream["export"] / "export"}
+    scores = {
+        name: run_harness(name, path, task_dir, ctx.work_dir, device, cfg.timeout_s)
+        for name, path in checkpoints.items()
+    }
+    command = " ".join(harness_command(Path("CHECKPOINT"), task_dir, device, Path("OUT"))[1:])
+    return {"documents": len(rows), "task_dir": str(task_dir), "command": f"python {command}", **scores}
