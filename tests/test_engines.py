@@ -100,7 +100,8 @@ def test_target_engines_are_validated():
 # ---------------------------------------------------------------- check-export
 
 
-def child(blocks: list[dict], hidden: int = 128, ffn: int = 512) -> PuzzleForCausalLM:
+def child(blocks: list[dict], hidden: int = 256, ffn: int = 512) -> PuzzleForCausalLM:
+    """Four heads of 64: on the default residual of 256 head_dim is hidden / heads; the demo's residual is 128."""
     config = PuzzleConfig(
         vocab_size=TINY_VOCAB,
         hidden_size=hidden,
@@ -140,17 +141,28 @@ def test_export_writes_ffn_mult_where_the_width_allows(tmp_path):
     blocks = json.loads((export / "config.json").read_text())["block_configs"]
     # ffn_mult alone where it expresses the width (mlx-lm rejects intermediate_size), null for a no-op FFN (llama.cpp
     # reads the key in every layer), intermediate_size alone for a width it cannot express.
-    assert [b["ffn"].get("ffn_mult", "-") for b in blocks] == [6.0, 3.0, None, 3.0, "-"]
+    assert [b["ffn"].get("ffn_mult", "-") for b in blocks] == [3.0, 1.5, None, 1.5, "-"]
     assert [b["ffn"].get("intermediate_size", "-") for b in blocks] == ["-", "-", "-", "-", 200]
     reloaded = PuzzleForCausalLM.from_pretrained(export)  # puzzle itself still reads the exact width
     assert [reloaded.config.block_config(i).ffn.intermediate_size for i in range(5)] == [512, 256, None, 256, 200]
     # The config objects vLLM, SGLang and TensorRT-LLM read (trust_remote_code) carry ffn_mult only where it is exact.
-    assert [getattr(b.ffn, "ffn_mult", "-") for b in reloaded.config.block_configs] == [6.0, 3.0, "-", 3.0, "-"]
+    assert [getattr(b.ffn, "ffn_mult", "-") for b in reloaded.config.block_configs] == [3.0, 1.5, "-", 1.5, "-"]
 
 
 def test_check_export_demo_child_loads_everywhere(tmp_path):
     export = save_child(child(DEMO_CHILD), tmp_path / "export")
     assert verdicts(export) == {name: () for name in ALL}
+
+
+def test_check_export_demo_shape_does_not_load_in_mlx_lm(tmp_path):
+    """The demo's parent has four heads of 64 on a residual of 128; mlx-lm sizes attention from hidden / heads."""
+    export = save_child(child(DEMO_CHILD, hidden=128), tmp_path / "export")
+    got = verdicts(export)
+    assert got["mlx_lm"] == ("head_dim 64 is not hidden_size / num_attention_heads = 32 (mlx-lm sizes attention from "
+                             "the latter)",)  # fmt: skip
+    assert all(got[name] == () for name in ALL if name != "mlx_lm")
+    with pytest.raises(ConfigError, match="mlx-lm cannot serve the parent's own block"):
+        space(DEMO_SPACE, ("mlx_lm",)).enumerate(dataclasses.replace(DEMO, head_dim=64))
 
 
 def test_check_export_linear_ffn(tmp_path):

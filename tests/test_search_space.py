@@ -161,11 +161,12 @@ def test_parent_shape_from_hf_config_and_dict():
 
     cfg = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=96)  # fmt: skip
-    assert ParentShape.from_config(cfg) == ParentShape(2, 64, 4, 2, 96)
+    assert ParentShape.from_config(cfg) == ParentShape(2, 64, 4, 2, 96, head_dim=getattr(cfg, "head_dim", None))
     mha = SimpleNamespace(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=None,
                           intermediate_size=96)  # fmt: skip
     assert ParentShape.from_config(mha).num_key_value_heads == 4
-    assert ParentShape.from_config(dict(vars(mha))) == ParentShape(2, 64, 4, 4, 96)
+    expected = ParentShape(2, 64, 4, 4, 96, head_dim=getattr(mha, "head_dim", None))
+    assert ParentShape.from_config(dict(vars(mha))) == expected
 
 
 def test_parent_shape_errors():

@@ -60,6 +60,7 @@ from puzzle.hf.engines import (
     servable_attention,
     servable_block,
     servable_ffn,
+    shape_problem,
 )
 from puzzle.model.block_config import AttentionConfig, BlockConfig, FFNConfig
 
@@ -78,6 +79,8 @@ class ParentShape:
     num_attention_heads: int
     num_key_value_heads: int
     intermediate_size: int
+    head_dim: int | None = None
+    """Per-head width when the config gives one (it may differ from hidden_size / num_attention_heads)."""
 
     def __post_init__(self) -> None:
         for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads"):
@@ -116,6 +119,7 @@ class ParentShape:
             num_attention_heads=heads,
             num_key_value_heads=int(kv) if kv is not None else heads,
             intermediate_size=int(get("intermediate_size")),
+            head_dim=int(get("head_dim")) if get("head_dim") is not None else None,
         )
 
     @property
@@ -334,8 +338,10 @@ class SearchSpace:
         """The parent's own block is every layer's first variant (the all-parent model is always a candidate), so a
         target engine that cannot serve it leaves a layer kept as the parent with nothing servable."""
         for engine in engines_named(self.engines):
-            problem = attention_problem(parent.parent_attention, engine) or ffn_problem(
-                parent.parent_ffn, engine, parent.hidden_size
+            problem = (
+                shape_problem(parent.hidden_size, parent.num_attention_heads, parent.head_dim, engine)
+                or attention_problem(parent.parent_attention, engine)
+                or ffn_problem(parent.parent_ffn, engine, parent.hidden_size)
             )
             if problem:
                 raise ConfigError(

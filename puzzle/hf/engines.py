@@ -11,7 +11,8 @@ fields and its own gaps, found by reading each engine's model file (docs/engines
 | llamacpp     | yes / no          | ffn_mult, a key in every layer   | a no-op FFN only where attention is no-op    |
 |              |                   |                                  | too (else its graph drops the attention      |
 |              |                   |                                  | output), never in the last layer (aborts)    |
-| mlx_lm       | no / no           | ffn_mult                         | rejects other FFN keys (intermediate_size)   |
+| mlx_lm       | no / no           | ffn_mult                         | rejects other FFN keys (intermediate_size);  |
+|              |                   |                                  | head_dim must be hidden / heads              |
 
 vLLM, SGLang and TensorRT-LLM read `block_configs` through the export's own config class (trust_remote_code), the
 others read config.json. Every engine serves no-op subblocks. mlx-lm's model file has linear subblocks, but under
@@ -65,6 +66,8 @@ class Engine:
     """config.json must carry an ffn_mult key (null for no-op and linear FFNs) in every layer."""
     no_op_ffn_needs_no_op_attention: bool = False
     last_layer_needs_ffn: bool = False
+    head_dim_from_hidden: bool = False
+    """Attention is sized from hidden_size / num_attention_heads: a config whose head_dim differs does not load."""
     ffn_keys: tuple[str, ...] | None = None
     """The only FFN keys config.json may carry; None: any."""
     keys_on: str = "architectures"
@@ -85,7 +88,7 @@ ENGINES: dict[str, Engine] = {
             no_op_ffn_needs_no_op_attention=True,
             last_layer_needs_ffn=True,
         ),
-        Engine("mlx_lm", "mlx-lm", ffn_keys=MLX_FFN_KEYS, keys_on="model_type"),
+        Engine("mlx_lm", "mlx-lm", head_dim_from_hidden=True, ffn_keys=MLX_FFN_KEYS, keys_on="model_type"),
     )
 }
 
@@ -113,6 +116,16 @@ def ffn_problem(ffn: FFNConfig, engine: Engine, hidden_size: int) -> str | None:
         return LINEAR_FFN
     if ffn.is_mlp and not engine.reads_intermediate_size and ffn_mult_for(ffn.intermediate_size, hidden_size) is None:
         return _unexpressible(ffn.intermediate_size)
+    return None
+
+
+def shape_problem(hidden_size: int, heads: int, head_dim: int | None, engine: Engine) -> str | None:
+    """Why `engine` cannot serve a model of these dimensions at all, or None."""
+    if engine.head_dim_from_hidden and head_dim is not None and head_dim * heads != hidden_size:
+        return (
+            f"head_dim {head_dim} is not hidden_size / num_attention_heads = {hidden_size // heads} "
+            f"({engine.label} sizes attention from the latter)"
+        )
     return None
 
 
@@ -180,6 +193,8 @@ def _problems(config: dict[str, Any], engine: Engine) -> list[str]:
     blocks = config.get("block_configs")
     if not isinstance(hidden, int) or not isinstance(heads, int) or not isinstance(blocks, list):
         return [*problems, "config.json lacks hidden_size, num_attention_heads or block_configs"]
+    if problem := shape_problem(hidden, heads, config.get("head_dim"), engine):
+        problems.append(problem)
     found: dict[str, list[int]] = {}
     for i, block in enumerate(blocks):
         for problem in _block_problems(block, engine, hidden, heads, last=i == len(blocks) - 1):

@@ -90,6 +90,13 @@ def _rewrite_config(config_file: Path) -> None:
     config = json.loads(config_file.read_text())
     config["architectures"] = list(EXPORT_ARCHITECTURES)
     config["auto_map"] = {**config.get("auto_map", {}), **EXPORT_AUTO_MAP}
+    # transformers 5 keeps RoPE in rope_parameters; mlx-lm reads the older top-level rope_theta (defaulting to
+    # 500000 without it) and rope_scaling, so both are written as well.
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default":
+        config["rope_scaling"] = dict(rope)
     for i, block in enumerate(config["block_configs"]):
         ffn = block["ffn"]
         if ffn["no_op"] or ffn["replace_with_linear"]:
