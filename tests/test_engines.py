@@ -161,6 +161,8 @@ def test_check_export_demo_shape_does_not_load_in_mlx_lm(tmp_path):
     assert got["mlx_lm"] == ("head_dim 64 is not hidden_size / num_attention_heads = 32 (mlx-lm sizes attention from "
                              "the latter)",)  # fmt: skip
     assert all(got[name] == () for name in ALL if name != "mlx_lm")
+    llamacpp = check_export(export, engines_named(["llamacpp"]))[0]
+    assert llamacpp.loads and "writes hidden / heads = 32 as the head size, not head_dim 64" in llamacpp.line()
     with pytest.raises(ConfigError, match="mlx-lm cannot serve the parent's own block"):
         space(DEMO_SPACE, ("mlx_lm",)).enumerate(dataclasses.replace(DEMO, head_dim=64))
 

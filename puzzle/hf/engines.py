@@ -163,10 +163,11 @@ def servable_block(block: BlockConfig, engines: list[Engine], last: bool) -> boo
 
 @dataclass(frozen=True)
 class Verdict:
-    """Whether one engine loads an export, and the reasons it does not."""
+    """Whether one engine loads an export, the reasons it does not, and notes on how (which do not stop it)."""
 
     engine: Engine
     problems: tuple[str, ...]
+    notes: tuple[str, ...] = ()
 
     @property
     def loads(self) -> bool:
@@ -174,13 +175,24 @@ class Verdict:
 
     def line(self) -> str:
         if self.loads:
-            return f"{self.engine.name:<13} loads"
+            return f"{self.engine.name:<13} loads" + "".join(f" (note: {note})" for note in self.notes)
         return f"{self.engine.name:<13} does not load: {'; '.join(self.problems)}"
 
 
 def check_config(config: dict[str, Any], engines: list[Engine]) -> list[Verdict]:
     """Check an export's config.json (as a dict) against each engine, reading the fields that engine reads."""
-    return [Verdict(engine, tuple(_problems(config, engine))) for engine in engines]
+    return [Verdict(engine, tuple(_problems(config, engine)), tuple(_notes(config, engine))) for engine in engines]
+
+
+def _notes(config: dict[str, Any], engine: Engine) -> list[str]:
+    hidden, heads, head_dim = config.get("hidden_size"), config.get("num_attention_heads"), config.get("head_dim")
+    if engine.name == "llamacpp" and isinstance(hidden, int) and isinstance(heads, int) and head_dim:
+        if head_dim * heads != hidden:
+            return [
+                f"llama.cpp's own converter writes hidden / heads = {hidden // heads} as the head size, not head_dim "
+                f"{head_dim}; convert with puzzle's llama.cpp client (the serve stage), which writes head_dim"
+            ]
+    return []
 
 
 def _problems(config: dict[str, Any], engine: Engine) -> list[str]:
@@ -271,7 +283,8 @@ def _cmd_check_export(args: argparse.Namespace) -> int:
     names = [n.strip() for arg in args.engines or [] for n in arg.split(",") if n.strip()] or list(ENGINES)
     verdicts = check_export(args.export, engines_named(names, where="--engines"))
     if args.json:
-        print(json.dumps({v.engine.name: {"loads": v.loads, "problems": list(v.problems)} for v in verdicts}))
+        print(json.dumps({v.engine.name: {"loads": v.loads, "problems": list(v.problems), "notes": list(v.notes)}
+                          for v in verdicts}))  # fmt: skip
     else:
         for verdict in verdicts:
             print(verdict.line())
