@@ -10,13 +10,10 @@ environment these tests are skipped.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
-import torch
+from tiny import clear_margins, engine_marks
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from puzzle.hf.engines import check_export, engines_named
@@ -25,19 +22,10 @@ from puzzle.model.configuration_puzzle import PuzzleConfig
 from puzzle.model.modeling_puzzle import PuzzleForCausalLM
 from puzzle.stages.data import Document
 from puzzle.stages.parent import train_tokenizer
+from puzzle.stages.serve.clients import run_client
 from puzzle.stages.serve.stage import agreement, puzzle_greedy
 
-REPO = Path(__file__).resolve().parents[1]
-PYTHON = Path(os.environ.get("PUZZLE_LLAMACPP_PYTHON", REPO / ".venv-llamacpp" / "bin" / "python"))
-CLIENT = REPO / "puzzle" / "stages" / "serve" / "llamacpp_client.py"
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not PYTHON.is_file(),
-        reason=f"no llama.cpp environment at {PYTHON}: run `make llamacpp-env` (or set PUZZLE_LLAMACPP_PYTHON)",
-    ),
-]
+pytestmark = engine_marks("llamacpp")
 
 # The demo's shape: a residual of 128 with four heads of 64 (head_dim != hidden / heads), 2 KV heads, FFN 512.
 HIDDEN, HEADS, KV, HEAD_DIM, FFN, VOCAB = 128, 4, 2, 64, 512, 300
@@ -53,18 +41,6 @@ BLOCKS = [
 NEW_TOKENS = 12
 
 
-def scaled(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights scaled so greedy choices have clear margins (no near ties by chance)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-            else:
-                param.normal_(0.0, 1.0 if "embed_tokens" in name else 0.1)
-    return model.eval()
-
-
 def shape() -> dict:
     return dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_attention_heads=HEADS,
                 num_key_value_heads=KV, head_dim=HEAD_DIM, max_position_embeddings=64, rms_norm_eps=1e-6,
@@ -77,10 +53,12 @@ def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("llamacpp")
     docs = [Document(id=str(i), text=f"def f{i}(x):\n    return x * {i} + {i % 7}\n") for i in range(400)]
     tokenizer = train_tokenizer(docs, VOCAB)
-    parent = scaled(LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **shape())), seed=1)
+    parent = clear_margins(LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **shape())), seed=1)
     parent.save_pretrained(tmp / "parent")
     tokenizer.save_pretrained(tmp / "parent")
-    child = scaled(PuzzleForCausalLM(PuzzleConfig(num_hidden_layers=len(BLOCKS), block_configs=BLOCKS, **shape())), 2)
+    child = clear_margins(
+        PuzzleForCausalLM(PuzzleConfig(num_hidden_layers=len(BLOCKS), block_configs=BLOCKS, **shape())), 2
+    )
     export = save_child(child, tmp / "export", tokenizer=tmp / "parent")
     assert all(v.loads for v in check_export(export, engines_named(["llamacpp"])))
     prompts = [tokenizer(text)["input_ids"] for text in ("def f3(x):", "return x", "def f12(x):\n    return", "x *")]
@@ -90,12 +68,8 @@ def served(tmp_path_factory):
         "greedy": {"prompts": prompts, "new_tokens": NEW_TOKENS, "batched": True},
         "throughput": {"batch_sizes": [1, 3], "prompt_len": 8, "gen_len": 4, "repeats": 1, "vocab_size": VOCAB},
     }
-    (tmp / "spec.json").write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
-    run = subprocess.run([str(PYTHON), str(CLIENT), str(tmp / "spec.json"), str(tmp / "out.json")], cwd=tmp,
-                         env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-5000:])
-    return {"parent": parent, "child": child}, prompts, json.loads((tmp / "out.json").read_text())
+    result = run_client("llamacpp", spec, tmp, 900)
+    return {"parent": parent, "child": child}, prompts, result
 
 
 def test_llamacpp_greedy_tokens_equal_puzzle_for_parent_and_child(served):

@@ -11,24 +11,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from pathlib import Path
 
-import pytest
-import torch
+from tiny import clear_margins, engine_marks
 
 from puzzle.hf.engines import check_export, engines_named
 from puzzle.hf.export import save_child
 from puzzle.model.configuration_puzzle import PuzzleConfig
 from puzzle.model.modeling_puzzle import PuzzleForCausalLM
+from puzzle.stages.serve.clients import engine_python
 from puzzle.stages.serve.stage import puzzle_greedy
 
-REPO = Path(__file__).resolve().parents[1]
-PYTHON = Path(os.environ.get("PUZZLE_MLX_PYTHON", REPO / ".venv-mlx" / "bin" / "python"))
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not PYTHON.is_file(), reason=f"no mlx-lm environment at {PYTHON}: run `make mlx-env`"),
-]
+pytestmark = engine_marks("mlx")
 
 # mlx-lm sizes attention from hidden / heads, so head_dim must be that (four heads of 64 on 256). Every kind it
 # serves: GQA at both KV-head counts, no-op attention, no-op FFN, FFN widths 512 and 768 (ffn_mult 3 and 4.5).
@@ -61,17 +54,11 @@ def test_mlx_lm_greedy_tokens_equal_puzzle(tmp_path):
                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=64,
                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                           block_configs=BLOCKS)  # fmt: skip
-    torch.manual_seed(2)
-    child = PuzzleForCausalLM(config).eval()
-    with torch.no_grad():  # scaled so greedy choices have clear margins
-        for name, param in child.named_parameters():
-            param.uniform_(0.5, 1.5) if name.endswith("norm.weight") else param.normal_(
-                0.0, 1.0 if "embed" in name else 0.1
-            )
+    child = clear_margins(PuzzleForCausalLM(config), seed=2)
     export = save_child(child, tmp_path / "export")
     assert all(v.loads for v in check_export(export, engines_named(["mlx_lm"])))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
-    run = subprocess.run([str(PYTHON), "-c", GREEDY, str(export), json.dumps(PROMPTS), str(NEW_TOKENS)],
+    run = subprocess.run([str(engine_python("mlx")), "-c", GREEDY, str(export), json.dumps(PROMPTS), str(NEW_TOKENS)],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == puzzle_greedy(child, PROMPTS, NEW_TOKENS)

@@ -8,32 +8,20 @@ puzzle/stages/serve/vllm_client.py runs there in a subprocess. Without that envi
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from tiny import TINY_VOCAB, tiny_tokenizer
+from tiny import TINY_VOCAB, clear_margins, engine_marks, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from puzzle.hf.export import linear_layers, save_child
 from puzzle.model.configuration_puzzle import PuzzleConfig
 from puzzle.model.modeling_puzzle import PuzzleForCausalLM
+from puzzle.stages.serve.clients import run_client
 
-REPO = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = Path(os.environ.get("PUZZLE_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
-SCRIPT = REPO / "puzzle" / "stages" / "serve" / "vllm_client.py"
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not VLLM_PYTHON.is_file(),
-        reason=f"no vLLM environment at {VLLM_PYTHON}: run `make vllm-env` (or set PUZZLE_VLLM_PYTHON)",
-    ),
-]
+pytestmark = engine_marks("vllm")
 
 # head_dim 64 (256 / 4): vLLM's CPU attention rejects small head sizes such as 16.
 HIDDEN, HEADS, PARENT_KV, PARENT_FFN = 256, 4, 4, 512
@@ -71,15 +59,7 @@ def heterogeneous_child(seed: int = 0) -> PuzzleForCausalLM:
         eos_token_id=2,
         pad_token_id=0,
     )
-    torch.manual_seed(seed)
-    model = PuzzleForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-            else:
-                param.normal_(0.0, 1.0 if "embed_tokens" in name else 0.1)
-    return model
+    return clear_margins(PuzzleForCausalLM(config), seed)
 
 
 def greedy(model: torch.nn.Module, prompt: list[int]) -> tuple[list[int], list[float]]:
@@ -102,26 +82,7 @@ def greedy(model: torch.nn.Module, prompt: list[int]) -> tuple[list[int], list[f
 
 def run_vllm(models: dict[str, Path], tmp_path: Path, **sections) -> dict:
     """The vLLM client on `models` ({name: checkpoint}) with the spec's optional sections (greedy, throughput)."""
-    spec, out = tmp_path / "spec.json", tmp_path / "vllm.json"
-    spec.write_text(json.dumps({"models": {k: str(v) for k, v in models.items()}, **sections}))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
-    env.update(
-        HF_HUB_OFFLINE="1",
-        VLLM_CPU_KVCACHE_SPACE="1",  # GiB; the default would reserve far more than a 64-token model needs
-        VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache"),
-        VLLM_NO_USAGE_STATS="1",
-        VLLM_DO_NOT_TRACK="1",
-    )
-    run = subprocess.run(
-        [str(VLLM_PYTHON), str(SCRIPT), str(spec), str(out)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-5000:])
-    return json.loads(out.read_text())
+    return run_client("vllm", {"models": {k: str(v) for k, v in models.items()}, **sections}, tmp_path, 900)
 
 
 @pytest.fixture(scope="module")

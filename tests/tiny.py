@@ -220,3 +220,29 @@ def write_tiny_gguf(path: Path, model: Any) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return Path(path)
+
+
+def engine_marks(engine: str) -> list:
+    """pytestmark for a test that needs `engine`'s own environment (puzzle.stages.serve.clients): slow, and skipped
+    where that environment has not been built."""
+    import pytest
+
+    from puzzle.stages.serve.clients import ENVIRONMENTS, engine_python
+
+    python = engine_python(engine)
+    variable, _, make, _ = ENVIRONMENTS[engine]
+    reason = f"no {engine} environment at {python}: run `{make}` (or set {variable})"
+    return [pytest.mark.slow, pytest.mark.skipif(not python.is_file(), reason=reason)]
+
+
+def clear_margins(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights scaled so greedy choices have clear margins (few near ties by chance), for comparing an engine's
+    greedy tokens with puzzle's: norms in [0.5, 1.5], embeddings N(0, 1), every other weight N(0, 0.1)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0.0, 1.0 if "embed_tokens" in name else 0.1)
+    return model.eval()

@@ -22,6 +22,7 @@ ENVIRONMENTS = {
     "vllm": ("PUZZLE_VLLM_PYTHON", ".venv-vllm", "make vllm-env", "vllm_client.py"),
     "llamacpp": ("PUZZLE_LLAMACPP_PYTHON", ".venv-llamacpp", "make llamacpp-env", "llamacpp_client.py"),
     "lmeval": ("PUZZLE_LMEVAL_PYTHON", ".venv-lmeval", "make lmeval-env", "-m lm_eval"),
+    "mlx": ("PUZZLE_MLX_PYTHON", ".venv-mlx", "make mlx-env", ""),  # tests/test_mlx.py only
 }
 KV_CACHE_GIB = 2
 """vLLM's CPU KV-cache reservation per model, GiB (its default would take far more than these lengths need)."""
