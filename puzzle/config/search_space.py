@@ -38,6 +38,9 @@ Rules:
   the nearest multiple of `ffn_multiple_of` (at least one multiple, at most the parent width), deduplicated.
 - Duplicates written in the YAML itself (`kv_heads: [4, 4]`) are errors; duplicates produced by scaling or
   rounding are merged silently, because they are expected on small parents.
+- A job's `target.engines` (`job_search_space`) leaves out every variant, and every (attention, FFN) pair, that one
+  of those serving engines cannot serve (puzzle.hf.engines; docs/engines.md); an engine that cannot serve the
+  parent's own block is an error.
 """
 
 from __future__ import annotations
