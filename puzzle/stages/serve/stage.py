@@ -58,9 +58,7 @@ def puzzle_throughput(
 
     out: dict[str, dict[str, list[float]]] = {name: {} for name in models}
     for batch in batch_sizes:
-        for model in models.values():
-            measure_generation(model, batch, prompt_len, gen_len)  # warm-up at this batch
-        for _ in range(repeats):
+        for _ in range(repeats):  # measure_generation warms up before each timed generation
             for name, model in models.items():
                 seconds = measure_generation(model, batch, prompt_len, gen_len)
                 out[name].setdefault(str(batch), []).append(batch * gen_len / seconds)
