@@ -425,3 +425,15 @@ def test_pipeline_killed_during_gkd_resumes_to_the_same_export(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_target_engines_change_the_search_space_hash_only_when_set():
+    """target.engines restricts the search space, so it is part of the hashed search_space section; unset, the
+    section is what it was before the key existed, so runs made then keep their stages."""
+    from puzzle.config import TargetConfig
+    from puzzle.runner.run import hashed_section
+
+    plain = hashed_section(JobConfig(), "search_space")
+    assert "engines" not in plain
+    served = hashed_section(JobConfig(target=TargetConfig(engines=["llamacpp", "vllm"])), "search_space")
+    assert served == {**plain, "engines": ["llamacpp", "vllm"]}

@@ -74,7 +74,8 @@ def hashed_section(job: JobConfig, section: str) -> Any:
             values["sha256"] = hashlib.sha256(resolve_path(job.search_space.path).read_bytes()).hexdigest()
         except OSError:
             values["sha256"] = None  # the stage itself reports the missing file
-        values["engines"] = sorted(job.target.engines)  # target.engines removes variants from the space
+        if job.target.engines:  # they remove variants from the space; absent when unset, so older runs keep their hash
+            values["engines"] = sorted(job.target.engines)
     return values
 
 
