@@ -86,3 +86,32 @@ def test_serve_markdown_puts_engines_beside_puzzle_and_says_why_one_does_not_loa
     assert "| puzzle | 2.13 | parent | (reference) |  | 11.0 | 40.0 |" in text
     assert "| puzzle | 2.00x | 1.50x |" in text and "| vllm | 1.50x | 1.80x |" in text
     assert "- llamacpp does not load the export: layer 1: a linear FFN (replace_with_linear)" in text
+
+
+def test_the_lm_eval_task_reads_its_data_where_it_is_published(tmp_path):
+    import json
+
+    import yaml
+
+    from puzzle.stages.serve.harness import TASK, harness_command, write_task
+
+    task = write_task(tmp_path / "stage" / "lm_eval", ["def f():\n    return 1\n", "x = 2\n"],
+                      data_at=tmp_path / "run" / "lm_eval" / "heldout.jsonl")  # fmt: skip
+    spec = yaml.safe_load((task / f"{TASK}.yaml").read_text())
+    assert spec["task"] == TASK and spec["output_type"] == "loglikelihood_rolling"
+    assert spec["dataset_kwargs"]["data_files"]["test"] == str(tmp_path / "run" / "lm_eval" / "heldout.jsonl")
+    assert [m["metric"] for m in spec["metric_list"]] == ["word_perplexity", "byte_perplexity", "bits_per_byte"]
+    lines = (task / "heldout.jsonl").read_text().splitlines()
+    assert [json.loads(line)["text"] for line in lines] == ["def f():\n    return 1\n", "x = 2\n"]
+    command = harness_command(tmp_path / "run" / "export", tmp_path / "run" / "lm_eval", "cpu")
+    assert command[:3] == ["lm_eval", "--model", "hf"]
+    assert f"pretrained={tmp_path / 'run' / 'export'},trust_remote_code=True,dtype=float32" in command
+
+
+def test_serve_markdown_shows_lm_eval_scores():
+    scores = {"documents": 32, "command": "lm_eval --model hf ...",
+              "parent": {"word_perplexity": 10.0, "byte_perplexity": 3.1, "bits_per_byte": 1.63},
+              "child": {"word_perplexity": 12.0, "byte_perplexity": 3.2, "bits_per_byte": 1.68}}  # fmt: skip
+    text = serve_markdown({"setup": {}, "engines": {}, "lm_eval": scores})
+    assert "| parent | 10.000 | 3.1000 | 1.6300 |" in text and "| child | 12.000 | 3.2000 | 1.6800 |" in text
+    assert "`lm_eval --model hf ...`" in text

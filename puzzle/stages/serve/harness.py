@@ -26,8 +26,11 @@ TASK = "puzzle_heldout"
 METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
-def write_task(directory: Path, texts: list[str]) -> Path:
-    """The task YAML and its data (held-out documents, one JSON object per line) in `directory`; returns it."""
+def write_task(directory: Path, texts: list[str], data_at: Path | None = None) -> Path:
+    """The task YAML and its data (held-out documents, one JSON object per line) in `directory`; returns it.
+
+    lm-eval reads the data from the absolute path in the YAML: `data_at`, where the data will be when the task is
+    used (the published copy in the run directory), or by default where it is written."""
     directory.mkdir(parents=True, exist_ok=True)
     data = directory / "heldout.jsonl"
     data.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
@@ -36,7 +39,7 @@ def write_task(directory: Path, texts: list[str]) -> Path:
         f"# Written by puzzle's serve stage: held-out text from the job's test split ({len(texts)} documents).\n"
         f"task: {TASK}\n"
         "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data.resolve()}\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {(data_at or data).resolve()}\n"
         "test_split: test\n"
         "output_type: loglikelihood_rolling\n"
         'doc_to_text: ""\n'
@@ -47,11 +50,11 @@ def write_task(directory: Path, texts: list[str]) -> Path:
     return directory
 
 
-def harness_command(checkpoint: Path, task_dir: Path, device: str, out: Path) -> list[str]:
+def harness_command(checkpoint: Path, task_dir: Path, device: str) -> list[str]:
+    """lm-eval's command line for `checkpoint` on the task in `task_dir`, as a user types it (`lm_eval ...`)."""
     args = f"pretrained={checkpoint},trust_remote_code=True,dtype=float32"
-    return [str(engine_python("lmeval")), "-m", "lm_eval", "--model", "hf", "--model_args", args,
-            "--tasks", TASK, "--include_path", str(task_dir), "--batch_size", "1", "--device", device,
-            "--output_path", str(out)]  # fmt: skip
+    return ["lm_eval", "--model", "hf", "--model_args", args, "--tasks", TASK, "--include_path", str(task_dir),
+            "--batch_size", "1", "--device", device]  # fmt: skip
 
 
 def run_harness(name: str, checkpoint: Path, task_dir: Path, work: Path, device: str, timeout_s: int) -> dict[str, Any]:
@@ -59,7 +62,8 @@ def run_harness(name: str, checkpoint: Path, task_dir: Path, work: Path, device:
     out = work / f"lm_eval_{name}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(work / "hf-datasets"))
-    command = harness_command(checkpoint, task_dir, device, out)
+    command = [str(engine_python("lmeval")), "-m", *harness_command(checkpoint, task_dir, device)]
+    command += ["--output_path", str(out)]
     say(f"serve: lm-evaluation-harness on the {name}")
     log = work / f"lm_eval_{name}.log"
     with open(log, "w") as stream:

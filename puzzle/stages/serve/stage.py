@@ -114,7 +114,8 @@ def _harness_lines(scores: dict[str, Any]) -> list[str]:
         "## lm-evaluation-harness",
         "",
         f"Task `puzzle_heldout`: {scores['documents']} held-out documents decoded from the test split, rolling "
-        f"log-likelihood (lower is better). Command: `{scores['command']}`",
+        f"log-likelihood (lower is better). The child's command, in lm-eval's own environment (`make lmeval-env`; "
+        f"the parent's names its checkpoint instead): `{scores['command']}`",
         "",
         "| model | word perplexity | byte perplexity | bits per byte |",
         "|---|---:|---:|---:|",
@@ -246,12 +247,16 @@ def score_with_harness(ctx: StageContext) -> dict[str, Any]:
     parent_dir = Path(ctx.parent_info()["path"])
     rows = load_split(ctx, "test")[: cfg.lm_eval_docs]["input_ids"]
     tokenizer = AutoTokenizer.from_pretrained(parent_dir)
-    task_dir = write_task(ctx.out_dir / "lm_eval", [tokenizer.decode(row) for row in rows])
+    texts = [tokenizer.decode(row) for row in rows]
+    # Run from the work directory; publish a copy that reads its data where the run directory will link it.
+    task_dir = write_task(ctx.work_dir / "lm_eval", texts)
+    published = ctx.run_dir / "lm_eval"
+    write_task(ctx.out_dir / "lm_eval", texts, data_at=published / "heldout.jsonl")
     device = "cuda" if ctx.job.target.device.startswith("cuda") else "cpu"
     checkpoints = {"parent": parent_dir, "child": ctx.upstream["export"] / "export"}
     scores = {
         name: run_harness(name, path, task_dir, ctx.work_dir, device, cfg.timeout_s)
         for name, path in checkpoints.items()
     }
-    command = " ".join(harness_command(Path("CHECKPOINT"), task_dir, device, Path("OUT"))[1:])
-    return {"documents": len(rows), "task_dir": str(task_dir), "command": f"python {command}", **scores}
+    command = " ".join(harness_command(ctx.run_dir / "export", published, device))  # the published export
+    return {"documents": len(rows), "task_dir": str(published), "command": command, **scores}
