@@ -13,7 +13,7 @@ from puzzle.stages.serve.stage import agreement, puzzle_greedy, serve_markdown, 
 
 
 def test_serve_settings_are_checked():
-    assert ServeConfig().engines == [] and ServeConfig().batch_sizes == [1, 8]
+    assert ServeConfig().engines == [] and ServeConfig().batch_sizes is None  # target.batch_sizes
     with pytest.raises(ConfigError, match="serve.engines='sglang' is not one of vllm, llamacpp"):
         ServeConfig(engines=["sglang"])
     with pytest.raises(ConfigError, match="names an engine twice"):

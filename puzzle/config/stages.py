@@ -367,8 +367,8 @@ class ServeConfig:
     """Tokens of each greedy prompt."""
     new_tokens: int = 16
     """Greedy tokens generated per prompt and compared with puzzle's."""
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
-    """Batch sizes at which generation throughput is measured."""
+    batch_sizes: list[int] | None = None
+    """Batch sizes at which generation throughput is measured; None uses target.batch_sizes."""
     prompt_len: int | None = None
     """Prompt tokens of each throughput sequence; None uses target.prompt_len."""
     gen_len: int | None = None
@@ -391,9 +391,9 @@ class ServeConfig:
         if len(set(self.engines)) != len(self.engines):
             raise ConfigError(f"serve.engines={list(self.engines)} names an engine twice")
         check_choice("serve.gguf_type", self.gguf_type, GGUF_TYPES)
-        if not self.batch_sizes:
-            raise ConfigError("serve.batch_sizes is empty; give at least one batch size, e.g. [1, 8]")
-        for b in self.batch_sizes:
+        if self.batch_sizes is not None and not self.batch_sizes:
+            raise ConfigError("serve.batch_sizes is empty; give at least one batch size, e.g. [1, 8], or null")
+        for b in self.batch_sizes or []:
             check_positive("serve.batch_sizes[]", b)
         for name in ("prompts", "prompt_tokens", "new_tokens", "prompt_len", "gen_len", "repeats", "timeout_s",
                      "lm_eval_docs"):  # fmt: skip

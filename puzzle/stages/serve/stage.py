@@ -4,7 +4,7 @@ For each engine of `serve.engines` (vllm, llamacpp), after `puzzle.hf.engines.ch
 there: the engine's client runs in that engine's own environment (`make vllm-env`, `make llamacpp-env`) as a
 subprocess, on parent and child side by side, and reports (1) greedy tokens for `serve.prompts` prompts from the test
 split, compared token by token with puzzle's own greedy tokens for the same model, and (2) generation throughput
-(whole generations of target.prompt_len + target.gen_len tokens, EOS ignored) at each of `serve.batch_sizes`. Puzzle's
+(whole generations of target.prompt_len + target.gen_len tokens, EOS ignored) at each of `serve.batch_sizes` (default: target.batch_sizes). Puzzle's
 own forward is timed the same way (`puzzle.stages.evaluate.measure_generation`, models in alternation), so the
 engine's speed-up and puzzle's stand in one table (serve.md; serve.json for tools).
 
@@ -188,11 +188,12 @@ def serve_in_engines(ctx: StageContext) -> dict[str, Any]:
     parent_dir = Path(ctx.parent_info()["path"])
     prompt_len = cfg.prompt_len or target.prompt_len
     gen_len = cfg.gen_len or target.gen_len
+    batch_sizes = cfg.batch_sizes or target.batch_sizes
     setup = {
         "prompts": cfg.prompts,
         "prompt_tokens": cfg.prompt_tokens,
         "new_tokens": cfg.new_tokens,
-        "batch_sizes": cfg.batch_sizes,
+        "batch_sizes": batch_sizes,
         "prompt_len": prompt_len,
         "gen_len": gen_len,
         "repeats": cfg.repeats,
@@ -207,12 +208,12 @@ def serve_in_engines(ctx: StageContext) -> dict[str, Any]:
     }
     say("serve: puzzle's own greedy tokens and generation throughput (the reference)")
     reference = {name: {"greedy": {"tokens": puzzle_greedy(m, prompts, cfg.new_tokens)}} for name, m in models.items()}
-    timed = puzzle_throughput(models, cfg.batch_sizes, prompt_len, gen_len, cfg.repeats)
+    timed = puzzle_throughput(models, batch_sizes, prompt_len, gen_len, cfg.repeats)
     for name in models:
         reference[name]["throughput"] = timed[name]
     reference_speedup = speedups(reference)
     engines: dict[str, Any] = {"puzzle": {"version": torch.__version__, **reference, "speedup": reference_speedup}}
-    throughput = {"batch_sizes": cfg.batch_sizes, "prompt_len": prompt_len, "gen_len": gen_len, "repeats": cfg.repeats,
+    throughput = {"batch_sizes": batch_sizes, "prompt_len": prompt_len, "gen_len": gen_len, "repeats": cfg.repeats,
                   "seed": 0, "vocab_size": models["parent"].config.vocab_size}  # fmt: skip
     for verdict in check_export(export, engines_named(cfg.engines, where="serve.engines")):
         engine = verdict.engine.name
