@@ -4,9 +4,9 @@ For each engine of `serve.engines` (vllm, llamacpp), after `puzzle.hf.engines.ch
 there: the engine's client runs in that engine's own environment (`make vllm-env`, `make llamacpp-env`) as a
 subprocess, on parent and child side by side, and reports (1) greedy tokens for `serve.prompts` prompts from the test
 split, compared token by token with puzzle's own greedy tokens for the same model, and (2) generation throughput
-(whole generations of target.prompt_len + target.gen_len tokens, EOS ignored) at each of `serve.batch_sizes` (default: target.batch_sizes). Puzzle's
-own forward is timed the same way (`puzzle.stages.evaluate.measure_generation`, models in alternation), so the
-engine's speed-up and puzzle's stand in one table (serve.md; serve.json for tools).
+(whole generations of target.prompt_len + target.gen_len tokens, EOS ignored) at each of `serve.batch_sizes`
+(default: target.batch_sizes). Puzzle's own forward is timed the same way (`puzzle.stages.evaluate.measure_generation`,
+models in alternation), so the engine's speed-up and puzzle's stand in one table (serve.md; serve.json for tools).
 
 An engine that cannot load the export is a result, not an error: serve.json records why (the check-export reasons).
 A missing engine environment is an error before anything runs (`check_engine_environments`).
