@@ -16,7 +16,9 @@ from typing import Any
 
 from puzzle.errors import ConfigError, InfeasibleError
 
-PARENT_STAGES = ("parent", "data", "bld", "score", "profile", "search", "gkd", "evaluate", "export", "compare")
+PARENT_STAGES = (
+    "parent", "data", "bld", "score", "profile", "search", "gkd", "evaluate", "export", "serve", "compare"
+)  # fmt: skip
 
 
 @dataclass
@@ -179,6 +181,8 @@ def estimate_job(
         "(the budget's speed-up), for GKD, the closed loop and evaluation",
         "no BLD block, profile timing or tokenised data cached from earlier runs",
     ]
+    if job.serve.engines or job.serve.lm_eval:
+        assumptions.append("serve: the serving engines and lm-eval are not counted (their own processes and start-up)")
     if not dev.calibrated:
         assumptions.append(f"uncalibrated: roofline rates of {dev.name} at fixed efficiencies (run --calibrate on it)")
     return JobEstimate(

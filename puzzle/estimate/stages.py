@@ -438,6 +438,14 @@ def compare_stage(s: JobShape) -> StageWork:
     return work
 
 
+def serve_stage(s: JobShape) -> StageWork:
+    """puzzle.stages.serve: not modelled; engines run in their own processes with their own start-up costs."""
+    work = StageWork("serve", on_device=False)
+    if s.job.serve.engines or s.job.serve.lm_eval:
+        work.notes.append("serving engines and lm-eval not counted")
+    return work
+
+
 BUILDERS = {
     "parent": parent_stage,
     "data": data_stage,
@@ -448,6 +456,7 @@ BUILDERS = {
     "gkd": gkd_stage,
     "evaluate": evaluate_stage,
     "export": export_stage,
+    "serve": serve_stage,
     "compare": compare_stage,
 }
 
