@@ -437,3 +437,6 @@ def test_target_engines_change_the_search_space_hash_only_when_set():
     assert "engines" not in plain
     served = hashed_section(JobConfig(target=TargetConfig(engines=["llamacpp", "vllm"])), "search_space")
     assert served == {**plain, "engines": ["llamacpp", "vllm"]}
+    # The target section too: its engines key is left out at its default, so a run from before it keeps its hash.
+    assert "engines" not in hashed_section(JobConfig(), "target")
+    assert hashed_section(JobConfig(target=TargetConfig(engines=["vllm"])), "target")["engines"] == ["vllm"]

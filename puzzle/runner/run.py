@@ -62,13 +62,23 @@ MEMORY_INTERVAL_S = 0.5
 """How often a running stage's memory is sampled (puzzle.common.memory.MemorySampler)."""
 
 
+ADDED_KEYS: dict[str, dict[str, Any]] = {"target": {"engines": []}}
+"""Keys added to a hashed section after runs existed, with their defaults: left out of the hash while at the default,
+so a run made before the key existed keeps its stages."""
+
+
 def hashed_section(job: JobConfig, section: str) -> Any:
-    """A config section as a stage hash sees it: without its resource-only keys, and for search_space with the
-    file's content (the section names only its path, and an edited file must invalidate what was built from it) and
-    target.engines, which restricts the space."""
+    """A config section as a stage hash sees it: without its resource-only keys or added keys at their defaults
+    (ADDED_KEYS), and for search_space with the file's content (the section names only its path, and an edited file
+    must invalidate what was built from it) and target.engines, which restricts the space."""
     values = section_dict(job, section)
     if isinstance(values, dict):
-        values = {k: v for k, v in values.items() if k not in RESOURCE_KEYS.get(section, ())}
+        added = ADDED_KEYS.get(section, {})
+        values = {
+            k: v
+            for k, v in values.items()
+            if k not in RESOURCE_KEYS.get(section, ()) and not (k in added and v == added[k])
+        }
     if section == "search_space":
         try:
             values["sha256"] = hashlib.sha256(resolve_path(job.search_space.path).read_bytes()).hexdigest()
