@@ -28,6 +28,7 @@ import torch
 from puzzle.hf.export import save_child
 from puzzle.model.configuration_puzzle import PuzzleConfig
 from puzzle.model.modeling_puzzle import PuzzleForCausalLM
+from puzzle.stages.serve.clients import engine_env
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 512
@@ -94,8 +95,7 @@ def puzzle_greedy(model: PuzzleForCausalLM, prompts: list[list[int]], new_tokens
 
 def run_vllm(export: Path, prompts: list[list[int]], new_tokens: int, work: Path) -> tuple[dict, float, float]:
     """vLLM's greedy result for the child, its engine start-up and its generation time (one batch of all prompts)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
-    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CACHE_ROOT=str(work / "vllm-cache"))
+    env = engine_env(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CACHE_ROOT=str(work / "vllm-cache"))
     spec = {"models": {"child": str(export)}, "greedy": {"prompts": prompts, "new_tokens": new_tokens}}
     (work / "spec.json").write_text(json.dumps(spec))
     command = [str(REPO / ".venv-vllm/bin/python"), str(REPO / "puzzle/stages/serve/vllm_client.py")]

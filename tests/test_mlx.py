@@ -9,7 +9,6 @@ are skipped.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 from tiny import clear_margins, engine_marks
@@ -18,7 +17,7 @@ from puzzle.hf.engines import check_export, engines_named
 from puzzle.hf.export import save_child
 from puzzle.model.configuration_puzzle import PuzzleConfig
 from puzzle.model.modeling_puzzle import PuzzleForCausalLM
-from puzzle.stages.serve.clients import engine_python
+from puzzle.stages.serve.clients import engine_env, engine_python
 from puzzle.stages.serve.stage import puzzle_greedy
 
 pytestmark = engine_marks("mlx")
@@ -57,8 +56,7 @@ def test_mlx_lm_greedy_tokens_equal_puzzle(tmp_path):
     child = clear_margins(PuzzleForCausalLM(config), seed=2)
     export = save_child(child, tmp_path / "export")
     assert all(v.loads for v in check_export(export, engines_named(["mlx_lm"])))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
     run = subprocess.run([str(engine_python("mlx")), "-c", GREEDY, str(export), json.dumps(PROMPTS), str(NEW_TOKENS)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+                         cwd=tmp_path, env=engine_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == puzzle_greedy(child, PROMPTS, NEW_TOKENS)

@@ -48,31 +48,51 @@ def check_engine_environments(job: JobConfig) -> None:
             )
 
 
+def engine_env(**extra: str) -> dict[str, str]:
+    """The environment for a process of another virtual environment: this one's without its Python settings (they
+    would point the engine's interpreter at puzzle's packages), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
+    return {**env, **extra}
+
+
+def run_in_environment(command: list[str], work: Path, log: Path, timeout_s: int, what: str, **env: str) -> int:
+    """Run `command` (an engine environment's interpreter) in `work` with its output in `log`; its exit code. Running
+    past `timeout_s` is a PuzzleError naming `what`."""
+    with open(log, "w") as stream:
+        try:
+            done = subprocess.run(command, cwd=work, env=engine_env(**env), stdout=stream, stderr=subprocess.STDOUT,
+                                  timeout=timeout_s)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise PuzzleError(f"{what} ran past serve.timeout_s={timeout_s}; see {log}") from None
+    return done.returncode
+
+
+def failure(what: str, code: int, log: Path) -> PuzzleError:
+    """`what` failed: its exit code and the end of its log."""
+    return PuzzleError(f"{what} failed (exit {code}); last output:\n{log.read_text()[-2000:]}")
+
+
 def run_client(engine: str, spec: dict[str, Any], work: Path, timeout_s: int) -> dict[str, Any]:
-    """Run `engine`'s client on `spec` in its own environment; its JSON result, or a PuzzleError with its stderr."""
+    """Run `engine`'s client on `spec` in its own environment; its JSON result, or a PuzzleError with its output."""
     work.mkdir(parents=True, exist_ok=True)
     spec_file, out_file = work / f"{engine}_spec.json", work / f"{engine}_result.json"
     spec_file.write_text(json.dumps(spec))
     out_file.unlink(missing_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
-    env.update(
+    command = [str(engine_python(engine)), str(HERE / ENVIRONMENTS[engine][3]), str(spec_file), str(out_file)]
+    say(f"serve: {engine} client on {', '.join(spec['models'])} ({' '.join(command[:2])})")
+    what, log = f"the {engine} client", work / f"{engine}.log"
+    code = run_in_environment(
+        command,
+        work,
+        log,
+        timeout_s,
+        what,
         HF_HUB_OFFLINE="1",
         VLLM_CPU_KVCACHE_SPACE=str(KV_CACHE_GIB),
         VLLM_CACHE_ROOT=str(work / "vllm-cache"),
         VLLM_NO_USAGE_STATS="1",
         VLLM_DO_NOT_TRACK="1",
     )
-    command = [str(engine_python(engine)), str(HERE / ENVIRONMENTS[engine][3]), str(spec_file), str(out_file)]
-    say(f"serve: {engine} client on {', '.join(spec['models'])} ({' '.join(command[:2])})")
-    with open(work / f"{engine}.log", "w") as client_log:
-        try:
-            done = subprocess.run(command, cwd=work, env=env, stdout=client_log, stderr=subprocess.STDOUT,
-                                  timeout=timeout_s)  # fmt: skip
-        except subprocess.TimeoutExpired:
-            raise PuzzleError(
-                f"the {engine} client ran past serve.timeout_s={timeout_s}; see {work}/{engine}.log"
-            ) from None
-    if done.returncode != 0 or not out_file.is_file():
-        tail = (work / f"{engine}.log").read_text()[-2000:]
-        raise PuzzleError(f"the {engine} client failed (exit {done.returncode}); last output:\n{tail}")
+    if code != 0 or not out_file.is_file():
+        raise failure(what, code, log)
     return json.loads(out_file.read_text())

@@ -13,14 +13,11 @@ types (shown in serve.md and the README):
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from puzzle.common.progress import say
-from puzzle.errors import PuzzleError
-from puzzle.stages.serve.clients import engine_python
+from puzzle.stages.serve.clients import engine_python, failure, run_in_environment
 
 TASK = "puzzle_heldout"
 METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -59,24 +56,15 @@ def harness_command(checkpoint: Path, task_dir: Path, device: str) -> list[str]:
 
 def run_harness(name: str, checkpoint: Path, task_dir: Path, work: Path, device: str, timeout_s: int) -> dict[str, Any]:
     """lm-eval's scores of `checkpoint` on the task: {metric: value} and the lm_eval version."""
-    out = work / f"lm_eval_{name}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(work / "hf-datasets"))
+    out, log, what = work / f"lm_eval_{name}", work / f"lm_eval_{name}.log", f"lm-eval on the {name}"
     command = [str(engine_python("lmeval")), "-m", *harness_command(checkpoint, task_dir, device)]
     command += ["--output_path", str(out)]
     say(f"serve: lm-evaluation-harness on the {name}")
-    log = work / f"lm_eval_{name}.log"
-    with open(log, "w") as stream:
-        try:
-            done = subprocess.run(command, cwd=work, env=env, stdout=stream, stderr=subprocess.STDOUT,
-                                  timeout=timeout_s)  # fmt: skip
-        except subprocess.TimeoutExpired:
-            raise PuzzleError(f"lm-eval on the {name} ran past serve.timeout_s={timeout_s}; see {log}") from None
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(work / "hf-datasets")}
+    code = run_in_environment(command, work, log, timeout_s, what, **env)
     results = sorted(out.rglob("results_*.json"))
-    if done.returncode != 0 or not results:
-        raise PuzzleError(
-            f"lm-eval on the {name} failed (exit {done.returncode}); last output:\n{log.read_text()[-2000:]}"
-        )
+    if code != 0 or not results:
+        raise failure(what, code, log)
     data = json.loads(results[-1].read_text())
     scores = data["results"][TASK]
     return {
