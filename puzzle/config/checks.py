@@ -30,6 +30,12 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
 
 
+def check_unique(name: str, values: Sequence[Any], noun: str) -> None:
+    """A list option may not name the same thing twice (e.g. noun="an engine")."""
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{name}={list(values)} names {noun} twice")
+
+
 def check_positive(name: str, value: float | None, allow_zero: bool = False) -> None:
     if value is None:
         return

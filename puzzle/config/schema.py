@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from puzzle.config.checks import DTYPES, SOURCES, SPLITS, WANDB_MODES, check_choice, check_positive
+from puzzle.config.checks import DTYPES, SOURCES, SPLITS, WANDB_MODES, check_choice, check_positive, check_unique
 from puzzle.config.stages import (
     BLDConfig,
     CompareConfig,
@@ -151,8 +151,7 @@ class TargetConfig:
     def __post_init__(self) -> None:
         check_choice("target.dtype", self.dtype, DTYPES)
         engines_named(self.engines)
-        if len(set(self.engines)) != len(self.engines):
-            raise ConfigError(f"target.engines={self.engines} names an engine twice")
+        check_unique("target.engines", self.engines, "an engine")
         if not self.batch_sizes:
             raise ConfigError("target.batch_sizes is empty; give at least one batch size, e.g. [1]")
         for b in self.batch_sizes:

@@ -17,6 +17,7 @@ from puzzle.config.checks import (
     check_choice,
     check_fraction,
     check_positive,
+    check_unique,
 )
 from puzzle.errors import ConfigError
 
@@ -347,8 +348,7 @@ class CompareConfig:
     def __post_init__(self) -> None:
         for name in self.baselines:
             check_choice("compare.baselines", name, ("depth", "width", "random", "greedy"))
-        if len(set(self.baselines)) != len(self.baselines):
-            raise ConfigError(f"compare.baselines={list(self.baselines)} names a baseline twice")
+        check_unique("compare.baselines", self.baselines, "a baseline")
         for value in self.budgets:
             check_positive("compare.budgets", value)
 
@@ -388,8 +388,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         for name in self.engines:
             check_choice("serve.engines", name, SERVE_ENGINES)
-        if len(set(self.engines)) != len(self.engines):
-            raise ConfigError(f"serve.engines={list(self.engines)} names an engine twice")
+        check_unique("serve.engines", self.engines, "an engine")
         check_choice("serve.gguf_type", self.gguf_type, GGUF_TYPES)
         if self.batch_sizes is not None and not self.batch_sizes:
             raise ConfigError("serve.batch_sizes is empty; give at least one batch size, e.g. [1, 8], or null")
