@@ -66,6 +66,9 @@ class Engine:
     """config.json must carry an ffn_mult key (null for no-op and linear FFNs) in every layer."""
     no_op_ffn_needs_no_op_attention: bool = False
     last_layer_needs_ffn: bool = False
+    converter_head_size_from_hidden: bool = False
+    """The engine's own converter writes hidden_size / num_attention_heads as the head size, whatever head_dim says
+    (puzzle's client for it writes head_dim, so this is a note, not a problem)."""
     head_dim_from_hidden: bool = False
     """Attention is sized from hidden_size / num_attention_heads: a config whose head_dim differs does not load."""
     ffn_keys: tuple[str, ...] | None = None
@@ -84,6 +87,7 @@ ENGINES: dict[str, Engine] = {
             "llamacpp",
             "llama.cpp",
             linear_attention=True,
+            converter_head_size_from_hidden=True,
             ffn_mult_in_every_layer=True,
             no_op_ffn_needs_no_op_attention=True,
             last_layer_needs_ffn=True,
@@ -132,11 +136,17 @@ def shape_problem(hidden_size: int, heads: int, head_dim: int | None, engine: En
 def block_problem(block: BlockConfig, engine: Engine, last: bool) -> str | None:
     """Why `engine` cannot serve this (attention, FFN) pair in a layer (`last`: the model's last layer), beyond what
     `attention_problem` and `ffn_problem` say of each subblock."""
-    if block.ffn.no_op and engine.no_op_ffn_needs_no_op_attention and not block.attention.no_op:
-        return NO_OP_FFN_AFTER_ATTENTION
-    if block.ffn.no_op and last and engine.last_layer_needs_ffn:
-        return NO_OP_FFN_LAST
-    return None
+    return next(iter(_pair_problems(engine, block.attention.no_op, block.ffn.no_op, last)), None)
+
+
+def _pair_problems(engine: Engine, attention_no_op: bool, ffn_no_op: bool, last: bool) -> list[str]:
+    """The rules on a layer's (attention, FFN) pair, from its no-op flags: for a block and for a config.json entry."""
+    out = []
+    if ffn_no_op and engine.no_op_ffn_needs_no_op_attention and not attention_no_op:
+        out.append(NO_OP_FFN_AFTER_ATTENTION)
+    if ffn_no_op and last and engine.last_layer_needs_ffn:
+        out.append(NO_OP_FFN_LAST)
+    return out
 
 
 LINEAR_ATTENTION = "a linear attention (replace_with_linear)"
@@ -186,12 +196,12 @@ def check_config(config: dict[str, Any], engines: list[Engine]) -> list[Verdict]
 
 def _notes(config: dict[str, Any], engine: Engine) -> list[str]:
     hidden, heads, head_dim = config.get("hidden_size"), config.get("num_attention_heads"), config.get("head_dim")
-    if engine.name == "llamacpp" and isinstance(hidden, int) and isinstance(heads, int) and head_dim:
-        if head_dim * heads != hidden:
-            return [
-                f"llama.cpp's own converter writes hidden / heads = {hidden // heads} as the head size, not head_dim "
-                f"{head_dim}; convert with puzzle's llama.cpp client (the serve stage), which writes head_dim"
-            ]
+    known = isinstance(hidden, int) and isinstance(heads, int) and head_dim
+    if engine.converter_head_size_from_hidden and known and head_dim * heads != hidden:
+        return [
+            f"{engine.label}'s own converter writes hidden / heads = {hidden // heads} as the head size, not head_dim "
+            f"{head_dim}; convert with puzzle's {engine.label} client (the serve stage), which writes head_dim"
+        ]
     return []
 
 
@@ -235,12 +245,7 @@ def _block_problems(block: dict[str, Any], engine: Engine, hidden: int, heads: i
         out.append(LINEAR_FFN)
     elif active:
         out += _width_problems(ffn, engine, hidden)
-    elif ffn.get("no_op"):
-        if engine.no_op_ffn_needs_no_op_attention and not attention.get("no_op"):
-            out.append(NO_OP_FFN_AFTER_ATTENTION)
-        if engine.last_layer_needs_ffn and last:
-            out.append(NO_OP_FFN_LAST)
-    return out
+    return out + _pair_problems(engine, bool(attention.get("no_op")), bool(ffn.get("no_op")), last)
 
 
 def _width_problems(ffn: dict[str, Any], engine: Engine, hidden: int) -> list[str]:
