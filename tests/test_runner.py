@@ -360,14 +360,15 @@ def test_changed_parent_checkpoint_invalidates_data(tmp_path, capsys):
 
 
 def _pipeline_cmd(tmp_path: Path, name: str) -> list[str]:
-    """The full demo pipeline on the tiny parent, shrunk by debug=default; profiles shared through one cache so
-    both runs see the same measured costs (timings are the only nondeterministic input)."""
+    """The full demo pipeline on the tiny parent, shrunk by debug=default. Timings are the only nondeterministic
+    input, so both runs must see the same ones: profiles are shared through one cache, and the search's closed loop
+    (which times the assembled child and re-solves from what it measured) is off."""
     parent = tmp_path / "tiny-llama"
     return [
         sys.executable, "-m", "puzzle", "run", "jobs/demo.yaml",
         "parent=local", f"parent.path={parent}", "parent.dtype=float32", "data=files",
         f"data.paths={tmp_path / 'corpus' / '*.txt'}", "data.seq_len=16", "debug=default",
-        "budget.speedup=1.01", "cluster.num_cpus=2", f"profiling.cache_path={tmp_path / 'profiles.json'}",
+        "budget.speedup=1.01", "search.measure_rounds=0", "cluster.num_cpus=2", f"profiling.cache_path={tmp_path / 'profiles.json'}",
         "profiling.reuse_timings=true", f"run.name={name}", "--runs-dir", str(tmp_path / "runs"),
     ]  # fmt: skip
 
