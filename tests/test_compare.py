@@ -20,7 +20,7 @@ from puzzle.stages.compare.baselines import (
     measure_block_influence,
     width_architectures,
 )
-from puzzle.stages.compare.report import describe, render
+from puzzle.stages.compare.report import describe, render, x_speedup
 
 PARENT = "attn_group2+ffn_64"
 NOOP = "attn_no_op+ffn_no_op"
@@ -166,12 +166,57 @@ def test_compare_config_and_report():
     assert describe(layers) == "attn 1xgroup2 1xgroup4 1xno_op; ffn 1x32 1x64 1xno_op; 1 layers removed"
     rows = [
         {"method": "puzzle", "budget": 2.0, "reached": True, "architecture": "a", "speedup_measured": 2.01,
-         "speedup_predicted": 2.0, "test": {"kl": 0.1, "top1": 0.5, "top1_agreement": 0.9, "lm_loss": 2.0},
+         "speedup_side_by_side": 1.98, "speedup_predicted": 2.0,
+         "test": {"kl": 0.1, "top1": 0.5, "top1_agreement": 0.9, "lm_loss": 2.0},
          "gkd_tokens": 1024, "closed_loop": {"met": True, "rounds": 2}},
+        {"method": "depth", "budget": 2.0, "reached": True, "architecture": "d", "speedup_measured": 2.30,
+         "speedup_side_by_side": 2.04, "speedup_predicted": 2.1,
+         "test": {"kl": 0.2, "top1": 0.4, "top1_agreement": 0.8, "lm_loss": 2.1}, "gkd_tokens": 1024},
         {"method": "width", "budget": 2.0, "reached": False, "reason": "no uniform variant reaches 2x"},
     ]  # fmt: skip
     markdown = render(rows, {"top1": 0.52, "lm_loss": 1.9}, 1024)
     assert (
-        "| puzzle | 2x | 2.01 | 2.00 | 0.1000 | 0.5000 | 0.9000 | 2.0000 | 1,024 | met in 2 round(s) | a |" in markdown
+        "| puzzle | 2x | 2.01 | 1.98 | 2.00 | 0.1000 | 0.5000 | 0.9000 | 2.0000 | 1,024 | met in 2 round(s) | a |"
+        in markdown
     )
     assert "| width | 2x | not reached |" in markdown
+    # The methods' spread is read from the side-by-side timing, not from each one's own evaluation (2.01 vs 2.30).
+    assert "- 2x: 1.980x to 2.040x side by side, 3.0 % apart" in markdown
+    assert [x_speedup(r) for r in rows[:2]] == [1.98, 2.04]
+    assert x_speedup({"speedup_measured": 2.3}) == 2.3  # rows from before side-by-side timing existed
+
+
+def test_side_by_side_times_every_model_in_alternation_after_a_warm_up_round(monkeypatch):
+    """measure_side_by_side: one measurement of the parent and several children, alternating model by model, with
+    an untimed first round; each speed-up is the parent's latency over the child's."""
+    import puzzle.stages.profile as profile
+    from puzzle.stages.evaluate import measure_side_by_side
+    from puzzle.stages.profile.timing import LatencyStats
+
+    latency = {"parent": 4.0, "a": 2.0, "b": 1.0}
+    calls: list[str] = []
+
+    def fake(kind):
+        def measure(model, *args, **kwargs):
+            calls.append(f"{kind}:{model.name}")
+            ms = latency[model.name] * (100.0 if len(calls) <= 6 else 1.0)  # the first round is far off
+            return LatencyStats(ms, ms, ms)
+
+        return measure
+
+    monkeypatch.setattr(profile, "measure_decode_latency", fake("decode"))
+    monkeypatch.setattr(profile, "measure_prefill_latency", fake("prefill"))
+    monkeypatch.setattr("puzzle.stages.evaluate.measure_generation", lambda model, b, p, g: latency[model.name])
+    models = {}
+    for name in latency:
+        model = torch.nn.Linear(2, 2)
+        model.name = name
+        models[name] = model
+    speed = measure_side_by_side(
+        models, batch_size=1, parent_batch_size=1, prompt_len=4, gen_len=4, context_len=8, rounds=3
+    )
+    assert calls[:6] == ["decode:parent", "prefill:parent", "decode:a", "prefill:a", "decode:b", "prefill:b"]
+    assert len(calls) == 6 * (3 + 1)
+    assert speed["speedup_measured"] == pytest.approx({"a": 2.0, "b": 4.0})  # the warm-up round is not counted
+    assert speed["speedup_measured_budget"] == pytest.approx({"a": 2.0, "b": 4.0})
+    assert speed["speedup_generation"] == pytest.approx({"a": 2.0, "b": 4.0})

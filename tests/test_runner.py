@@ -368,8 +368,9 @@ def _pipeline_cmd(tmp_path: Path, name: str) -> list[str]:
         sys.executable, "-m", "puzzle", "run", "jobs/demo.yaml",
         "parent=local", f"parent.path={parent}", "parent.dtype=float32", "data=files",
         f"data.paths={tmp_path / 'corpus' / '*.txt'}", "data.seq_len=16", "debug=default",
-        "budget.speedup=1.01", "search.measure_rounds=0", "cluster.num_cpus=2", f"profiling.cache_path={tmp_path / 'profiles.json'}",
-        "profiling.reuse_timings=true", f"run.name={name}", "--runs-dir", str(tmp_path / "runs"),
+        "budget.speedup=1.01", "search.measure_rounds=0", "cluster.num_cpus=2",
+        f"profiling.cache_path={tmp_path / 'profiles.json'}", "profiling.reuse_timings=true", f"run.name={name}",
+        "--runs-dir", str(tmp_path / "runs"),
     ]  # fmt: skip
 
 

@@ -300,8 +300,9 @@ def profile_stage(s: JobShape) -> StageWork:
 
 def _speed_rounds(s: JobShape, models: list[list[BlockConfig]], rounds: int) -> Lane:
     """puzzle.stages.evaluate.measure_speedup: `rounds` rounds of decode and prefill timing of each model with the
-    profiler's settings, then one greedy generation (and its warm-up) per model."""
+    profiler's settings after one untimed round, then one greedy generation (and its warm-up) per model."""
     cfg, target, config = s.job.profiling, s.job.target, s.config
+    rounds += 1  # the warm-up round
     prompt, gen, context = target.prompt_len, target.gen_len, target.context_len
     b = target.batch_sizes[0]
     runs = cfg.warmup + cfg.repeats

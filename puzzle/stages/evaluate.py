@@ -210,8 +210,9 @@ def measure_throughput(
     library's runtime_ms, so predicted and measured decode figures compare like for like; prefill:
     measure_prefill_latency at (batch_size, prompt_len); generation: a real greedy loop of gen_len tokens.
     Models are measured in alternation for `rounds` rounds and the median taken, so a change in machine load
-    hits all of them alike. `timing` (see timing_from_library): num_threads, steps, warmup, repeats, clock_kind
-    and flush, as the profiler used them; the thread count is restored afterwards.
+    hits all of them alike; one untimed round goes first (the first timings after a model is placed ran up to 20 %
+    apart for two copies of one architecture on a 2-core VM). `timing` (see timing_from_library): num_threads,
+    steps, warmup, repeats, clock_kind and flush, as the profiler used them; the thread count is restored afterwards.
     """
     from puzzle.stages.profile import measure_decode_latency, measure_prefill_latency
 
@@ -224,12 +225,13 @@ def measure_throughput(
     try:
         if threads:
             torch.set_num_threads(threads)
-        for _ in range(rounds):
+        for r in range(rounds + 1):
             for name, model in models.items():
                 decode = measure_decode_latency(model, batch_size, context_len, **decode_kw)
-                samples[name]["decode"].append(decode.median_ms)
                 prefill = measure_prefill_latency(model, batch_size, prompt_len, **prefill_kw)
-                samples[name]["prefill"].append(prefill.median_ms)
+                if r:  # round 0 warms every model up
+                    samples[name]["decode"].append(decode.median_ms)
+                    samples[name]["prefill"].append(prefill.median_ms)
         out = _summarise(models, samples, batch_size, prompt_len, gen_len)
     finally:
         torch.set_num_threads(previous_threads)
@@ -256,6 +258,38 @@ def measure_speedup(
     over the parent at its baseline batch: what the budget's speed-up means), "speedup_generation", "timing"}. The
     evaluate stage and the search's closed loop both measure through here.
     """
+    speed = measure_side_by_side(
+        models,
+        batch_size=batch_size,
+        parent_batch_size=parent_batch_size,
+        prompt_len=prompt_len,
+        gen_len=gen_len,
+        context_len=context_len,
+        rounds=rounds,
+        library_metadata=library_metadata,
+        log=log,
+    )
+    return {
+        **speed,
+        **{key: speed[key]["child"] for key in ("speedup_measured", "speedup_measured_budget", "speedup_generation")},
+    }
+
+
+def measure_side_by_side(
+    models: dict[str, nn.Module],
+    *,
+    batch_size: int,
+    parent_batch_size: int,
+    prompt_len: int,
+    gen_len: int,
+    context_len: int,
+    rounds: int,
+    library_metadata: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The parent and any number of other models ({"parent": ..., name: ...}) timed in alternation in one
+    measurement, so a change in the machine's speed hits all of them alike; as measure_speedup, with each speed-up a
+    {name: figure} over every model but the parent."""
     timing = timing_from_library(library_metadata, batch_size)
     throughput = measure_throughput(
         models,
@@ -279,13 +313,14 @@ def measure_speedup(
             rounds=rounds,
             timing=timing_from_library(library_metadata, parent_batch_size),
         )["parent"]
-    child, parent = throughput["child"], throughput["parent"]
+    parent = throughput["parent"]
+    others = [name for name in models if name != "parent"]
     return {
         "throughput": throughput,
         "baseline": {**baseline, "batch_size": parent_batch_size},
-        "speedup_measured": child["decode_tok_s"] / parent["decode_tok_s"],
-        "speedup_measured_budget": child["decode_tok_s"] / baseline["decode_tok_s"],
-        "speedup_generation": child["generation_tok_s"] / parent["generation_tok_s"],
+        "speedup_measured": {n: throughput[n]["decode_tok_s"] / parent["decode_tok_s"] for n in others},
+        "speedup_measured_budget": {n: throughput[n]["decode_tok_s"] / baseline["decode_tok_s"] for n in others},
+        "speedup_generation": {n: throughput[n]["generation_tok_s"] / parent["generation_tok_s"] for n in others},
         "timing": timing,
     }
 

@@ -74,12 +74,62 @@ def run(ctx: StageContext) -> StageResult:
                 row = compare_one(ctx, method, speedup, budget, solve, measure, parent, source, splits, library)
             write_json_atomic(done, jsonable(row))
             rows.append(row)
+        # Every method's own evaluation timed it beside the parent, minutes apart from the others; timing them all
+        # in one alternating measurement says whether they really reached the same speed-up.
+        timed = results_dir / f"side_by_side_{speedup:g}.json"
+        here = [r for r in rows if r["budget"] == speedup and r.get("reached", True)]
+        if timed.is_file():
+            side = read_json(timed)
+        else:
+            side = time_side_by_side(ctx, here, parent, {m: sources.get(m, store) for m in methods}, library)
+            write_json_atomic(timed, jsonable(side))
+        for row in here:
+            row["speedup_side_by_side"] = side.get("speedup", {}).get(row["method"], math.nan)
     parent_quality = rows[0]["parent_test"] if rows else {}
     paths = write_comparison(ctx.out_dir, rows, parent_quality, methods, budgets_of(job), gkd_tokens=job.gkd.tokens)
     return StageResult(
         tokens=sum(int(r.get("gkd_tokens") or 0) for r in rows),
         summary={"rows": len(rows), "files": sorted(p.name for p in paths)},
     )
+
+
+def time_side_by_side(
+    ctx: StageContext, rows: list[dict[str, Any]], parent: Any, sources: dict[str, Any], library: BlockLibrary
+) -> dict[str, Any]:
+    """The parent and every method's child at one budget timed in alternation, in one measurement (the evaluate
+    stage's code, evaluate.repeats rounds), at the batch sizes their searches chose. Latency does not depend on the
+    weights, so each child is assembled from the blocks it was distilled from. Returns {"speedup": {method: child at
+    its batch over the parent at its baseline batch}, "throughput": {batch: figures}}."""
+    from puzzle.stages.evaluate import measure_side_by_side, on_target, throughput_lengths
+    from puzzle.stages.gkd.assemble import assemble_child
+
+    job = ctx.job
+    prompt_len, gen_len, context_len = throughput_lengths(job.target, job.evaluate.prompt_len, job.evaluate.gen_len)
+    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        b = row.get("batch_size") or job.target.batch_sizes[0]
+        groups.setdefault((b, row.get("parent_batch_size") or b), []).append(row)
+    out: dict[str, Any] = {"speedup": {}, "throughput": {}}
+    placed = on_target(parent, job.target)
+    for (b, parent_b), group in groups.items():
+        say(f"[compare] {', '.join(r['method'] for r in group)} at {group[0]['budget']:g}x timed side by side")
+        models = {"parent": placed}
+        for row in group:
+            models[row["method"]] = on_target(assemble_child(parent, sources[row["method"]], row["layers"]), job.target)
+        speed = measure_side_by_side(
+            models,
+            batch_size=b,
+            parent_batch_size=parent_b,
+            prompt_len=prompt_len,
+            gen_len=gen_len,
+            context_len=context_len,
+            rounds=job.evaluate.repeats,
+            library_metadata=library.metadata,
+            log=say,
+        )
+        out["speedup"].update(speed["speedup_measured_budget"])
+        out["throughput"][str(b)] = speed["throughput"]
+    return out
 
 
 def solver_for(method: str, library: BlockLibrary, job: JobConfig, influence: list[float] | None) -> Any:
@@ -185,6 +235,8 @@ def row_of(
         "layers": solution["layers"],
         "architecture": describe(solution["layers"]),
         "speedup_predicted": solution.get("predicted", {}).get("speedup", math.nan),
+        "batch_size": solution.get("batch_size"),
+        "parent_batch_size": solution.get("parent_batch_size"),
         "speedup_measured": evaluation.get("speedup_measured_budget", evaluation["speedup_measured"]),
         "closed_loop": {"met": loop["met"], "rounds": len(loop["rounds"])} if loop else None,
         "test": child["test"],
