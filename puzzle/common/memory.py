@@ -308,6 +308,23 @@ def wait_for_exit(pids: list[int], timeout_s: float = 10.0) -> None:
             continue
 
 
+def worker_identity() -> dict[str, Any]:
+    """{"pid", "node"} of this process (node: its Ray node id, None outside Ray): what a Ray task returns so its
+    caller can wait for it to exit (`wait_for_local_workers`)."""
+    ray = sys.modules.get("ray")  # a task's worker has imported it; anywhere else there is no node to name
+    node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
+    return {"pid": os.getpid(), "node": node}
+
+
+def wait_for_local_workers(identities: list[dict[str, Any]], timeout_s: float = 10.0) -> None:
+    """`wait_for_exit` for the workers among `identities` (`worker_identity()` of each task) that ran on this node."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    here = ray.get_runtime_context().get_node_id()
+    wait_for_exit([w["pid"] for w in identities if w.get("node") == here], timeout_s)
+
+
 def trim_heap() -> None:
     """glibc's malloc_trim: return the heap's free pages to the OS (a no-op where the C library has none)."""
     if sys.platform.startswith("linux"):

@@ -145,9 +145,12 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def measure_generation(model: nn.Module, batch_size: int, prompt_len: int, gen_len: int, repeats: int = 1) -> float:
-    """Median seconds of a real greedy generation loop (after one warm-up): prefill `prompt_len` random tokens, then
-    `gen_len - 1` argmax steps through the KV cache (growing context, sampling included), as a user sees it."""
+def measure_generation(
+    model: nn.Module, batch_size: int, prompt_len: int, gen_len: int, repeats: int = 1, warmup: bool = True
+) -> float:
+    """Median seconds of a real greedy generation loop (after one warm-up unless `warmup` is False): prefill
+    `prompt_len` random tokens, then `gen_len - 1` argmax steps through the KV cache (growing context, sampling
+    included), as a user sees it."""
     device = next(model.parameters()).device
     prompt = torch.randint(model.config.vocab_size, (batch_size, prompt_len), device=device)
 
@@ -163,7 +166,8 @@ def measure_generation(model: nn.Module, batch_size: int, prompt_len: int, gen_l
         _sync(device)
         return time.perf_counter() - start
 
-    once()
+    if warmup:
+        once()
     return statistics.median(once() for _ in range(repeats))
 
 

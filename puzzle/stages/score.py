@@ -21,7 +21,6 @@ with the BlockStore written by BLD; the profile stage joins the scores with cost
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from puzzle.common.atomic import write_json_atomic
-from puzzle.common.memory import trim_heap, wait_for_exit
+from puzzle.common.memory import trim_heap, wait_for_local_workers, worker_identity
 from puzzle.common.progress import say
 from puzzle.common.resources import check_resources
 from puzzle.common.seeding import derive_seed
@@ -263,11 +262,8 @@ def _score_shard(
     scores: dict[int, dict[str, dict[str, float]]] = {}
     for (i, name), t in totals.items():
         scores.setdefault(i, {})[name] = {**t.means(), "seconds": seconds[(i, name)]}
-    node = None
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        node = sys.modules["ray"].get_runtime_context().get_node_id()
     tokens = sum(ids.numel() for ids in batches)
-    return {"scores": scores, "parent": parent.means(), "tokens": tokens, "node": node, "pid": os.getpid()}
+    return {"scores": scores, "parent": parent.means(), "tokens": tokens, **worker_identity()}
 
 
 def _subblock_scores(
@@ -372,7 +368,8 @@ def score_blocks(
     if not batches:
         raise PuzzleError("scoring got no validation batches; check scoring.tokens / the validation split size")
     parent = parent.eval()
-    jobs = scored_blocks(variants, [_parent_block(parent, i) for i in range(len(variants))], pairs)
+    owns = [_parent_block(parent, i) for i in range(len(variants))]
+    jobs = scored_blocks(variants, owns, pairs)
     tasks = shards(jobs, group_size)
     threads = max(1, int(num_cpus)) if num_cpus >= 1 else 1
     if use_ray:
@@ -388,8 +385,7 @@ def score_blocks(
         for i, by_name in res["scores"].items():
             measured_scores.setdefault(int(i), {}).update(by_name)
     scores: Scores = {}
-    for i, blocks in enumerate(variants):
-        own = _parent_block(parent, i)
+    for i, (blocks, own) in enumerate(zip(variants, owns, strict=True)):
         got = measured_scores.get(i, {})
         layer_scores = scores.setdefault(f"layer_{i}", {})
         for block in blocks:
@@ -407,7 +403,7 @@ def score_blocks(
         "num_batches": len(batches),
         "blocks_scored": sum(len(b) for _, b in jobs),
         # A parent without per-layer block configs has no subblocks to pair: every pair was run.
-        "pairs": pairs if all(_parent_block(parent, i) is not None for i in range(len(variants))) else "full",
+        "pairs": pairs if all(own is not None for own in owns) else "full",
         "tasks": len(tasks),
         "nodes": sorted({r["node"] for r in results if r.get("node")}),
         "seconds": time.perf_counter() - start,
@@ -456,8 +452,7 @@ def _run_on_ray(parent, source, batches, shards, num_cpus, num_gpus, device, thr
             done, pending = ray.wait(pending, num_returns=1)
             bar.update(len(done))
     results = ray.get(refs)
-    here = ray.get_runtime_context().get_node_id()
-    wait_for_exit([r["pid"] for r in results if r.get("node") == here])  # their heaps are gone before the next stage
+    wait_for_local_workers(results)  # their heaps are gone before the next stage
     return results
 
 

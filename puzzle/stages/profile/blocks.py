@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from puzzle.common.atomic import write_json_atomic
-from puzzle.common.memory import wait_for_exit
+from puzzle.common.memory import wait_for_local_workers, worker_identity
 from puzzle.common.resources import check_resources
 from puzzle.config import ProfilingConfig
 from puzzle.errors import ConfigError, PuzzleError
@@ -289,17 +289,14 @@ def _run_measurements(args: tuple, cached: dict, progress: bool, use_ray: bool, 
     # max_calls=1: the worker exits after the task instead of idling with its heap through the later stages; the
     # stage waits for it to be gone, so its memory does not land in the next stage's peak.
     task = ray.remote(max_calls=1)(_measure_task).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=2)
-    result, pid, node = ray.get(task.remote(*args, cached, progress))
-    if node == ray.get_runtime_context().get_node_id():
-        wait_for_exit([pid])
+    result, worker = ray.get(task.remote(*args, cached, progress))
+    wait_for_local_workers([worker])
     return result
 
 
-def _measure_task(*args: Any) -> tuple[Any, int, str]:
+def _measure_task(*args: Any) -> tuple[Any, dict[str, Any]]:
     """`_measure_all` in a Ray task, with the worker's pid and node (to wait for its exit)."""
-    import ray
-
-    return _measure_all(*args), os.getpid(), ray.get_runtime_context().get_node_id()
+    return _measure_all(*args), worker_identity()
 
 
 def profile_blocks(

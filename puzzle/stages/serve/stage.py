@@ -58,9 +58,9 @@ def puzzle_throughput(
 
     out: dict[str, dict[str, list[float]]] = {name: {} for name in models}
     for batch in batch_sizes:
-        for _ in range(repeats):  # measure_generation warms up before each timed generation
+        for r in range(repeats):
             for name, model in models.items():
-                seconds = measure_generation(model, batch, prompt_len, gen_len)
+                seconds = measure_generation(model, batch, prompt_len, gen_len, warmup=r == 0)  # once per batch
                 out[name].setdefault(str(batch), []).append(batch * gen_len / seconds)
     return out
 
