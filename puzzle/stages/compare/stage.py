@@ -175,6 +175,7 @@ def compare_one(
                 budget,
                 rounds=job.search.measure_rounds,
                 tolerance=job.search.measure_tolerance,
+                margin=job.search.measure_margin,
                 overshoot=job.search.measure_overshoot,
                 log=say,
             )
