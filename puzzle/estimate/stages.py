@@ -299,7 +299,7 @@ def profile_stage(s: JobShape) -> StageWork:
 
 
 def _speed_rounds(s: JobShape, models: list[list[BlockConfig]], rounds: int) -> Lane:
-    """puzzle.stages.evaluate.measure_speedup: `rounds` rounds of decode and prefill timing of each model with the
+    """puzzle.stages.evaluate.measure_side_by_side: `rounds` rounds of decode and prefill timing of each model with the
     profiler's settings after one untimed round, then one greedy generation (and its warm-up) per model."""
     cfg, target, config = s.job.profiling, s.job.target, s.config
     rounds += 1  # the warm-up round
@@ -326,7 +326,7 @@ def _speed_rounds(s: JobShape, models: list[list[BlockConfig]], rounds: int) -> 
 
 def search_stage(s: JobShape) -> StageWork:
     """puzzle.stages.search: the MIP (num_solutions solves of a layers x variants problem); with a closed loop,
-    each round assembles the child and times it beside the parent (measure_speedup with measure_repeats rounds).
+    each round assembles the child and times it beside the parent (measure_side_by_side with measure_repeats rounds).
     Counts two closed-loop rounds when it may run more (one measures the first solution, one the corrected budget's:
     the loop stops once the budget is met, and `search.measure_rounds` is its upper bound)."""
     cfg = s.job.search
@@ -398,7 +398,7 @@ def gkd_stage(s: JobShape) -> StageWork:
 
 def evaluate_stage(s: JobShape) -> StageWork:
     """puzzle.stages.evaluate: the parent's and the child's forward on the test tokens (the parent's logits once,
-    the metrics of both over the vocabulary), then measure_speedup with evaluate.repeats rounds."""
+    the metrics of both over the vocabulary), then measure_side_by_side with evaluate.repeats rounds."""
     cfg, config = s.job.evaluate, s.config
     rows = cfg.batch_size * s.seq_len
     batches = ceil_div(cfg.tokens, rows)

@@ -242,43 +242,6 @@ def measure_throughput(
     return out
 
 
-def measure_speedup(
-    models: dict[str, nn.Module],
-    *,
-    batch_size: int,
-    parent_batch_size: int,
-    prompt_len: int,
-    gen_len: int,
-    context_len: int,
-    rounds: int,
-    library_metadata: dict[str, Any] | None = None,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Parent and child ({"parent": ..., "child": ...}, on the target device) timed side by side, as the profiler
-    timed their blocks (`timing_from_library`), and the speed-ups that follow.
-
-    Returns {"throughput": {name: figures at batch_size}, "baseline": the parent's figures at parent_batch_size (with
-    "batch_size"), "speedup_measured" (child over parent, same batch), "speedup_measured_budget" (child at its batch
-    over the parent at its baseline batch: what the budget's speed-up means), "speedup_generation", "timing"}. The
-    evaluate stage and the search's closed loop both measure through here.
-    """
-    speed = measure_side_by_side(
-        models,
-        batch_size=batch_size,
-        parent_batch_size=parent_batch_size,
-        prompt_len=prompt_len,
-        gen_len=gen_len,
-        context_len=context_len,
-        rounds=rounds,
-        library_metadata=library_metadata,
-        log=log,
-    )
-    return {
-        **speed,
-        **{key: speed[key]["child"] for key in ("speedup_measured", "speedup_measured_budget", "speedup_generation")},
-    }
-
-
 def measure_side_by_side(
     models: dict[str, nn.Module],
     *,
@@ -291,9 +254,16 @@ def measure_side_by_side(
     library_metadata: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """The parent and any number of other models ({"parent": ..., name: ...}) timed in alternation in one
-    measurement, so a change in the machine's speed hits all of them alike; as measure_speedup, with each speed-up a
-    {name: figure} over every model but the parent."""
+    """The parent and any number of other models ({"parent": ..., name: ...}, on the target device) timed in
+    alternation in one measurement, as the profiler timed their blocks (`timing_from_library`), so a change in the
+    machine's speed hits all of them alike; and the speed-ups that follow.
+
+    Returns {"throughput": {name: figures at batch_size}, "baseline": the parent's figures at parent_batch_size (with
+    "batch_size"), and for every model but the parent, {name: figure} in "speedup_measured" (over the parent, same
+    batch), "speedup_measured_budget" (at its batch over the parent at its baseline batch: what the budget's speed-up
+    means) and "speedup_generation"; "timing"}. The evaluate stage, the search's closed loop and the compare stage all
+    measure through here.
+    """
     timing = timing_from_library(library_metadata, batch_size)
     throughput = measure_throughput(
         models,
@@ -405,7 +375,7 @@ def evaluate_models(
     log(f"[evaluate] quality on {min(cfg.tokens, available):,} test tokens")
     quality = evaluate_quality(models, models["parent"], stream, cfg.batch_size, cfg.tokens)
     log(f"[evaluate] throughput at batch {b}, prompt {prompt_len}, context {context_len}, generating {gen_len}")
-    speed = measure_speedup(
+    speed = measure_side_by_side(
         models,
         batch_size=b,
         parent_batch_size=parent_batch_size or b,
@@ -430,7 +400,7 @@ def evaluate_models(
         }
     report["parent"]["throughput_baseline"] = speed["baseline"]
     for key in ("speedup_measured", "speedup_measured_budget", "speedup_generation"):
-        report[key] = speed[key]
+        report[key] = speed[key]["child"]
     timing = speed["timing"]
     report["throughput_setup"] = {
         "device": _device_label(device, timing.get("num_threads")),

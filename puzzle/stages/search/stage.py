@@ -23,9 +23,9 @@ def measure_on_target(
 ) -> Callable[[Solution], dict[str, float]]:
     """solution -> its measured {speedup, throughput_tok_s, decode_latency_ms}: the child assembled from BLD blocks
     (latency does not depend on the weights, so no GKD is needed) and the parent, timed side by side on the target
-    with the library's timing settings (`puzzle.stages.evaluate.measure_speedup`). `parent` and `store` are the
+    with the library's timing settings (`puzzle.stages.evaluate.measure_side_by_side`). `parent` and `store` are the
     loaded parent and BLD block store (the caller's, so a stage that has them loads neither twice)."""
-    from puzzle.stages.evaluate import measure_speedup, on_target, throughput_lengths
+    from puzzle.stages.evaluate import measure_side_by_side, on_target, throughput_lengths
     from puzzle.stages.gkd.assemble import assemble_child
 
     target = ctx.job.target
@@ -35,7 +35,7 @@ def measure_on_target(
     def measure(solution: Solution) -> dict[str, float]:
         models = {"parent": placed, "child": on_target(assemble_child(parent, store, solution.layers), target)}
         b = solution.batch_size or target.batch_sizes[0]
-        speed = measure_speedup(
+        speed = measure_side_by_side(
             models,
             batch_size=b,
             parent_batch_size=solution.parent_batch_size or b,
@@ -48,7 +48,7 @@ def measure_on_target(
         )
         child = speed["throughput"]["child"]
         return {
-            "speedup": speed["speedup_measured_budget"],
+            "speedup": speed["speedup_measured_budget"]["child"],
             "throughput_tok_s": child["decode_tok_s"],
             "decode_latency_ms": child["decode_ms"],
         }
