@@ -210,6 +210,30 @@ def test_estimate_cli_prints_every_stage_and_json(tmp_path, monkeypatch, capsys)
     assert math.isclose(data["device_hours"], data["seconds"] / 3600 * 8)
 
 
+def test_only_ray_stages_carry_the_cluster_and_each_run_of_them_starts_one(tmp_path, monkeypatch):
+    """As the runner does: a local cluster lives while consecutive stages use Ray (bld+score, gkd, and compare when
+    configured), so the estimate counts a Ray start per run of them and Ray's baseline only in their memory."""
+    from test_runner import write_corpus, write_job
+    from tiny import save_tiny_parent
+
+    from puzzle.config import load_job
+    from puzzle.estimate import estimate_job
+    from puzzle.estimate.model import local_device_name
+
+    monkeypatch.setenv("PUZZLE_CACHE", str(tmp_path / "cache"))
+    dev = _device(2**40, name=local_device_name())
+    save_calibration(dev)
+    path = write_job(tmp_path, save_tiny_parent(tmp_path), write_corpus(tmp_path / "corpus"))
+    plain = estimate_job(load_job(path))
+    assert plain.ray_start_s == pytest.approx(2 * dev.ray_start_s)
+    compared = estimate_job(load_job(path, ["compare.baselines=[depth]"]))
+    assert compared.ray_start_s == pytest.approx(3 * dev.ray_start_s)
+    by_name = {s.name: s for s in plain.stages}
+    # evaluate's baseline is the driver's alone now; bld's also has Ray's daemons.
+    assert by_name["evaluate"].memory["baseline"] * 2**30 == pytest.approx(dev.driver_base_bytes)
+    assert by_name["bld"].memory["baseline"] * 2**30 > dev.driver_base_bytes + dev.ray_base_bytes - dev.dashboard_bytes
+
+
 def test_estimate_without_a_calibration_says_how_to_make_one(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PUZZLE_CACHE", str(tmp_path / "cache"))
     assert cli.main(["estimate", "jobs/demo.yaml"]) == 2

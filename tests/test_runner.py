@@ -343,6 +343,36 @@ def test_cli_runs_parent_and_data_stages_on_a_tiny_parent(tmp_path, capsys):
     assert "stage data: done in 0.0 s (skipped: cached" in out  # parent re-checked, same fingerprint: data cached
 
 
+def test_a_local_cluster_lives_only_while_consecutive_stages_use_ray(tmp_path, monkeypatch):
+    """The runner starts a local cluster before a stage that uses Ray and stops it before a stage that does not (so
+    what Ray Train leaves alive after GKD is not in evaluate's memory or beside its timings); a later Ray stage
+    starts a new one. A stage may use Ray only as its job configures it."""
+    import ray
+
+    from puzzle.runner import run as runner
+
+    events: list[str] = []
+    monkeypatch.setattr(runner, "connect_ray", lambda job: events.append("start") or True)
+    monkeypatch.setattr(ray, "shutdown", lambda: events.append("stop"))
+
+    def stage(name: str, uses_ray=False) -> Stage:
+        return Stage(name, (), ("parent",) if name != "parent" else (), lambda ctx: events.append(name), uses_ray=uses_ray)
+
+    stages = [
+        stage("parent"), stage("a", True), stage("b", True), stage("c"),
+        stage("d", lambda job: job.compare.baselines == ["depth"]), stage("e", lambda job: not job.compare.baselines),
+    ]  # fmt: skip
+    job = JobConfig(run=RunConfig(name="r", runs_dir=str(tmp_path)))
+    job.compare.baselines = ["depth"]
+    run_job(job, stages=stages, validate=False)
+    assert events == ["parent", "start", "a", "b", "stop", "c", "start", "d", "stop", "e"]
+    events.clear()
+    job.compare.baselines = []
+    job.run.name = "r2"
+    run_job(job, stages=stages, validate=False)
+    assert events == ["parent", "start", "a", "b", "stop", "c", "d", "start", "e", "stop"]
+
+
 def test_changed_parent_checkpoint_invalidates_data(tmp_path, capsys):
     from tiny import save_tiny_parent
 

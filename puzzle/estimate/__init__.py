@@ -163,19 +163,23 @@ def estimate_job(
     machine that has not built or imported the parent yet."""
     from puzzle.estimate.model import device_model, stage_estimate
     from puzzle.estimate.stages import stage_works
-    from puzzle.runner.pipeline import STAGE_NAMES
+    from puzzle.runner.pipeline import STAGE_NAMES, build_stages
+    from puzzle.runner.stage import needs_ray
 
     dev = device_model(device or job_device(job), job.parent.dtype)
     shape = job_shape(job, dev, gpus)
     if cold:
         shape.parent_cached = shape.parent_source == "path"
     names = [n for n in (stages or STAGE_NAMES) if n in PARENT_STAGES]
-    results, lingering = [], 0
+    # The runner keeps a local cluster only while consecutive stages use Ray (puzzle.runner.run.run_job): a stage
+    # runs beside Ray's daemons only when it uses Ray itself, and each run of Ray stages starts a cluster.
+    on_ray = {stage.name: needs_ray(stage, job) for stage in build_stages()}
+    results = []
     for work in stage_works(shape, names):
         cpus = shape.cpus if dev.kind == "cpu" else 0
-        results.append(stage_estimate(work, dev, cpus=cpus, dashboard=job.cluster.dashboard, lingering=lingering))
-        if work.name == "gkd":  # Ray Train's workers and controller stay alive, idle, until the cluster stops
-            lingering = work.memory.processes
+        work.memory.ray = work.memory.ray and on_ray.get(work.name, False)
+        results.append(stage_estimate(work, dev, cpus=cpus, dashboard=job.cluster.dashboard))
+    starts = sum(1 for i, n in enumerate(names) if on_ray.get(n) and (i == 0 or not on_ray.get(names[i - 1])))
     assumptions = [
         f"child: the parent with FFNs narrowed to {1 / (job.budget.speedup or 1):.0%} of its layers' matrix weights "
         "(the budget's speed-up), for GKD, the closed loop and evaluation",
@@ -191,7 +195,7 @@ def estimate_job(
         gpus=shape.gpus if dev.kind == "gpu" else 0,
         price_per_hour=price_per_hour if price_per_hour is not None else job.run.price_per_hour,
         stages=results,
-        ray_start_s=dev.ray_start_s,
+        ray_start_s=dev.ray_start_s * starts,
         assumptions=assumptions,
         memory_limit_gib=dev.memory_bytes / 2**30,
     )

@@ -247,11 +247,9 @@ class StageEstimate:
     notes: list[str]
 
 
-def stage_estimate(
-    work: StageWork, device: DeviceModel, *, cpus: int = 1, dashboard: bool = True, lingering: int = 0
-) -> StageEstimate:
+def stage_estimate(work: StageWork, device: DeviceModel, *, cpus: int = 1, dashboard: bool = True) -> StageEstimate:
     """Seconds and peak memory of one stage's work on `device`, in a Ray cluster of `cpus` CPUs (one pre-started
-    idle worker each) with or without the dashboard, beside `lingering` workers an earlier stage left alive."""
+    idle worker each) with or without the dashboard when the stage uses Ray (`work.memory.ray`)."""
     lanes = [device.lane_seconds(lane) for lane in work.lanes]
     seconds = max(lanes, default=0.0) + sum(device.lane_seconds(lane) for lane in [work.driver, *work.serial])
     if work.workers:
@@ -262,7 +260,7 @@ def stage_estimate(
     base = device.driver_base_bytes + m.processes * device.worker_base_bytes
     if m.ray:
         base += device.ray_base_bytes - (0.0 if dashboard else device.dashboard_bytes)
-        base += max(0, cpus - m.processes) * device.idle_worker_bytes + lingering * device.worker_base_bytes
+        base += max(0, cpus - m.processes) * device.idle_worker_bytes
     parts = {
         "baseline": base,
         "weights": m.weights,

@@ -100,7 +100,7 @@ def build_stages() -> list[Stage]:
             sections=("compare", "search", "budget", "target", "gkd", "evaluate"),
             after=("parent", "data", "bld", "profile", "search", "gkd", "evaluate"),
             publish=("compare.json", "compare.md", "compare.png"),
-            uses_ray=True,
+            uses_ray=lambda job: bool(job.compare.baselines or job.compare.budgets),  # its GKD runs on Ray Train
         ),
     ]
 

@@ -51,7 +51,7 @@ from puzzle.common.seeding import derive_seed, seed_everything
 from puzzle.config import RESOURCE_KEYS, JobConfig, job_to_dict, job_to_yaml, load_job, resolve_path, section_dict
 from puzzle.errors import PuzzleError
 from puzzle.runner.pipeline import STAGE_NAMES, build_stages, check_stage_name
-from puzzle.runner.stage import Stage, StageContext, StageResult, read_json, write_json
+from puzzle.runner.stage import Stage, StageContext, StageResult, needs_ray, read_json, write_json
 
 MANIFEST = "manifest.json"
 # Bump when the manifest or hashing scheme changes, so older run directories are recomputed, not misread.
@@ -295,6 +295,11 @@ def connect_ray(job: JobConfig) -> bool:
                     num_gpus=job.cluster.num_gpus,
                     object_store_memory=store * 2**20 if store else None,
                     include_dashboard=job.cluster.dashboard,
+                    # Ray keeps up to num_cpus idle workers alive for reuse, each with the torch it imported (0.3-0.4
+                    # GiB): after GKD two of them carried 0.8 GiB through evaluate and export. puzzle's tasks run for
+                    # seconds to minutes, so a new worker's start-up (about a second) costs nothing that matters;
+                    # with a soft limit of 0 the raylet ends a worker once it has been idle for a second.
+                    _system_config={"num_workers_soft_limit": 0},
                 )
         except ConnectionError as err:
             raise PuzzleError(f"cannot connect to Ray at {address or 'a new local cluster'}: {err}") from None
@@ -381,15 +386,17 @@ def run_job(
         invalidate(run_dir, selected[force_from:])
         ray_state = {"connected": False, "started": False}
 
+        on_ray = [needs_ray(s, job) for s in selected]
+
         def ensure_ray(stage: Stage) -> None:
-            if stage.uses_ray and not ray_state["connected"]:
+            if needs_ray(stage, job) and not ray_state["connected"]:
                 ray_state["started"] = connect_ray(job)
                 ray_state["connected"] = True
 
         # GPU requests and remote clusters are checked before any compute; a local CPU cluster starts only
         # when a Ray stage actually has work (a cached rerun never starts one).
-        if any(s.uses_ray for s in selected) and (gpu_requests(job) or ray_address(job)):
-            ensure_ray(next(s for s in selected if s.uses_ray))
+        if any(on_ray) and (gpu_requests(job) or ray_address(job)):
+            ensure_ray(selected[on_ray.index(True)])
         cfg = job.logger
         logger = make_logger(
             cfg.mode, project=cfg.project, entity=cfg.entity, name=job.name, config=job_to_dict(job), run_dir=run_dir
@@ -402,9 +409,11 @@ def run_job(
                 if stage.name == "parent" and validate:
                     # With the embedded default, the parent's shape is known only now.
                     check_search_space(job, _parent_config(run_dir))
-                if ray_state["started"] and not any(s.uses_ray for s in selected[i + 1 :]):
-                    # A local cluster we started is not needed any more: stop it, so its daemons and idle
-                    # workers do not share the CPU with the end-to-end throughput measurement that follows.
+                if ray_state["started"] and not (i + 1 < len(selected) and on_ray[i + 1]):
+                    # A local cluster this run started is not needed by the next stage: stop it (a later Ray stage
+                    # starts a new one in a few seconds). Its daemons, idle workers and what Ray Train leaves alive
+                    # after GKD (its controller and dataset actors, about 0.8 GiB on SmolLM2) would otherwise stay
+                    # through the stages between, in their memory peaks and beside their throughput timings.
                     import ray
 
                     ray.shutdown()

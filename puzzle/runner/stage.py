@@ -72,13 +72,19 @@ class Stage:
     """The adapter."""
     publish: tuple[str, ...] = ()
     """Files or directories of the stage directory linked into the run directory's top level."""
-    uses_ray: bool = False
-    """Whether the stage submits Ray work (the runner then connects to Ray before running anything)."""
+    uses_ray: bool | Callable[[JobConfig], bool] = False
+    """Whether the stage submits Ray work (the runner then connects to Ray before running anything); a function of
+    the job for a stage that does only when configured to."""
     always_run: bool = False
     """Run even when cached (cheap stages whose real inputs live outside the run, e.g. a checkpoint on disk)."""
     keep: tuple[str, ...] = ()
     """Run-directory paths of content-addressed work that survive a rerun for changed inputs (only --from clears
     them): every entry is keyed by what determines it, so an entry is either still valid or never looked up."""
+
+
+def needs_ray(stage: Stage, job: JobConfig) -> bool:
+    """Whether `stage` submits Ray work in `job`."""
+    return stage.uses_ray(job) if callable(stage.uses_ray) else stage.uses_ray
 
 
 def write_json(path: Path, data: Any) -> None:
