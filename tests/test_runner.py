@@ -356,7 +356,8 @@ def test_a_local_cluster_lives_only_while_consecutive_stages_use_ray(tmp_path, m
     monkeypatch.setattr(ray, "shutdown", lambda: events.append("stop"))
 
     def stage(name: str, uses_ray=False) -> Stage:
-        return Stage(name, (), ("parent",) if name != "parent" else (), lambda ctx: events.append(name), uses_ray=uses_ray)
+        after = ("parent",) if name != "parent" else ()
+        return Stage(name, (), after, lambda ctx: events.append(name), uses_ray=uses_ray)
 
     stages = [
         stage("parent"), stage("a", True), stage("b", True), stage("c"),
