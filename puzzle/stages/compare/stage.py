@@ -29,7 +29,7 @@ from puzzle.stages.evaluate import evaluate_models
 from puzzle.stages.gkd.select import distill_solutions
 from puzzle.stages.parent import load_parent_model
 from puzzle.stages.search.budget import job_solver
-from puzzle.stages.search.loop import closed_loop
+from puzzle.stages.search.loop import configured_loop
 from puzzle.stages.search.stage import measure_on_target
 
 
@@ -169,16 +169,7 @@ def compare_one(
     loop: dict[str, Any] | None = None
     try:
         if measure is not None:
-            result = closed_loop(
-                solve,
-                measure,
-                budget,
-                rounds=job.search.measure_rounds,
-                tolerance=job.search.measure_tolerance,
-                margin=job.search.measure_margin,
-                overshoot=job.search.measure_overshoot,
-                log=say,
-            )
+            result = configured_loop(solve, measure, budget, job.search, log=say)
             solution, loop = result.solutions[0], result.to_dict()
         else:
             solution = solve(budget)[0]

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from puzzle.config import Budget
+from puzzle.config import Budget, SearchConfig
 from puzzle.errors import ConfigError, InfeasibleError
 
 if TYPE_CHECKING:
@@ -98,6 +98,27 @@ def shortfall(name: str, measured: float, target: float, overshoot: float | None
     far it is from the target either way."""
     gap = (target - measured) / target if HIGHER_IS_BETTER[name] else (measured - target) / target
     return abs(gap) if overshoot is not None else max(0.0, gap)
+
+
+def configured_loop(
+    solve: Callable[[Budget], list[Solution]],
+    measure: Callable[[Solution], dict[str, float]],
+    budget: Budget,
+    cfg: SearchConfig,
+    log: Callable[[str], None] = print,
+) -> LoopResult:
+    """`closed_loop` with the job's search settings (`cfg`'s measure_rounds, measure_tolerance,
+    measure_margin and measure_overshoot): the search stage and the compare stage's baselines run the same loop."""
+    return closed_loop(
+        solve,
+        measure,
+        budget,
+        rounds=cfg.measure_rounds,
+        tolerance=cfg.measure_tolerance,
+        margin=cfg.measure_margin,
+        overshoot=cfg.measure_overshoot,
+        log=log,
+    )
 
 
 def closed_loop(

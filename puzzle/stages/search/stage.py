@@ -14,7 +14,7 @@ from puzzle.common.progress import say
 from puzzle.library import BlockLibrary
 from puzzle.runner.stage import StageContext, StageResult, write_json
 from puzzle.stages.search.budget import job_solver
-from puzzle.stages.search.loop import closed_loop
+from puzzle.stages.search.loop import configured_loop
 from puzzle.stages.search.mip import Solution
 
 
@@ -67,16 +67,8 @@ def run(ctx: StageContext) -> StageResult:
         from puzzle.stages.bld.stage import load_block_store
         from puzzle.stages.parent import load_parent_model
 
-        loop = closed_loop(
-            solve,
-            measure_on_target(ctx, library, load_parent_model(ctx), load_block_store(ctx)),
-            ctx.job.budget,
-            rounds=cfg.measure_rounds,
-            tolerance=cfg.measure_tolerance,
-            margin=cfg.measure_margin,
-            overshoot=cfg.measure_overshoot,
-            log=say,
-        )
+        measure = measure_on_target(ctx, library, load_parent_model(ctx), load_block_store(ctx))
+        loop = configured_loop(solve, measure, ctx.job.budget, cfg, log=say)
         solutions = loop.solutions
         out["closed_loop"] = loop.to_dict()
         if not loop.met:
