@@ -19,6 +19,7 @@ from puzzle.config import RESOURCE_KEYS, Budget, JobConfig, RunConfig
 from puzzle.runner.pipeline import build_stages
 from puzzle.runner.run import run_job
 from puzzle.runner.stage import Stage, StageResult
+from puzzle.stages.search.loop import meets
 from tests.tiny import save_tiny_parent
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,7 +254,9 @@ def test_a_closed_loop_search_measures_each_round_on_the_target(tmp_path, ray_se
     assert 1 <= len(loop["rounds"]) <= 3
     for r in loop["rounds"]:
         assert r["measured"]["speedup"] > 0 and r["predicted"]["speedup"] > 0
-        assert r["met"] == (r["measured"]["speedup"] >= 1.01)
+        # met within the job's band (the demo search's: 3 % below the budget), never further off
+        tolerance, overshoot = job.search.measure_tolerance, job.search.measure_overshoot
+        assert r["met"] == meets("speedup", r["measured"]["speedup"], 1.01, tolerance, overshoot)
         assert r["correction"]["speedup"] == pytest.approx(r["measured"]["speedup"] / r["predicted"]["speedup"])
     assert loop["met"] == any(r["met"] for r in loop["rounds"])
     chosen = loop["rounds"][loop["chosen_round"] - 1]
@@ -265,8 +268,9 @@ def test_a_closed_loop_search_measures_each_round_on_the_target(tmp_path, ray_se
 @pytest.mark.integration
 def test_the_compare_stage_runs_baselines_and_resumes_finished_pairs(tmp_path, ray_session, capsys, monkeypatch):
     """Through the runner on the tiny parent: a crash in the middle of the comparison loses no finished pair (the
-    rerun says so and distils only the rest), and every method gets a row with the same GKD tokens. The other two
-    baselines' pickers are covered in test_compare.py."""
+    rerun says so and distils only the rest), even when the rerun changes the comparison (the baselines' order, which
+    changes the stage's inputs and so empties its work directory): pairs are kept by their own inputs. Every method
+    gets a row with the same GKD tokens. The other two baselines' pickers are covered in test_compare.py."""
     import puzzle.stages.compare.stage as compare_stage
 
     job = _pipeline_job(tmp_path, "cmp", 0, "compare.baselines=[depth,width]", "compare.budgets=[1.01]")
@@ -282,11 +286,14 @@ def test_the_compare_stage_runs_baselines_and_resumes_finished_pairs(tmp_path, r
         run_job(job)
     monkeypatch.setattr(compare_stage, "compare_one", real)
     capsys.readouterr()
+    job = _pipeline_job(tmp_path, "cmp", 0, "compare.baselines=[width,depth]", "compare.budgets=[1.01]")
     run_job(job)
-    assert capsys.readouterr().out.count("finished earlier") == 2  # puzzle (the pipeline's) and depth
+    out = capsys.readouterr().out
+    assert out.count("finished earlier") == 2 and "depth at 1.01x: finished earlier" in out  # and the pipeline's
     data = json.loads((job.run_dir / "compare.json").read_text())
     rows = {row["method"]: row for row in data["rows"]}
-    assert list(rows) == ["puzzle", "depth", "width"]
+    assert list(rows) == ["puzzle", "width", "depth"]
+    assert len(list((job.run_dir / "compare_pairs").glob("*/row.json"))) == 3
     reached = [row for row in rows.values() if row["reached"]]
     assert rows["puzzle"]["reached"] and rows["depth"]["reached"]
     assert {row["gkd_tokens"] for row in reached} == {rows["puzzle"]["gkd_tokens"]}  # the same GKD for everyone
