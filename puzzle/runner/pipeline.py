@@ -19,6 +19,10 @@ from puzzle.runner.stage import Stage, StageContext, StageResult
 BLOCKS_DIR = "blocks"
 """BLD's content-addressed block store in the run directory (`puzzle.stages.bld.BlockCache`): it outlives reruns
 of the stage."""
+PAIRS_DIR = "compare_pairs"
+"""The compare stage's finished (method, budget) pairs in the run directory, one directory per content key
+(`puzzle.stages.compare.stage.pair_key`): row.json once finished, gkd/ (the distillation's checkpoints) while
+running. Like BLOCKS_DIR, it outlives reruns of the stage."""
 
 
 def adapter(module: str) -> Callable[[StageContext], StageResult | None]:
@@ -100,6 +104,7 @@ def build_stages() -> list[Stage]:
             sections=("compare", "search", "budget", "target", "gkd", "evaluate"),
             after=("parent", "data", "bld", "profile", "search", "gkd", "evaluate"),
             publish=("compare.json", "compare.md", "compare.png"),
+            keep=(PAIRS_DIR,),
             uses_ray=lambda job: bool(job.compare.baselines or job.compare.budgets),  # its GKD runs on Ray Train
         ),
     ]

@@ -13,8 +13,9 @@ fingerprint and the dtype it is loaded in; BLD's is the content keys of its bloc
 A stage whose input hash changed is rerun from an empty stages/<stage>/ and work/<stage>/, but work
 kept under a content key in a path the stage declares in `Stage.keep` survives: BLD's blocks/<key>/
 are keyed by what determines a block's weights, so adding a variant trains only the new blocks and a
-change elsewhere in the job trains none. `--from STAGE` reruns that stage and every later one from
-scratch, their `keep` paths included.
+change elsewhere in the job trains none; the compare stage's compare_pairs/<key>/ likewise keep each
+finished (method, budget) pair when baselines or budgets are added. `--from STAGE` reruns that stage
+and every later one from scratch, their `keep` paths included.
 
 Every stage runs with python's `random`, numpy and torch seeded from run.seed and the stage's name;
 stages derive their workers' seeds from run.seed as well (puzzle.common.seeding).
@@ -48,45 +49,26 @@ from puzzle.common.atomic import atomic_dir, link_atomic, remove_path, write_ato
 from puzzle.common.memory import MemorySampler, release_memory
 from puzzle.common.progress import RunLogger, fmt, make_logger, say, stage_skipped, stage_timer
 from puzzle.common.seeding import derive_seed, seed_everything
-from puzzle.config import RESOURCE_KEYS, JobConfig, job_to_dict, job_to_yaml, load_job, resolve_path, section_dict
+from puzzle.config import JobConfig, job_to_dict, job_to_yaml, load_job
 from puzzle.errors import PuzzleError
 from puzzle.runner.pipeline import STAGE_NAMES, build_stages, check_stage_name
-from puzzle.runner.stage import Stage, StageContext, StageResult, needs_ray, read_json, write_json
+from puzzle.runner.stage import (
+    MANIFEST,
+    Stage,
+    StageContext,
+    StageResult,
+    hashed_section,
+    needs_ray,
+    read_json,
+    write_json,
+)
 
-MANIFEST = "manifest.json"
 # Bump when the manifest or hashing scheme changes, so older run directories are recomputed, not misread.
 # 2: resource-only keys left out, the search-space file's content hashed, the parent dtype in its output hash.
 # 3: BLD's stage directory holds store/ (was library/).
 MANIFEST_VERSION = 3
 MEMORY_INTERVAL_S = 0.5
 """How often a running stage's memory is sampled (puzzle.common.memory.MemorySampler)."""
-
-
-ADDED_KEYS: dict[str, dict[str, Any]] = {"target": {"engines": []}}
-"""Keys added to a hashed section after runs existed, with their defaults: left out of the hash while at the default,
-so a run made before the key existed keeps its stages."""
-
-
-def hashed_section(job: JobConfig, section: str) -> Any:
-    """A config section as a stage hash sees it: without its resource-only keys or added keys at their defaults
-    (ADDED_KEYS), and for search_space with the file's content (the section names only its path, and an edited file
-    must invalidate what was built from it) and target.engines, which restricts the space."""
-    values = section_dict(job, section)
-    if isinstance(values, dict):
-        added = ADDED_KEYS.get(section, {})
-        values = {
-            k: v
-            for k, v in values.items()
-            if k not in RESOURCE_KEYS.get(section, ()) and not (k in added and v == added[k])
-        }
-    if section == "search_space":
-        try:
-            values["sha256"] = hashlib.sha256(resolve_path(job.search_space.path).read_bytes()).hexdigest()
-        except OSError:
-            values["sha256"] = None  # the stage itself reports the missing file
-        if job.target.engines:  # they remove variants from the space; absent when unset, so older runs keep their hash
-            values["engines"] = sorted(job.target.engines)
-    return values
 
 
 def stage_hash(stage: Stage, job: JobConfig, upstream: dict[str, str]) -> str:

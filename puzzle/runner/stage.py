@@ -9,6 +9,7 @@ stage's inputs change, goes under a run-directory path the stage declares in `ke
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,11 +17,40 @@ from pathlib import Path
 from typing import Any
 
 from puzzle.common.progress import NullLogger, RunLogger
-from puzzle.config import JobConfig
+from puzzle.config import RESOURCE_KEYS, JobConfig, resolve_path, section_dict
 from puzzle.errors import PuzzleError
 
+MANIFEST = "manifest.json"
+"""A finished stage's record (written last, so a directory with one is a finished stage)."""
 PARENT_JSON = "parent.json"
 """The parent stage's record of the parent (`StageContext.parent_info`)."""
+
+
+ADDED_KEYS: dict[str, dict[str, Any]] = {"target": {"engines": []}}
+"""Keys added to a hashed section after runs existed, with their defaults: left out of the hash while at the default,
+so a run made before the key existed keeps its stages."""
+
+
+def hashed_section(job: JobConfig, section: str) -> Any:
+    """A config section as a stage hash sees it: without its resource-only keys or added keys at their defaults
+    (ADDED_KEYS), and for search_space with the file's content (the section names only its path, and an edited file
+    must invalidate what was built from it) and target.engines, which restricts the space."""
+    values = section_dict(job, section)
+    if isinstance(values, dict):
+        added = ADDED_KEYS.get(section, {})
+        values = {
+            k: v
+            for k, v in values.items()
+            if k not in RESOURCE_KEYS.get(section, ()) and not (k in added and v == added[k])
+        }
+    if section == "search_space":
+        try:
+            values["sha256"] = hashlib.sha256(resolve_path(job.search_space.path).read_bytes()).hexdigest()
+        except OSError:
+            values["sha256"] = None  # the stage itself reports the missing file
+        if job.target.engines:  # they remove variants from the space; absent when unset, so older runs keep their hash
+            values["engines"] = sorted(job.target.engines)
+    return values
 
 
 @dataclass
@@ -50,6 +80,22 @@ class StageContext:
         """What the parent stage recorded (parent.json): path, fingerprint (of the checkpoint), dtype,
         loaded_fingerprint (of both), model_type, sizes. Every stage after it reads the parent through this."""
         return read_json(self.upstream["parent"] / PARENT_JSON)
+
+    def upstream_hash(self, name: str) -> str:
+        """The output hash upstream stage `name` recorded in its manifest: what results built from it depend on."""
+        return str(read_json(self.upstream[name] / MANIFEST)["output_hash"])
+
+    def content_key(self, sections: tuple[str, ...], upstream: tuple[str, ...], **extra: Any) -> str:
+        """A key for work under a `keep` path that depends on part of the stage's inputs only: the named config
+        sections (as the stage hash sees them), the run seed, the named upstream stages' outputs and `extra` (JSON
+        values; a section given in `extra` replaces the job's)."""
+        payload = {
+            "config": {s: hashed_section(self.job, s) for s in sections if s not in extra},
+            "seed": self.job.run.seed,
+            "upstream": {name: self.upstream_hash(name) for name in upstream},
+            **extra,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     def find_upstream(self, filename: str) -> Path:
         """The latest upstream stage's copy of `filename` (stages run in order, later ones refine earlier)."""

@@ -4,14 +4,17 @@ For every speed-up in `compare.budgets` (default: the job's budget.speedup) and 
 `compare.baselines`), the architecture comes from the same closed loop (`search.measure_rounds`, puzzle.stages.search
 .loop), the child is distilled with the job's own GKD settings and tokens, and evaluated by the evaluate stage's own
 code on the same test split. The Puzzle child at the job's own budget is the pipeline's (its search, GKD and
-evaluation are not repeated). Each finished pair is kept in the work directory, so a rerun after a crash redoes only
-the pairs that had not finished. Writes compare.json, compare.md and compare.png.
+evaluation are not repeated). Each pair is kept under the run directory's compare_pairs/<key>/ (`PAIRS_DIR`, a
+`keep` path of the stage: row.json once finished, gkd/ while distilling), keyed by what determines it (`pair_key`): a
+rerun after a crash, or with other budgets or baselines, redoes only the pairs that had not finished, and a pair's
+distillation resumes from its last checkpoint. Writes compare.json, compare.md and compare.png.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
 from puzzle.common.atomic import write_json_atomic
@@ -20,6 +23,7 @@ from puzzle.common.rows import token_rows
 from puzzle.common.seeding import derive_seed
 from puzzle.config import JobConfig
 from puzzle.library import BlockLibrary
+from puzzle.runner.pipeline import PAIRS_DIR
 from puzzle.runner.stage import StageContext, StageResult, jsonable, read_json
 from puzzle.stages.bld.stage import load_block_store
 from puzzle.stages.compare.baselines import ImportanceBlocks, baseline_solver, measure_block_influence
@@ -31,6 +35,27 @@ from puzzle.stages.parent import load_parent_model
 from puzzle.stages.search.budget import job_solver
 from puzzle.stages.search.loop import configured_loop
 from puzzle.stages.search.stage import measure_on_target
+
+PAIR_SECTIONS = ("search", "target", "gkd", "evaluate")
+"""The config sections a pair's architecture, distillation and evaluation depend on (its budget is keyed apart)."""
+PAIR_UPSTREAM = ("parent", "data", "bld", "profile")
+"""The stages a pair is built from: the parent, the splits, the BLD blocks and the profiled library."""
+
+
+def is_pipeline_pair(job: JobConfig, method: str, speedup: float) -> bool:
+    """The Puzzle child at the job's own budget: the pipeline's, read from its search, gkd and evaluate stages."""
+    return method == "puzzle" and speedup == job.budget.speedup
+
+
+def pair_key(ctx: StageContext, method: str, speedup: float) -> str:
+    """What determines one (method, budget) pair, and nothing else: the method, the budget with this speed-up, the
+    search, target, GKD and evaluation settings, the run seed, and the parent, data, BLD and library it is built
+    from (for the pipeline's own pair, the search, gkd and evaluate outputs it is read from instead of the settings).
+    Not the other budgets or baselines of the comparison, so changing those keeps every pair already finished."""
+    budget = dataclasses.asdict(dataclasses.replace(ctx.job.budget, speedup=speedup))
+    if is_pipeline_pair(ctx.job, method, speedup):
+        return ctx.content_key((), (*PAIR_UPSTREAM, "search", "gkd", "evaluate"), method=method, budget=budget)
+    return ctx.content_key(PAIR_SECTIONS, PAIR_UPSTREAM, method=method, budget=budget)
 
 
 def budgets_of(job: JobConfig) -> list[float]:
@@ -55,28 +80,30 @@ def run(ctx: StageContext) -> StageResult:
         say("[compare] Block Influence per layer: " + ", ".join(f"{v:.4f}" for v in influence))
     sources = {"width": ImportanceBlocks(parent, calibration, job.gkd.batch_size)} if "width" in methods else {}
     measure = measure_on_target(ctx, library, parent, store) if cfg_search.measure_rounds > 0 else None
-    results_dir = ctx.work_dir / "results"
-    results_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for speedup in budgets_of(job):
         budget = dataclasses.replace(job.budget, speedup=speedup)
         for method in methods:
-            done = results_dir / f"{method}_{speedup:g}.json"
+            pair_dir = ctx.run_dir / PAIRS_DIR / pair_key(ctx, method, speedup)
+            done = pair_dir / "row.json"
             if done.is_file():
                 rows.append(read_json(done))
-                say(f"[compare] {method} at {speedup:g}x: finished earlier")
+                say(f"[compare] {method} at {speedup:g}x: finished earlier ({pair_dir.name})")
                 continue
-            if method == "puzzle" and speedup == job.budget.speedup:
+            if is_pipeline_pair(job, method, speedup):
                 row = pipeline_row(ctx, library)
             else:
                 solve = solver_for(method, library, job, influence)
                 source = sources.get(method, store)
-                row = compare_one(ctx, method, speedup, budget, solve, measure, parent, source, splits, library)
+                row = compare_one(
+                    ctx, method, speedup, budget, solve, measure, parent, source, splits, library, pair_dir / "gkd"
+                )
             write_json_atomic(done, jsonable(row))
             rows.append(row)
         # Every method's own evaluation timed it beside the parent, minutes apart from the others; timing them all
-        # in one alternating measurement says whether they really reached the same speed-up.
-        timed = results_dir / f"side_by_side_{speedup:g}.json"
+        # in one alternating measurement says whether they really reached the same speed-up. It depends on which
+        # methods ran, so it lives in the stage's own work directory.
+        timed = ctx.work_dir / f"side_by_side_{speedup:g}.json"
         here = [r for r in rows if r["budget"] == speedup and r.get("reached", True)]
         if timed.is_file():
             side = read_json(timed)
@@ -160,8 +187,10 @@ def compare_one(
     store: Any,
     splits: dict[str, Any],
     library: BlockLibrary,
+    gkd_dir: Path,
 ) -> dict[str, Any]:
-    """One method at one speed-up: closed-loop architecture, GKD with the job's settings, evaluation."""
+    """One method at one speed-up: closed-loop architecture, GKD with the job's settings (checkpoints in `gkd_dir`,
+    resumed from there), evaluation."""
     from puzzle.errors import InfeasibleError
 
     job = ctx.job
@@ -184,7 +213,7 @@ def compare_one(
         splits["train"],
         splits["validation"],
         cfg,
-        ctx.work_dir / "gkd" / f"{method}_{speedup:g}",
+        gkd_dir,
         eval_batch_size=cfg.batch_size,
         log=say,
     )
