@@ -286,10 +286,31 @@ def test_calibration_fit_recovers_rates_from_synthetic_probes():
                     "seconds": nbytes * 1e-10 + kernels * 2e-5,
                 }
             )
+            probes.append(  # from a cold cache: every byte from memory, at 3e-10 s
+                {**probes[-1], "kind": "decode_cold", "seconds": nbytes * 3e-10 + kernels * 2e-5}
+            )
     probes.append({"kind": "vocab", "threads": 1, "elements": 1e8, "seconds": 0.1})
+    probes.append({"kind": "stream", "threads": 1, "bytes": 1e8, "seconds": 0.02})
     fitted = fit_compute(probes)
     assert fitted["forward"][1].c2 == pytest.approx(2.0e9, rel=1e-6)
     assert fitted["train"][1].c4 == pytest.approx(8.0e9, rel=1e-6)
     per_byte, per_kernel = fitted["decode"][1]
     assert per_byte == pytest.approx(1e-10, rel=1e-6) and per_kernel == pytest.approx(2e-5, rel=1e-6)
     assert fitted["vocab"][1] == pytest.approx(1e9)
+    assert fitted["decode_cold"][1] == pytest.approx((3e-10, 2e-5), rel=1e-6)
+    assert fitted["stream"][1] == pytest.approx(2e-10)
+
+
+def test_cold_cache_timing_is_costed_at_the_cold_rates_and_the_flush_at_the_stream_rate():
+    """A decode step timed from a cold cache costs its bytes at the cold rate, the flush before it at the streaming
+    rate; a calibration without them (a GPU's roofline) falls back to the warm decode rate for both."""
+    device = _device(1e12)
+    step = Pass("decode_cold", 10, 0.0, 1, 128, 1.0, 1e6, 100)
+    flush = Pass("memory", 10, 4e6)
+    assert device.seconds(step, 1) == pytest.approx(10 * (1e6 * 1e-9 + 100 * 1e-5))  # no cold rates: decode's
+    assert device.seconds(flush, 1) == pytest.approx(10 * 4e6 * 1e-9)
+    device.decode_cold, device.stream = {1: (3e-9, 1e-5)}, {1: 2e-10}
+    assert device.seconds(step, 1) == pytest.approx(10 * (1e6 * 3e-9 + 100 * 1e-5))
+    assert device.seconds(flush, 1) == pytest.approx(10 * 4e6 * 2e-10)
+    assert device.seconds(Pass("decode", 10, 0.0, 1, 128, 1.0, 1e6, 100), 1) == pytest.approx(10 * (1e-3 + 1e-3))
+    assert DeviceModel.from_dict(device.to_dict()).stream == {1: 2e-10}

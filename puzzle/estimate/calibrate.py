@@ -2,7 +2,8 @@
 
 Probes (under a minute on a 2-core CPU): forward and training passes of small Llama-shaped models (puzzle's own
 model) at two widths and a few batch sizes, training all weights or a fraction s of them, at one thread and at every
-core (CPU); softmax + KL over a vocabulary; decode steps through a KV cache at two widths and depths; random
+core (CPU); softmax + KL over a vocabulary; decode steps through a KV cache at two widths and depths, warm and from a
+cold cache, and the profiler's cache flush itself; random
 initialisation; a safetensors write; peak memory of training steps at several (batch, s) in fresh processes; a local
 Ray cluster's start, its daemons' memory and a worker's start; and one MIP solve. The throughput curve and the
 memory curve (puzzle.estimate.fit) are fitted to them; the result is stored per device in the machine cache
@@ -95,7 +96,7 @@ def compute_probes(device: str, threads: int, log: Callable[[str], Any]) -> list
     import torch.nn.functional as F
 
     from puzzle.estimate.work import decode_step, model_flops, parent_blocks
-    from puzzle.stages.profile.timing import measure_decode_latency
+    from puzzle.stages.profile.timing import Stopwatch, measure_decode_latency
 
     torch.set_num_threads(threads)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -152,20 +153,22 @@ def compute_probes(device: str, threads: int, log: Callable[[str], Any]) -> list
                 )
         for depth in (2, 8):
             deep = _model(probe_config(width, layers=depth), device, dtype)
-            t = measure_decode_latency(deep, 1, 64, steps=8, warmup=1, repeats=3).median_ms / 1e3
             step = decode_step(deep.config, parent_blocks(deep.config), 1, 64, dtype.itemsize)
-            probes.append(
-                {
-                    "kind": "decode",
-                    "threads": threads,
-                    "width": width,
-                    "rows": 1,
-                    "flops": step.flops,
-                    "bytes": step.bytes,
-                    "kernels": step.kernels,
-                    "seconds": t,
-                }
-            )
+            # Warm, as generation runs, and from a cold cache, as the profiler times with profiling.flush.
+            for kind, flush in (("decode", False), ("decode_cold", True)):
+                t = measure_decode_latency(deep, 1, 64, steps=8, warmup=1, repeats=3, flush=flush).median_ms / 1e3
+                probes.append(
+                    {
+                        "kind": kind,
+                        "threads": threads,
+                        "width": width,
+                        "rows": 1,
+                        "flops": step.flops,
+                        "bytes": step.bytes,
+                        "kernels": step.kernels,
+                        "seconds": t,
+                    }
+                )
             del deep
         del model
     # [positions, vocab] arrays of 128 MiB each: larger than any CPU cache, as a real vocabulary's are.
@@ -181,6 +184,13 @@ def compute_probes(device: str, threads: int, log: Callable[[str], Any]) -> list
         logq.amax(-1)
 
     probes.append({"kind": "vocab", "threads": threads, "elements": 512 * vocab, "seconds": _timed(metrics, sync, 3)})
+    # The profiler's cache flush (puzzle.stages.profile.timing.Stopwatch): a buffer of twice the last-level cache,
+    # read and written once per timed step.
+    buffer = Stopwatch(torch.device(device), flush=True).buffer
+    assert buffer is not None
+    moved = 2.0 * buffer.numel() * buffer.element_size()
+    seconds = _timed(lambda: buffer.add_(1.0), sync, 5)
+    probes.append({"kind": "stream", "threads": threads, "bytes": moved, "seconds": seconds})
     log(f"calibrate: compute probes at {threads} thread(s) done")
     return probes
 
@@ -203,10 +213,16 @@ def fit_compute(probes: list[dict[str, Any]]) -> dict[str, Any]:
         out["vocab"][threads] = statistics.median(p["elements"] / p["seconds"] for p in mine if p["kind"] == "vocab")
         # A decode step at batch 1 reads every weight once and does ~2 FLOPs per weight: its time is bytes read and
         # kernel launches (the FLOPs ride along with the bytes; the model adds them at the forward rate).
-        dec = [p for p in mine if p["kind"] == "decode"]
-        design = np.array([[p["bytes"] / 1e9, p["kernels"] / 1e3] for p in dec])
-        (per_gb, per_kkernel), _ = nnls(design, np.array([p["seconds"] for p in dec]))
-        out["decode"][threads] = (per_gb / 1e9, per_kkernel / 1e3)
+        for kind in ("decode", "decode_cold"):
+            dec = [p for p in mine if p["kind"] == kind]
+            if not dec:
+                continue
+            design = np.array([[p["bytes"] / 1e9, p["kernels"] / 1e3] for p in dec])
+            (per_gb, per_kkernel), _ = nnls(design, np.array([p["seconds"] for p in dec]))
+            out.setdefault(kind, {})[threads] = (per_gb / 1e9, per_kkernel / 1e3)
+        stream = [p["seconds"] / p["bytes"] for p in mine if p["kind"] == "stream"]
+        if stream:
+            out.setdefault("stream", {})[threads] = statistics.median(stream)
     return out
 
 
@@ -436,6 +452,8 @@ def calibrate(device: str = "cpu", log: Callable[[str], Any] = print) -> Any:
         train=compute["train"],
         vocab=compute["vocab"],
         decode=compute["decode"],
+        decode_cold=compute.get("decode_cold", {}),
+        stream=compute.get("stream", {}),
         init_params_s=misc["init_params_s"],
         disk_bytes_s=misc["disk_bytes_s"],
         worker_start_s=ray["worker_start_s"],

@@ -25,7 +25,8 @@ from puzzle.errors import ConfigError
 from puzzle.estimate.fit import MemoryFit, Throughput, intensity
 from puzzle.estimate.work import Pass, StageWork
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
+"""2: decode_cold and stream (the profiler's cold-cache timing); a calibration of version 1 is made again."""
 # Roofline-only defaults for a named GPU nobody calibrated: fractions of the datasheet peaks that large kernels
 # reach (GEMMs 78-80 % of bf16 peak, copies 88 % of bandwidth, measured by benchmarks/hardware_roofline.py) lowered
 # for a whole training step's mix of kernels.
@@ -69,6 +70,12 @@ class DeviceModel:
     worker_base_bytes: float
     ray_base_bytes: float
     mip_s_per_variable: float
+    decode_cold: dict[int, tuple[float, float]] = field(default_factory=dict)
+    """The same for a decode step timed from a cold cache (profiling.flush), which reads every weight from memory:
+    what the profiler, the closed loop and the evaluate stage time when they flush. Empty: `decode`'s."""
+    stream: dict[int, float] = field(default_factory=dict)
+    """Seconds per byte of the profiler's cache flush (a buffer of twice the last-level cache read and written, not
+    timed itself but part of the stage's wall time). Empty: the decode step's seconds per byte."""
     dashboard_bytes: float = 0.0
     """The Ray dashboard's share of ray_base_bytes (cluster.dashboard=false leaves it out)."""
     idle_worker_bytes: float = 0.0
@@ -88,14 +95,15 @@ class DeviceModel:
             one = p.flops / rate(intensity(p.rows, p.width), p.trained)
         elif p.kind == "vocab":
             one = p.flops / self._at(self.vocab, threads)
-        elif p.kind == "decode":
-            per_byte, per_kernel = self._at(self.decode, threads)
+        elif p.kind in ("decode", "decode_cold"):
+            table = self.decode_cold if p.kind == "decode_cold" and self.decode_cold else self.decode
+            per_byte, per_kernel = self._at(table, threads)
             one = p.bytes * per_byte + p.kernels * per_kernel
             if p.rows > 1:  # at batch > 1 the FLOPs beyond one pass over the weights count at the forward rate
                 fwd = self._at(self.forward, threads)
                 one += p.flops * (1 - 1 / p.rows) / fwd(intensity(p.rows, p.width))
-        elif p.kind == "memory":  # bytes moved through memory (a cache flush), at the decode step's rate
-            one = p.flops * self._at(self.decode, threads)[0]
+        elif p.kind == "memory":  # bytes moved through memory (a cache flush)
+            one = p.flops * (self._at(self.stream, threads) if self.stream else self._at(self.decode, threads)[0])
         elif p.kind == "init":
             one = p.flops / self.init_params_s
         elif p.kind == "disk":
@@ -119,7 +127,9 @@ class DeviceModel:
         for key in ("forward", "train"):
             d[key] = {int(t): Throughput(**v) for t, v in d[key].items()}
         d["vocab"] = {int(t): float(v) for t, v in d["vocab"].items()}
-        d["decode"] = {int(t): tuple(v) for t, v in d["decode"].items()}
+        for key in ("decode", "decode_cold"):
+            d[key] = {int(t): tuple(v) for t, v in d.get(key, {}).items()}
+        d["stream"] = {int(t): float(v) for t, v in d.get("stream", {}).items()}
         d["memory"] = MemoryFit(**d["memory"])
         return cls(**d)
 

@@ -285,7 +285,8 @@ def profile_stage(s: JobShape) -> StageWork:
             step = decode_step(config, blocks, b, context, s.elem)
             flush = s.flush_bytes(b)
             lane.add(forward(runs, pre_ctx, b * context, s.width))
-            lane.add(Pass("decode", runs * cfg.decode_steps, step.flops, b, s.width, 1.0, step.bytes, step.kernels))
+            timed = "decode_cold" if flush else "decode"
+            lane.add(Pass(timed, runs * cfg.decode_steps, step.flops, b, s.width, 1.0, step.bytes, step.kernels))
             lane.add(forward(runs, pre_prompt, b * prompt, s.width))
             lane.add(Pass("memory", runs * (cfg.decode_steps + 1), flush))
             biggest = max(biggest, params * s.elem)
@@ -307,6 +308,7 @@ def _speed_rounds(s: JobShape, models: list[list[BlockConfig]], rounds: int) -> 
     b = target.batch_sizes[0]
     runs = cfg.warmup + cfg.repeats
     flush = s.flush_bytes(b)
+    timed = "decode_cold" if flush else "decode"  # the generation after the timing rounds is not flushed
     # Timed with the profiler's thread count (puzzle.stages.evaluate.timing_from_library).
     lane = Lane(threads=s.threads(cfg.num_threads or cfg.num_cpus))
     for blocks in models:
@@ -315,9 +317,7 @@ def _speed_rounds(s: JobShape, models: list[list[BlockConfig]], rounds: int) -> 
         step = decode_step(config, blocks, b, context, s.elem)
         gen_step = decode_step(config, blocks, b, prompt + gen // 2, s.elem)
         lane.add(forward(rounds * runs, pre_ctx, b * context, s.width))
-        lane.add(
-            Pass("decode", rounds * runs * cfg.decode_steps, step.flops, b, s.width, 1.0, step.bytes, step.kernels)
-        )
+        lane.add(Pass(timed, rounds * runs * cfg.decode_steps, step.flops, b, s.width, 1.0, step.bytes, step.kernels))
         lane.add(forward(rounds * runs + 2, pre_prompt, b * prompt, s.width))
         lane.add(Pass("decode", 2 * (gen - 1), gen_step.flops, b, s.width, 1.0, gen_step.bytes, gen_step.kernels))
         lane.add(Pass("memory", rounds * runs * (cfg.decode_steps + 1), flush))

@@ -35,8 +35,9 @@ NOOP = BlockConfig(AttentionConfig(no_op=True), FFNConfig(no_op=True))
 @dataclass(frozen=True)
 class Pass:
     """A computation repeated `calls` times: a forward ("forward"), forward + backward ("train"), a decode step
-    ("decode"), softmax/KL over the vocabulary ("vocab", flops = elements), random initialisation ("init", flops =
-    parameters), a write to disk ("disk", flops = bytes) or bytes moved through memory ("memory", flops = bytes)."""
+    ("decode"; "decode_cold" when timed from a cold cache), softmax/KL over the vocabulary ("vocab", flops =
+    elements), random initialisation ("init", flops = parameters), a write to disk ("disk", flops = bytes) or bytes
+    moved through memory ("memory", flops = bytes)."""
 
     kind: str
     calls: float
