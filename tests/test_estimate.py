@@ -314,3 +314,15 @@ def test_cold_cache_timing_is_costed_at_the_cold_rates_and_the_flush_at_the_stre
     assert device.seconds(flush, 1) == pytest.approx(10 * 4e6 * 2e-10)
     assert device.seconds(Pass("decode", 10, 0.0, 1, 128, 1.0, 1e6, 100), 1) == pytest.approx(10 * (1e-3 + 1e-3))
     assert DeviceModel.from_dict(device.to_dict()).stream == {1: 2e-10}
+
+
+def test_ray_train_helper_actors_are_counted_at_the_light_actor_baseline(config):
+    """GKD's Ray Train run starts helper actors beside its workers and controller; each is counted at the calibrated
+    baseline of an actor that imports only Ray (a worker's when the calibration has none)."""
+    work = StageWork("gkd", workers=2)
+    work.memory.processes, work.memory.helper_actors = 2, 5
+    device = _device(1e12)
+    without = stage_estimate(work, device).memory["baseline"]
+    device.actor_base_bytes = 0.1 * 2**30
+    assert stage_estimate(work, device).memory["baseline"] == pytest.approx(without - 5 * 1e8 / 2**30 + 0.5)
+    assert without == pytest.approx((1e8 + 2 * 1e8 + 5 * 1e8 + 1e8) / 2**30)  # driver, workers, helpers, Ray

@@ -304,15 +304,24 @@ def _subprocess_json(args: list[str], timeout: float = 300) -> dict[str, Any]:
 
 
 def process_probe() -> dict[str, Any]:
-    """Run in a fresh process: its PSS after importing what a `puzzle run` driver imports."""
+    """Run in a fresh process: its PSS after importing what a `puzzle run` driver has imported by its later stages
+    (every stage's module, Ray Train, matplotlib for the report's plots). A driver that has also run stages holds
+    more than this (arenas and caches its work left): the estimate does not model that."""
+    import importlib
+
     import datasets  # noqa: F401
+    import matplotlib.pyplot  # noqa: F401
     import psutil
     import ray  # noqa: F401
+    import ray.train.torch  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
     import puzzle.runner.run  # noqa: F401
-    import puzzle.stages.gkd  # noqa: F401
+    from puzzle.runner.pipeline import build_stages
+
+    for stage in build_stages():
+        importlib.import_module(stage.run.__qualname__.rsplit(".", 1)[0])  # the adapter's "puzzle.stages.<x>.run"
 
     info = psutil.Process().memory_full_info()
     return {"kind": "process", "bytes": float(getattr(info, "pss", info.rss))}
@@ -325,8 +334,9 @@ def _pss(proc: Any) -> float:
 
 def ray_probe(log: Callable[[str], Any]) -> dict[str, Any]:
     """Start a local Ray cluster as `puzzle run` does (dashboard on): its start time, its daemons' memory (the
-    dashboard's share apart: cluster.dashboard=false leaves it out), an idle pre-started worker's memory, and a
-    worker's start time and memory once it has imported torch, transformers and puzzle's model."""
+    dashboard's share apart: cluster.dashboard=false leaves it out), an idle pre-started worker's memory, a
+    worker's start time and memory once it has imported torch, transformers and puzzle's model, and the memory of an
+    actor that imports nothing more than Ray (as Ray Train's helper actors do)."""
     import psutil
     import ray
 
@@ -361,6 +371,15 @@ def ray_probe(log: Callable[[str], Any]) -> dict[str, Any]:
         start = time.perf_counter()
         worker_bytes = ray.get(worker.remote())
         worker_start = time.perf_counter() - start
+
+        @ray.remote(num_cpus=0)
+        class Helper:
+            def pss(self) -> float:
+                return _pss(psutil.Process())
+
+        helper = Helper.remote()  # type: ignore[attr-defined]
+        actor_bytes = ray.get(helper.pss.remote())
+        ray.kill(helper)
     finally:
         ray.shutdown()
     log(f"calibrate: Ray start {ray_start:.1f} s, worker start {worker_start:.1f} s")
@@ -372,6 +391,7 @@ def ray_probe(log: Callable[[str], Any]) -> dict[str, Any]:
         "dashboard_bytes": dashboard,
         "idle_worker_bytes": statistics.median(idle) if idle else 0.0,
         "worker_bytes": worker_bytes,
+        "actor_bytes": actor_bytes,
     }
 
 
@@ -463,6 +483,7 @@ def calibrate(device: str = "cpu", log: Callable[[str], Any] = print) -> Any:
         ray_base_bytes=ray["ray_base_bytes"],
         dashboard_bytes=ray["dashboard_bytes"],
         idle_worker_bytes=ray["idle_worker_bytes"],
+        actor_base_bytes=ray["actor_bytes"],
         mip_s_per_variable=misc["mip_s_per_variable"],
         memory=memory,
         probes=probes + mem + [proc, ray, misc],

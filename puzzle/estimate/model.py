@@ -79,6 +79,8 @@ class DeviceModel:
     dashboard_bytes: float = 0.0
     """The Ray dashboard's share of ray_base_bytes (cluster.dashboard=false leaves it out)."""
     idle_worker_bytes: float = 0.0
+    actor_base_bytes: float = 0.0
+    """A Ray actor that imports nothing beyond Ray (Ray Train's helper actors); 0: counted as a worker."""
     """One idle Ray worker: Ray keeps one per CPU started beside the stage's own."""
     memory: MemoryFit = field(default_factory=lambda: MemoryFit(c0=1.0, c1=0.5))
     probes: list[dict[str, Any]] = field(default_factory=list)
@@ -268,6 +270,7 @@ def stage_estimate(work: StageWork, device: DeviceModel, *, cpus: int = 1, dashb
     m = work.memory
     act = sum(n * device.memory.per_sequence(b, s) for n, b, s in m.activation_sequences)
     base = device.driver_base_bytes + m.processes * device.worker_base_bytes
+    base += m.helper_actors * (device.actor_base_bytes or device.worker_base_bytes)
     if m.ray:
         base += device.ray_base_bytes - (0.0 if dashboard else device.dashboard_bytes)
         base += max(0, cpus - m.processes) * device.idle_worker_bytes

@@ -33,6 +33,10 @@ from puzzle.model.block_config import BlockConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CHUNK = 1024
+RAY_TRAIN_HELPER_ACTORS = 5
+"""Actors a Ray Train run starts beside its controller and workers, each importing only Ray: with ray 2.60, a
+SynchronizationActor, a DatasetManager, a PreemptionWatcher, an _AutoscalingCoordinatorActor and a
+PlacementGroupCleaner (0.11-0.12 GiB PSS each in the SmolLM2 job's GKD here)."""
 """Positions per [positions, vocab] chunk of the scoring metrics and the GKD loss (their code's default)."""
 
 
@@ -389,6 +393,7 @@ def gkd_stage(s: JobShape) -> StageWork:
     work.memory.transient = cfg.num_workers * rows * config.vocab_size * 4.0 * 2  # the parent's and child's logits
     work.memory.object_store = s.parent_bytes
     work.memory.processes = cfg.num_workers + 1  # the workers and Ray Train's controller
+    work.memory.helper_actors = RAY_TRAIN_HELPER_ACTORS
     work.batch_sequences = cfg.batch_size
     work.train_activation_bytes = layers_act + head_act
     work.model_bytes = s.parent_bytes + child * ADAM_BYTES / shards

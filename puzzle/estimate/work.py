@@ -64,7 +64,8 @@ class Lane:
 @dataclass
 class Memory:
     """Bytes a stage holds at its peak, by kind (summed over its processes); `processes` Python processes besides
-    the driver (Ray workers, whose baseline the device calibration measures) and whether Ray's daemons run."""
+    the driver (Ray workers, whose baseline the device calibration measures), `helper_actors` light Ray actors, and
+    whether Ray's daemons run."""
 
     weights: float = 0.0
     optimizer: float = 0.0
@@ -75,6 +76,8 @@ class Memory:
     kv_cache: float = 0.0
     object_store: float = 0.0
     processes: int = 0
+    helper_actors: int = 0
+    """Light Ray actors beside the workers (Ray Train's), each at the calibrated actor baseline."""
     ray: bool = True
 
 
