@@ -6,6 +6,9 @@ Each run directory's config.yaml (the job exactly as it ran) is estimated with t
 (`puzzle estimate --calibrate` first) as on a fresh machine (the parent not yet built or imported, as in a fresh-clone
 acceptance run; --warm: as the cache is now) and compared with the seconds and peak memory (total PSS of the process
 tree) its stages' manifests recorded. Prints one table per run and the machine, versions and calibration it used.
+A stage the estimate does not model (the comparison's baselines, the serving engines) is listed apart and left out
+of the job's total. The parent stage always runs, so a run directory rerun after its first run holds the cached
+parent stage's seconds, not the first run's (the demo parent's training, for one).
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ def compare(run_dir: Path, cold: bool) -> list[str]:
         m = json.loads(manifest.read_text())
         seconds = float(m.get("seconds") or 0.0)
         peak = (m.get("peak_memory") or {}).get("total_pss_gib")
+        uncounted = any(note.startswith(("baselines not counted", "serving engines")) for note in s.notes)
+        if uncounted:  # e.g. the comparison's baselines, or the serving engines: left out of the job's total
+            lines.append(f"{s.name:9s} {'-':>8s} {seconds:8.1f}   (not estimated: {'; '.join(s.notes)})")
+            continue
         total_est += s.seconds
         total_meas += seconds
         t_ratio = s.seconds / seconds if seconds > 0 else float("nan")
