@@ -79,9 +79,9 @@ class DeviceModel:
     dashboard_bytes: float = 0.0
     """The Ray dashboard's share of ray_base_bytes (cluster.dashboard=false leaves it out)."""
     idle_worker_bytes: float = 0.0
+    """One idle Ray worker: Ray keeps one per CPU started beside the stage's own."""
     actor_base_bytes: float = 0.0
     """A Ray actor that imports nothing beyond Ray (Ray Train's helper actors); 0: counted as a worker."""
-    """One idle Ray worker: Ray keeps one per CPU started beside the stage's own."""
     memory: MemoryFit = field(default_factory=lambda: MemoryFit(c0=1.0, c1=0.5))
     probes: list[dict[str, Any]] = field(default_factory=list)
     dtype: str = "float32"

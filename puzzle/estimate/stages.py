@@ -33,11 +33,11 @@ from puzzle.model.block_config import BlockConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CHUNK = 1024
+"""Positions per [positions, vocab] chunk of the scoring metrics and the GKD loss (their code's default)."""
 RAY_TRAIN_HELPER_ACTORS = 5
 """Actors a Ray Train run starts beside its controller and workers, each importing only Ray: with ray 2.60, a
 SynchronizationActor, a DatasetManager, a PreemptionWatcher, an _AutoscalingCoordinatorActor and a
 PlacementGroupCleaner (0.11-0.12 GiB PSS each in the SmolLM2 job's GKD here)."""
-"""Positions per [positions, vocab] chunk of the scoring metrics and the GKD loss (their code's default)."""
 
 
 @dataclass
