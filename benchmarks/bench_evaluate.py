@@ -3,11 +3,19 @@ demo-shaped parent, on this machine, at several batch sizes.
 
     .venv/bin/python benchmarks/bench_evaluate.py [--batch-sizes 1 8] [--context 128] [--prompt 64] [--threads 1]
         [--clock wall|cpu]   (cpu: process CPU time, repeatable on a shared machine with one thread)
+        [--flush auto|always|never]   (always: every decode step from a cold cache, as jobs/demo_compare.yaml times)
+        [--children mixed|width]   (width: uniform width pruning down to 8 FFN channels, beside depth pruning)
 
-The parent is a random-init model of the demo shape (8 layers, hidden 256, 4 heads, 2 KV heads, head_dim 64,
-intermediate 768, vocab 4096): latency does not depend on the weights' values. Children are fixed architectures
-that a 1.5x-2x budget could pick. Prediction uses puzzle.stages.profile.profile_blocks; the measurement uses
-puzzle.stages.evaluate.measure_throughput (the evaluation stage's code), both at (batch, context).
+`--children width` asks how fast width pruning can make the demo's own parent at all (its shape from ParentRecipe:
+hidden 128, FFN 512, vocab 2048): every layer with one KV head and one FFN width, from the demo search space's
+narrowest (128) down to 8 channels, next to the parent with k whole layers removed (depth pruning), so the speed-up
+each kind of baseline can reach on this machine is measured, not assumed.
+
+With `--children mixed` (the default) the parent is a random-init model of a wider demo-like shape (8 layers, hidden
+256, 4 heads, 2 KV heads, head_dim 64, intermediate 768, vocab 4096): latency does not depend on the weights' values.
+Children are fixed architectures that a 1.5x-2x budget could pick. Prediction uses
+puzzle.stages.profile.profile_blocks; the measurement uses puzzle.stages.evaluate.measure_throughput (the evaluation
+stage's code), both at (batch, context).
 """
 
 from __future__ import annotations
@@ -22,14 +30,24 @@ from puzzle.config import ProfilingConfig
 from puzzle.model.block_config import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.model.modeling_puzzle import PuzzleConfig, PuzzleForCausalLM
 from puzzle.stages.evaluate import measure_throughput, timing_from_library
+from puzzle.stages.parent import ParentRecipe
 from puzzle.stages.profile import profile_blocks
 
 PARENT = BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(intermediate_size=768))
 NOOP_ATTN = AttentionConfig(no_op=True)
 NOOP_FFN = FFNConfig(no_op=True)
+ONE_KV = AttentionConfig(n_heads_in_group=4)
 
 
-def children() -> dict[str, list[BlockConfig]]:
+def children(kind: str = "mixed") -> dict[str, list[BlockConfig]]:
+    if kind == "width":
+        recipe = ParentRecipe()
+        parent = BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(intermediate_size=recipe.intermediate_size))
+        widths = [recipe.intermediate_size // d for d in (4, 8, 16)] + [8]
+        uniform = {f"uniform 1 KV, FFN {w}": [BlockConfig(ONE_KV, FFNConfig(intermediate_size=w))] * 8 for w in widths}
+        empty = BlockConfig(NOOP_ATTN, NOOP_FFN)
+        depth = {f"depth: {k} of 8 layers removed": [parent] * (8 - k) + [empty] * k for k in (3, 4, 5, 6)}
+        return {"parent": [parent] * 8, **uniform, **depth}
     half_ffn = BlockConfig(AttentionConfig(n_heads_in_group=4), FFNConfig(intermediate_size=384))
     no_attn = BlockConfig(NOOP_ATTN, FFNConfig(intermediate_size=384))
     no_ffn = BlockConfig(AttentionConfig(n_heads_in_group=4), NOOP_FFN)
@@ -42,17 +60,21 @@ def children() -> dict[str, list[BlockConfig]]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--prompt", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time (1 thread)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = PuzzleConfig(
+def parent_config(kind: str) -> PuzzleConfig:
+    """`width`: the demo parent's own shape (`puzzle.stages.parent.ParentRecipe`); otherwise the wider shape above."""
+    if kind == "width":
+        r = ParentRecipe()
+        return PuzzleConfig(
+            vocab_size=r.vocab_size,
+            hidden_size=r.hidden_size,
+            intermediate_size=r.intermediate_size,
+            num_hidden_layers=r.num_hidden_layers,
+            num_attention_heads=r.num_attention_heads,
+            num_key_value_heads=r.num_key_value_heads,
+            head_dim=r.head_dim,
+            max_position_embeddings=r.max_position_embeddings,
+        )
+    return PuzzleConfig(
         vocab_size=4096,
         hidden_size=256,
         intermediate_size=768,
@@ -62,7 +84,22 @@ def main() -> None:
         head_dim=64,
         max_position_embeddings=256,
     )
-    archs = children()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time (1 thread)")
+    parser.add_argument("--flush", choices=["auto", "always", "never"], default="auto", help="cold-cache decode steps")
+    parser.add_argument("--children", choices=["mixed", "width"], default="mixed")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = parent_config(args.children)
+    archs = children(args.children)
     variants = [sorted({arch[i] for arch in archs.values()}, key=lambda b: b.name) for i in range(8)]
     costs = profile_blocks(
         config,
@@ -70,7 +107,7 @@ def main() -> None:
         batch_sizes=args.batch_sizes,
         context_len=args.context,
         prompt_len=args.prompt,
-        settings=ProfilingConfig(clock=args.clock),
+        settings=ProfilingConfig(clock=args.clock, flush=args.flush),
         num_threads=args.threads,
         progress=False,
     )
@@ -80,8 +117,8 @@ def main() -> None:
         models[name] = PuzzleForCausalLM(cfg).eval()
     cpu = platform.processor() or platform.machine()
     print(
-        f"machine: {cpu}, {args.threads} threads, {args.clock} clock, load average {os.getloadavg()[0]:.2f}; "
-        f"torch {torch.__version__}"
+        f"machine: {cpu}, {args.threads} threads, {args.clock} clock, flush {args.flush}, "
+        f"load average {os.getloadavg()[0]:.2f}; torch {torch.__version__}"
     )
     for b in args.batch_sizes:
         # Time end to end exactly as the blocks were timed (threads, steps, clock, cache flushing).
@@ -94,13 +131,13 @@ def main() -> None:
             for name, blocks in archs.items()
         }
         print(f"\nbatch {b}, decode context {args.context}:")
-        print(f"{'architecture':24s} {'pred ms':>8s} {'meas ms':>8s} {'pred x':>7s} {'meas x':>7s} {'error':>7s}")
+        print(f"{'architecture':30s} {'pred ms':>8s} {'meas ms':>8s} {'pred x':>7s} {'meas x':>7s} {'error':>7s}")
         for name in archs:
             meas_ms = measured[name]["decode_ms"]
             pred_x = predicted["parent"] / predicted[name]
             meas_x = measured["parent"]["decode_ms"] / meas_ms
             print(
-                f"{name:24s} {predicted[name]:8.2f} {meas_ms:8.2f} {pred_x:7.2f} {meas_x:7.2f} "
+                f"{name:30s} {predicted[name]:8.2f} {meas_ms:8.2f} {pred_x:7.2f} {meas_x:7.2f} "
                 f"{100 * (meas_x / pred_x - 1):+6.1f}%"
             )
 

@@ -7,17 +7,24 @@ effects and (on a shared machine) drift between profiling and now all move the w
 1. solves under the budget as the solver sees it (round 1: the user's budget);
 2. measures the chosen architecture on the target (`measure(solution)`: in the pipeline, the child assembled from
    BLD blocks and the parent timed side by side, exactly as the evaluate stage times them);
-3. stops when every measured figure meets the user's budget (within `tolerance`), else corrects: each corrected
-   budget entry is scaled by how far the measurement fell from the user's target,
+3. stops when every measured figure meets the user's budget (within `tolerance`), else corrects the cost model
+   with every round so far and solves again. The model's error on round i's architecture is r_i = measured_i /
+   predicted_i; the next solve is asked for the user's target over their geometric mean,
 
-       target_(k+1) = target_k * user_target / measured_k
+       target_(k+1) = user_target / (r_1 * ... * r_k)^(1/k)
 
-   so an architecture that measured 1.8x against a 2.0x budget sends the next solve to 2.0 * 2.0 / 1.8 = 2.22x
-   predicted, and a repeat of the same architecture keeps tightening. The loop stops after N rounds either way and
-   says which (`LoopResult.met`). With `overshoot` (search.measure_overshoot) a measurement past the budget by more
-   than that fraction is a miss too, corrected the other way: the comparison of methods uses it to land every method
-   on the same measured speed-up. With `margin` (search.measure_margin) the loop aims that fraction past the budget,
-   for timings that move by that much between the loop and the evaluate stage.
+   so an architecture that measured 1.8x against a 2.0x prediction sends the next solve to 2.0 / 0.9 = 2.22x
+   predicted, and one timing that a noisy machine took too low or too high moves the budget by its share of the
+   rounds, not by all of it. When the last round repeated an earlier round's architecture (the library's steps are
+   discrete), or the fitted target would not move the budget past the last one in the direction of the miss, the
+   last round alone corrects it, target_(k+1) = t_k * user_target / measured_k with t_k the further, in the miss's
+   direction, of target_k and predicted_k, so the loop never stands still or asks for a step it just measured. The
+   loop stops after N rounds either way and says which (`LoopResult.met`).
+
+With `overshoot` (search.measure_overshoot) a measurement past the budget by more than that fraction is a miss too,
+corrected the other way: the comparison of methods uses it to land every method on the same measured speed-up. With
+`margin` (search.measure_margin) the loop aims that fraction past the budget, for timings that move by that much
+between the loop and the evaluate stage.
 
 Corrected entries: `speedup` and `throughput_tok_s` (higher is better) and `decode_latency_ms` (lower is better). The
 others are computed, not timed (memory, parameters), or not measured here (prefill latency) and stay as given.
@@ -26,6 +33,7 @@ others are computed, not timed (memory, parameters), or not measured here (prefi
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -98,6 +106,26 @@ def shortfall(name: str, measured: float, target: float, overshoot: float | None
     far it is from the target either way."""
     gap = (target - measured) / target if HIGHER_IS_BETTER[name] else (measured - target) / target
     return abs(gap) if overshoot is not None else max(0.0, gap)
+
+
+def corrected(asked: Budget, targets: dict[str, float], history: list[Round]) -> Budget:
+    """The budget for the next solve after a missed round (the module docstring's update): each target over the
+    geometric mean of measured / predicted across every round so far; the last round alone corrects it when that
+    round repeated an earlier architecture or the fit does not move the budget the way the last measurement asks."""
+    current = asked.fields_set()
+    last = history[-1]
+    repeated = any(r.layers == last.layers and r.batch_size == last.batch_size for r in history[:-1])
+    for name, target in targets.items():
+        # From the ask or from the architecture's own prediction, whichever is further the way the miss points: a
+        # library step predicted past the ask (and measured short) is left behind, not asked for again.
+        step = target / last.measured[name]
+        start = [current[name], last.predicted.get(name, current[name])]
+        stepped = (max(start) if step > 1.0 else min(start)) * step
+        ratios = [r.correction[name] for r in history if r.correction.get(name, 0.0) > 0.0]
+        fitted = target / math.exp(sum(math.log(x) for x in ratios) / len(ratios)) if ratios else stepped
+        same_way = (fitted - current[name]) * (stepped - current[name]) > 0.0
+        current[name] = fitted if same_way and not repeated else stepped
+    return Budget.from_dict(current)
 
 
 def configured_loop(
@@ -187,10 +215,7 @@ def closed_loop(
         log(f"[search] round {k}: {figures}: {'meets' if met else 'misses'} the budget")
         if met:
             break
-        current = asked.fields_set()
-        for name, target in targets.items():
-            current[name] = current[name] * target / measured[name]
-        asked = Budget.from_dict(current)
+        asked = corrected(asked, targets, history)
     met_rounds = [r for r in history if r.met]
     if met_rounds:
         chosen = met_rounds[-1]
