@@ -63,17 +63,10 @@ def children(kind: str = "mixed") -> dict[str, list[BlockConfig]]:
 def parent_config(kind: str) -> PuzzleConfig:
     """`width`: the demo parent's own shape (`puzzle.stages.parent.ParentRecipe`); otherwise the wider shape above."""
     if kind == "width":
-        r = ParentRecipe()
-        return PuzzleConfig(
-            vocab_size=r.vocab_size,
-            hidden_size=r.hidden_size,
-            intermediate_size=r.intermediate_size,
-            num_hidden_layers=r.num_hidden_layers,
-            num_attention_heads=r.num_attention_heads,
-            num_key_value_heads=r.num_key_value_heads,
-            head_dim=r.head_dim,
-            max_position_embeddings=r.max_position_embeddings,
-        )
+        shape = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        shape += ("num_key_value_heads", "head_dim", "max_position_embeddings")
+        recipe = ParentRecipe()
+        return PuzzleConfig(**{name: getattr(recipe, name) for name in shape})
     return PuzzleConfig(
         vocab_size=4096,
         hidden_size=256,
