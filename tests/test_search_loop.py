@@ -201,3 +201,20 @@ def test_overshoot_lands_on_the_budget_from_above():
     assert not never.met and len(never.rounds) == 2
     once = closed_loop(solver([]), lambda s: {"speedup": 2.5}, Budget(speedup=2.0), rounds=2, log=lambda m: None)
     assert once.met and len(once.rounds) == 1
+
+
+def test_a_round_without_a_prediction_is_corrected_from_its_ask():
+    """A solution that predicts nothing for the budget's entry (no correction to fit): the last round corrects alone,
+    from the budget it was asked for, 2.0 * 2.0 / 1.6 = 2.5x."""
+    asked: list[Budget] = []
+
+    def solve(budget: Budget) -> list[Solution]:
+        asked.append(budget)
+        return [Solution({"layer_0": f"{budget.speedup}"}, 0.0, {}, True, batch_size=1, predicted={})]
+
+    measurements = iter([1.6, 2.0])
+    result = closed_loop(
+        solve, lambda s: {"speedup": next(measurements)}, Budget(speedup=2.0), rounds=3, log=lambda m: None
+    )
+    assert result.met and asked[1].speedup == pytest.approx(2.5)
+    assert math.isnan(result.rounds[0].predicted["speedup"]) and result.rounds[0].correction == {}

@@ -119,7 +119,8 @@ def corrected(asked: Budget, targets: dict[str, float], history: list[Round]) ->
         # From the ask or from the architecture's own prediction, whichever is further the way the miss points: a
         # library step predicted past the ask (and measured short) is left behind, not asked for again.
         step = target / last.measured[name]
-        start = [current[name], last.predicted.get(name, current[name])]
+        predicted = last.predicted.get(name, math.nan)
+        start = [current[name]] + ([predicted] if math.isfinite(predicted) else [])
         stepped = (max(start) if step > 1.0 else min(start)) * step
         ratios = [r.correction[name] for r in history if r.correction.get(name, 0.0) > 0.0]
         fitted = target / math.exp(sum(math.log(x) for x in ratios) / len(ratios)) if ratios else stepped
