@@ -36,26 +36,26 @@ from puzzle.stages.profile import profile_blocks
 PARENT = BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(intermediate_size=768))
 NOOP_ATTN = AttentionConfig(no_op=True)
 NOOP_FFN = FFNConfig(no_op=True)
-ONE_KV = AttentionConfig(n_heads_in_group=4)
+EMPTY = BlockConfig(NOOP_ATTN, NOOP_FFN)
 
 
 def children(kind: str = "mixed") -> dict[str, list[BlockConfig]]:
     if kind == "width":
-        recipe = ParentRecipe()
-        parent = BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(intermediate_size=recipe.intermediate_size))
-        widths = [recipe.intermediate_size // d for d in (4, 8, 16)] + [8]
-        uniform = {f"uniform 1 KV, FFN {w}": [BlockConfig(ONE_KV, FFNConfig(intermediate_size=w))] * 8 for w in widths}
-        empty = BlockConfig(NOOP_ATTN, NOOP_FFN)
-        depth = {f"depth: {k} of 8 layers removed": [parent] * (8 - k) + [empty] * k for k in (3, 4, 5, 6)}
+        r = ParentRecipe()
+        group = r.num_attention_heads // r.num_key_value_heads
+        parent = BlockConfig(AttentionConfig(n_heads_in_group=group), FFNConfig(intermediate_size=r.intermediate_size))
+        one_kv = AttentionConfig(n_heads_in_group=r.num_attention_heads)
+        widths = [r.intermediate_size // d for d in (4, 8, 16)] + [8]
+        uniform = {f"uniform 1 KV, FFN {w}": [BlockConfig(one_kv, FFNConfig(intermediate_size=w))] * 8 for w in widths}
+        depth = {f"depth: {k} of 8 layers removed": [parent] * (8 - k) + [EMPTY] * k for k in (3, 4, 5, 6)}
         return {"parent": [parent] * 8, **uniform, **depth}
     half_ffn = BlockConfig(AttentionConfig(n_heads_in_group=4), FFNConfig(intermediate_size=384))
     no_attn = BlockConfig(NOOP_ATTN, FFNConfig(intermediate_size=384))
     no_ffn = BlockConfig(AttentionConfig(n_heads_in_group=4), NOOP_FFN)
-    empty = BlockConfig(NOOP_ATTN, NOOP_FFN)
     return {
         "parent": [PARENT] * 8,
-        "4 layers no-op": [PARENT] * 4 + [empty] * 4,
-        "mixed": [PARENT, PARENT, no_attn, no_ffn, no_attn, no_ffn, half_ffn, empty],
+        "4 layers no-op": [PARENT] * 4 + [EMPTY] * 4,
+        "mixed": [PARENT, PARENT, no_attn, no_ffn, no_attn, no_ffn, half_ffn, EMPTY],
         "all subblocks halved": [half_ffn] * 8,
     }
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -123,7 +124,7 @@ def corrected(asked: Budget, targets: dict[str, float], history: list[Round]) ->
         start = [current[name]] + ([predicted] if math.isfinite(predicted) else [])
         stepped = (max(start) if step > 1.0 else min(start)) * step
         ratios = [r.correction[name] for r in history if r.correction.get(name, 0.0) > 0.0]
-        fitted = target / math.exp(sum(math.log(x) for x in ratios) / len(ratios)) if ratios else stepped
+        fitted = target / statistics.geometric_mean(ratios) if ratios else stepped
         same_way = (fitted - current[name]) * (stepped - current[name]) > 0.0
         current[name] = fitted if same_way and not repeated else stepped
     return Budget.from_dict(current)
