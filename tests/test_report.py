@@ -255,3 +255,26 @@ def test_a_closed_loop_search_is_reported_round_by_round(evaluation, library):
     assert "| 1 | speedup 2 | speedup 2 | speedup 1.8 | speedup 0.900 | no |" in markdown
     assert "| 2 | speedup 2.222 | speedup 2.25 | speedup 2.4 | speedup 1.067 | yes |" in markdown
     assert "measured 2.40x in the loop and 2.50x distilled" in markdown
+    # The chosen round's prediction corrected by the other round's error (0.9), not by its own measurement.
+    assert report["speedup_correction"] == {"scale": pytest.approx(0.9), "rounds": 1}
+    assert report["speedup_predicted_corrected"] == pytest.approx(report["speedup_predicted"] * 0.9)
+    assert report["speedup_corrected_error"] == pytest.approx(2.5 / report["speedup_predicted_corrected"] - 1.0)
+    assert "other 1 measured round(s) (x0.900" in markdown
+
+
+def test_a_loop_met_in_its_first_round_leaves_the_prediction_uncorrected(evaluation, library):
+    """With no other round measured there is nothing to correct by: the corrected prediction is the block sum's."""
+    layers = {"layer_0": "S", "layer_1": "P"}
+    loop = {
+        "met": True,
+        "chosen_round": 1,
+        "stopped": "budget met as measured",
+        "rounds": [
+            {"round": 1, "budget": {"speedup": 2.0}, "layers": layers, "batch_size": 1, "parent_batch_size": 1,
+             "predicted": {"speedup": 2.0}, "measured": {"speedup": 2.1}, "met": True,
+             "correction": {"speedup": 1.05}},
+        ],
+    }  # fmt: skip
+    report, _ = _report(evaluation, library, closed_loop=loop)
+    assert report["speedup_correction"] == {"scale": 1.0, "rounds": 0}
+    assert report["speedup_predicted_corrected"] == report["speedup_predicted"]

@@ -7,6 +7,7 @@ Fake stage functions below exist only to exercise the runner; the real stages ar
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -473,3 +474,33 @@ def test_target_engines_change_the_search_space_hash_only_when_set():
     # The target section too: its engines key is left out at its default, so a run from before it keeps its hash.
     assert "engines" not in hashed_section(JobConfig(), "target")
     assert hashed_section(JobConfig(target=TargetConfig(engines=["vllm"])), "target")["engines"] == ["vllm"]
+
+
+def test_a_local_cluster_without_dashboard_quiets_ray_trains_cleaner(tmp_path):
+    """Without the dashboard Ray Train's placement-group cleaner logs a warning a second (the state API it asks does
+    not answer); a local cluster started without one sets that logger to errors in every worker, detached actors
+    (as the cleaner is) included. In a fresh interpreter: the suite's own cluster may already be up in this one."""
+    script = textwrap.dedent(
+        f"""
+        import logging, ray
+        from puzzle.common.progress import RAY_TRAIN_CLEANER_LOGGER
+        from puzzle.config import JobConfig, RunConfig
+        from puzzle.runner.run import connect_ray
+
+        @ray.remote(num_cpus=0)
+        class Probe:
+            def level(self):
+                return logging.getLogger(RAY_TRAIN_CLEANER_LOGGER).getEffectiveLevel()
+
+        job = JobConfig(run=RunConfig(name="r", runs_dir={str(tmp_path)!r}))
+        job.cluster.num_cpus, job.cluster.dashboard, job.cluster.object_store_mib = 1, False, 100
+        assert connect_ray(job)
+        probe = Probe.options(lifetime="detached", namespace="puzzle-test").remote()
+        print("level", ray.get(probe.level.remote()))
+        ray.kill(probe)
+        ray.shutdown()
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"level {logging.ERROR}" in out.stdout

@@ -28,6 +28,21 @@ def say(message: str, file: TextIO | None = None) -> None:
     print(f"{PREFIX} {message}", file=file or sys.stdout, flush=True)
 
 
+RAY_TRAIN_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+"""Ray Train's placement-group cleaner asks the state API every second whether the training controller is alive;
+without the dashboard (`cluster.dashboard: false`) the state API does not answer, and each ask logs one warning line
+to the driver (734 lines in one 13-minute GKD stage of the SmolLM2 job)."""
+
+
+def quiet_ray_train_cleaner() -> None:
+    """Ray worker set-up hook (`runtime_env["worker_process_setup_hook"]`): only errors from the cleaner's logger.
+    Without the state API the cleaner cannot tell whether the controller died, whether it logs or not; puzzle ends
+    its own placement groups when the local cluster shuts down."""
+    import logging
+
+    logging.getLogger(RAY_TRAIN_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
 def fmt(value: Any, spec: str = ".4g") -> str:
     """A number for a table: `spec` formatting, "-" for a missing value, "n/a" for NaN."""
     if value is None:

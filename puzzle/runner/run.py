@@ -282,6 +282,9 @@ def connect_ray(job: JobConfig) -> bool:
                     # seconds to minutes, so a new worker's start-up (about a second) costs nothing that matters;
                     # with a soft limit of 0 the raylet ends a worker once it has been idle for a second.
                     _system_config={"num_workers_soft_limit": 0},
+                    runtime_env=None
+                    if job.cluster.dashboard
+                    else {"worker_process_setup_hook": "puzzle.common.progress.quiet_ray_train_cleaner"},
                 )
         except ConnectionError as err:
             raise PuzzleError(f"cannot connect to Ray at {address or 'a new local cluster'}: {err}") from None
@@ -323,6 +326,11 @@ def headline(report: dict[str, Any], run_dir: Path) -> str:
     lines.append(
         f"speed-up (decode): measured {fmt(report.get('speedup_measured'), '.2f')}x, "
         f"predicted {fmt(report.get('speedup_predicted'), '.2f')}x"
+        + (
+            f" ({fmt(report['speedup_predicted_corrected'], '.2f')}x corrected by the closed loop's other rounds)"
+            if report.get("speedup_predicted_corrected") is not None
+            else ""
+        )
     )
     export = run_dir / "export"
     lines.append(f"export: {export if export.exists() else '-'}")

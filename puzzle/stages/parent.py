@@ -77,8 +77,9 @@ class ParentRecipe:
     """Longest sequence the parent supports (RoPE is only trained up to data.seq_len)."""
     rope_theta: float = 10000.0
     """RoPE base."""
-    steps: int = 1800
-    """Optimizer steps: 1.8M tokens, about 5.5 minutes on two idle CPU cores (~5,700 tokens/s)."""
+    steps: int = 1200
+    """Optimizer steps: 1.2M tokens, 3.6-4.3 minutes on two CPU cores (4,700-5,700 tokens/s on this shared VM). It
+    was 1,800; on slow days of the host that alone took 6.5-7.5 of the demo's 15 minutes."""
     batch_size: int = 8
     """Sequences per step; small batches and more steps beat large ones at this compute budget."""
     lr: float = 3e-3
