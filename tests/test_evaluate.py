@@ -210,3 +210,25 @@ def test_throughput_is_timed_like_the_library(monkeypatch, parent, child):
     assert decode_kw[0] == {"warmup": 1, "repeats": 2, "steps": 3, "clock_kind": "cpu", "flush": True}
     assert all("steps" not in kw for kind, _, kw in seen if kind == "prefill")
     assert report["throughput_setup"]["num_threads"] == 1
+
+
+def test_each_model_keeps_its_fastest_round(monkeypatch, parent, child):
+    """Rounds alternate parent and child; each model's figure is its fastest round (interference on a shared host
+    only adds time), so one slow spell of the child's does not move the speed-up."""
+    import puzzle.stages.profile as profiling
+    from puzzle.stages.evaluate import measure_throughput
+    from puzzle.stages.profile.timing import LatencyStats
+
+    # Round 0 is the untimed warm-up; then the child is slow in rounds 1 and 3, fast in round 2.
+    decode_ms = {"parent": iter([9.0, 4.0, 4.2, 4.1]), "child": iter([9.0, 2.4, 1.9, 2.35])}
+
+    def decode(model, b, s, **kw):
+        ms = next(decode_ms["parent" if model is parent else "child"])
+        return LatencyStats(ms, ms, ms)
+
+    monkeypatch.setattr(profiling, "measure_decode_latency", decode)
+    monkeypatch.setattr(profiling, "measure_prefill_latency", lambda *a, **k: LatencyStats(1.0, 1.0, 1.0))
+    out = measure_throughput({"parent": parent, "child": child}, batch_size=1, prompt_len=4, gen_len=2,
+                             context_len=8, rounds=3)  # fmt: skip
+    assert out["parent"]["decode_ms"] == 4.0 and out["child"]["decode_ms"] == 1.9
+    assert out["child"]["decode_tok_s"] / out["parent"]["decode_tok_s"] == pytest.approx(4.0 / 1.9)
