@@ -1,0 +1,84 @@
+"""How steady is a measured speed-up? Parent and child of a finished run timed in alternation for many rounds, and
+the speed-up each estimator would report over every window of consecutive rounds.
+
+    .venv/bin/python benchmarks/bench_timing_noise.py RUN_DIR [--rounds 40] [--windows 5 9 15]
+
+RUN_DIR is a finished run (e.g. runs/demo): the parent is the one its library was profiled on, the child its
+export. Each round times each model the way the evaluate stage does (`measure_decode_latency` with the library's
+threads, decode steps, repeats, clock and cache flushing; a round's figure is the median of its repeats). Printed:
+every round's latencies, then, per window length, the spread over all windows of
+
+- the ratio of the models' median rounds (the evaluate stage's estimator until 78e249c);
+- the median of per-round ratios (paired rounds);
+- the ratio of the models' fastest rounds (the estimator since).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from puzzle.model.modeling_puzzle import PuzzleForCausalLM
+from puzzle.stages.evaluate import timing_from_library
+from puzzle.stages.profile import measure_decode_latency
+
+
+def estimators(rows: list[tuple[float, float]], window: int) -> dict[str, list[float]]:
+    """Speed-up (parent ms / child ms) by each estimator over every window of `window` consecutive rounds."""
+    out: dict[str, list[float]] = {"ratio of medians": [], "median of ratios": [], "ratio of fastest": []}
+    for i in range(len(rows) - window + 1):
+        parent, child = zip(*rows[i : i + window], strict=True)
+        out["ratio of medians"].append(statistics.median(parent) / statistics.median(child))
+        out["median of ratios"].append(statistics.median(p / c for p, c in zip(parent, child, strict=True)))
+        out["ratio of fastest"].append(min(parent) / min(child))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--windows", type=int, nargs="+", default=[5, 9, 15])
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    library = json.loads((args.run_dir / "library.json").read_text())
+    metadata = library["metadata"]
+    report = json.loads((args.run_dir / "report.json").read_text())
+    setup = report["throughput_setup"]
+    batch, context = setup["batch_size"], setup["context_len"]
+    timing = timing_from_library(metadata, batch)
+    threads = timing.pop("num_threads", torch.get_num_threads())
+    torch.set_num_threads(threads)
+    parent = AutoModelForCausalLM.from_pretrained(metadata["parent_path"]).eval()
+    child = PuzzleForCausalLM.from_pretrained(args.run_dir / "export").eval()
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {threads} thread(s); torch {torch.__version__}; "
+        f"batch {batch}, context {context}; timing {timing}"
+    )
+    rows: list[tuple[float, float]] = []
+    started = time.perf_counter()
+    for r in range(args.rounds + 1):
+        p = measure_decode_latency(parent, batch, context, **timing).median_ms
+        c = measure_decode_latency(child, batch, context, **timing).median_ms
+        if r:  # round 0 warms both up, as the evaluate stage's does
+            rows.append((p, c))
+            print(f"round {r:3d} at {time.perf_counter() - started:6.1f} s: parent {p:.3f} ms, child {c:.3f} ms, "
+                  f"speed-up {p / c:.3f}")  # fmt: skip
+    for window in args.windows:
+        for name, values in estimators(rows, window).items():
+            print(
+                f"{window:3d} rounds, {name:17s}: {min(values):.3f}-{max(values):.3f}x "
+                f"(sd {statistics.pstdev(values):.3f}) over {len(values)} windows"
+            )
+
+
+if __name__ == "__main__":
+    main()
