@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import os
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from puzzle.errors import PuzzleError
 from puzzle.runner.stage import StageContext, StageResult, read_json
 from puzzle.stages.gkd.child import load_child
 from puzzle.stages.search import BlockLibrary, Budget, ParentBaseline, block_totals, parent_baseline, predict
+from puzzle.stages.search.loop import leave_one_out_correction
 
 REQUIRED_MODEL_KEYS = ("params", "memory_mib", "test", "throughput")
 REQUIRED_TEST_KEYS = ("lm_loss", "ppl", "kl", "top1", "top1_agreement")
@@ -178,32 +178,15 @@ def build_report(
         loop_speedup = chosen_round["measured"].get("speedup")
         if loop_speedup:
             report["speedup_closed_loop"] = loop_speedup
-            report["speedup_closed_loop_error"] = report["speedup_measured_budget"] / loop_speedup - 1.0
-        report.update(_loop_corrected_prediction(report, closed_loop))
+            speedup_measured_budget = report["speedup_measured_budget"]
+            report["speedup_closed_loop_error"] = speedup_measured_budget / loop_speedup - 1.0
+            # The block sums corrected by the cost model's error on the loop's other rounds (docs/method.md §5.5).
+            scale, rounds = leave_one_out_correction(closed_loop)
+            report["speedup_predicted_corrected"] = report["speedup_predicted"] * scale
+            report["speedup_correction"] = {"scale": scale, "rounds": rounds}
+            report["speedup_corrected_error"] = speedup_measured_budget / report["speedup_predicted_corrected"] - 1.0
     check_report(report)
     return report
-
-
-def _loop_corrected_prediction(report: dict[str, Any], closed_loop: dict[str, Any]) -> dict[str, Any]:
-    """The block-sum prediction corrected by the cost model's error on every *other* architecture the closed loop
-    measured (geometric mean of their measured / predicted): a prediction of the chosen child that its own
-    measurement took no part in. With no other round measured (the first round met the budget) it is the
-    block-sum prediction itself."""
-    chosen = closed_loop["chosen_round"]
-    others = [
-        r["correction"]["speedup"]
-        for r in closed_loop["rounds"]
-        if r["round"] != chosen and r.get("correction", {}).get("speedup", 0.0) > 0.0
-    ]
-    if "speedup" not in closed_loop["rounds"][chosen - 1].get("measured", {}):
-        return {}
-    scale = statistics.geometric_mean(others) if others else 1.0
-    corrected = report["speedup_predicted"] * scale
-    return {
-        "speedup_predicted_corrected": corrected,
-        "speedup_correction": {"scale": scale, "rounds": len(others)},
-        "speedup_corrected_error": report["speedup_measured_budget"] / corrected - 1.0,
-    }
 
 
 def _baseline(

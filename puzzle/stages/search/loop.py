@@ -130,6 +130,19 @@ def corrected(asked: Budget, targets: dict[str, float], history: list[Round]) ->
     return Budget.from_dict(current)
 
 
+def leave_one_out_correction(record: dict[str, Any]) -> tuple[float, int]:
+    """The cost model's speed-up error on a closed loop's rounds other than the chosen one (`LoopResult.to_dict`'s
+    record): the geometric mean of their measured / predicted, and how many there are; (1.0, 0) when the chosen
+    round is the only one measured. Multiplied into the chosen architecture's block-sum prediction it predicts the
+    child without using the child's own timing (docs/method.md §5.5)."""
+    others = [
+        r["correction"]["speedup"]
+        for r in record["rounds"]
+        if r["round"] != record["chosen_round"] and r.get("correction", {}).get("speedup", 0.0) > 0.0
+    ]
+    return (statistics.geometric_mean(others) if others else 1.0), len(others)
+
+
 def configured_loop(
     solve: Callable[[Budget], list[Solution]],
     measure: Callable[[Solution], dict[str, float]],
