@@ -228,23 +228,25 @@ def test_export_and_report_writes_the_checkpoint_and_the_report(tmp_path, evalua
     assert [row["ffn"] for row in data["architecture"]] == ["ffn_16", "ffn_no_op"]
 
 
+def loop_record(chosen: int, *rounds: tuple[float, float, float, bool]) -> dict:
+    """A closed loop's record (LoopResult.to_dict) from (budget, predicted, measured, met) per round."""
+    layers = {"layer_0": "S", "layer_1": "P"}
+    return {
+        "met": any(r[3] for r in rounds),
+        "chosen_round": chosen,
+        "stopped": "budget met as measured",
+        "rounds": [
+            {"round": k, "budget": {"speedup": b}, "layers": layers, "batch_size": 1, "parent_batch_size": 1,
+             "predicted": {"speedup": p}, "measured": {"speedup": m}, "met": met, "correction": {"speedup": m / p}}
+            for k, (b, p, m, met) in enumerate(rounds, start=1)
+        ],
+    }  # fmt: skip
+
+
 def test_a_closed_loop_search_is_reported_round_by_round(evaluation, library):
     """Each round's budget, prediction and measurement reach report.json and report.md, with how far the loop's
     measurement of the chosen architecture was from the evaluate stage's."""
-    layers = {"layer_0": "S", "layer_1": "P"}
-    loop = {
-        "met": True,
-        "chosen_round": 2,
-        "stopped": "budget met as measured",
-        "rounds": [
-            {"round": 1, "budget": {"speedup": 2.0}, "layers": layers, "batch_size": 1, "parent_batch_size": 1,
-             "predicted": {"speedup": 2.0}, "measured": {"speedup": 1.8}, "met": False,
-             "correction": {"speedup": 0.9}},
-            {"round": 2, "budget": {"speedup": 2.2222}, "layers": layers, "batch_size": 1, "parent_batch_size": 1,
-             "predicted": {"speedup": 2.25}, "measured": {"speedup": 2.4}, "met": True,
-             "correction": {"speedup": 1.0667}},
-        ],
-    }  # fmt: skip
+    loop = loop_record(2, (2.0, 2.0, 1.8, False), (2.2222, 2.25, 2.4, True))
     evaluation = {**evaluation, "speedup_measured_budget": 2.5}
     report, _ = _report(evaluation, library, closed_loop=loop)
     assert report["closed_loop"]["chosen_round"] == 2
@@ -264,17 +266,7 @@ def test_a_closed_loop_search_is_reported_round_by_round(evaluation, library):
 
 def test_a_loop_met_in_its_first_round_leaves_the_prediction_uncorrected(evaluation, library):
     """With no other round measured there is nothing to correct by: the corrected prediction is the block sum's."""
-    layers = {"layer_0": "S", "layer_1": "P"}
-    loop = {
-        "met": True,
-        "chosen_round": 1,
-        "stopped": "budget met as measured",
-        "rounds": [
-            {"round": 1, "budget": {"speedup": 2.0}, "layers": layers, "batch_size": 1, "parent_batch_size": 1,
-             "predicted": {"speedup": 2.0}, "measured": {"speedup": 2.1}, "met": True,
-             "correction": {"speedup": 1.05}},
-        ],
-    }  # fmt: skip
+    loop = loop_record(1, (2.0, 2.0, 2.1, True))
     report, _ = _report(evaluation, library, closed_loop=loop)
     assert report["speedup_correction"] == {"scale": 1.0, "rounds": 0}
     assert report["speedup_predicted_corrected"] == report["speedup_predicted"]
