@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from puzzle.model.modeling_puzzle import PuzzleForCausalLM
+from puzzle.hf.convert import load_parent
 from puzzle.stages.evaluate import timing_from_library
 from puzzle.stages.profile import measure_decode_latency
 
@@ -47,8 +47,6 @@ def main() -> None:
     ap.add_argument("--windows", type=int, nargs="+", default=[5, 9, 15])
     args = ap.parse_args()
 
-    from transformers import AutoModelForCausalLM
-
     library = json.loads((args.run_dir / "library.json").read_text())
     metadata = library["metadata"]
     report = json.loads((args.run_dir / "report.json").read_text())
@@ -57,8 +55,10 @@ def main() -> None:
     timing = timing_from_library(metadata, batch)
     threads = timing.pop("num_threads", torch.get_num_threads())
     torch.set_num_threads(threads)
-    parent = AutoModelForCausalLM.from_pretrained(metadata["parent_path"]).eval()
-    child = PuzzleForCausalLM.from_pretrained(args.run_dir / "export").eval()
+    # As the evaluate stage loads them: both as puzzle's model, in the run's parent dtype.
+    dtype = getattr(torch, metadata.get("dtype", "float32"))
+    parent = load_parent(metadata["parent_path"], dtype=dtype)
+    child = load_parent(args.run_dir / "export", dtype=dtype)
     print(
         f"machine: {platform.processor() or platform.machine()}, {threads} thread(s); torch {torch.__version__}; "
         f"batch {batch}, context {context}; timing {timing}"
