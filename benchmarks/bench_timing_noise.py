@@ -1,7 +1,7 @@
 """How steady is a measured speed-up? Parent and child of a finished run timed in alternation for many rounds, and
 the speed-up each estimator would report over every window of consecutive rounds.
 
-    .venv/bin/python benchmarks/bench_timing_noise.py RUN_DIR [--rounds 40] [--windows 5 9 15]
+    .venv/bin/python benchmarks/bench_timing_noise.py RUN_DIR [--rounds 40] [--windows 5 9 15] [--clocks wall cpu]
 
 RUN_DIR is a finished run (e.g. runs/demo): the parent is the one its library was profiled on, the child its
 export. Each round times each model the way the evaluate stage does (`measure_decode_latency` with the library's
@@ -11,6 +11,9 @@ every round's latencies, then, per window length, the spread over all windows of
 - the ratio of the models' median rounds (the evaluate stage's estimator until 78e249c);
 - the median of per-round ratios (paired rounds);
 - the ratio of the models' fastest rounds (the estimator since).
+
+With `--clocks wall cpu`, every round times both models with each clock in turn (wall: perf_counter; cpu: the
+process's CPU time, which leaves out time the process was preempted), so the two clocks see the same minutes.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--windows", type=int, nargs="+", default=[5, 9, 15])
+    ap.add_argument("--clocks", nargs="+", choices=["wall", "cpu"], help="default: the library's clock")
     args = ap.parse_args()
 
     library = json.loads((args.run_dir / "library.json").read_text())
@@ -63,22 +67,25 @@ def main() -> None:
         f"machine: {platform.processor() or platform.machine()}, {threads} thread(s); torch {torch.__version__}; "
         f"batch {batch}, context {context}; timing {timing}"
     )
-    rows: list[tuple[float, float]] = []
+    clocks = args.clocks or [timing.pop("clock_kind", "wall")]
+    timing.pop("clock_kind", None)
+    rows: dict[str, list[tuple[float, float]]] = {kind: [] for kind in clocks}
     started = time.perf_counter()
     for r in range(args.rounds + 1):
-        p = measure_decode_latency(parent, batch, context, **timing).median_ms
-        c = measure_decode_latency(child, batch, context, **timing).median_ms
-        if r:  # round 0 warms both up, as the evaluate stage's does
-            rows.append((p, c))
-            print(f"round {r:3d} at {time.perf_counter() - started:6.1f} s: parent {p:.3f} ms, child {c:.3f} ms, "
-                  f"speed-up {p / c:.3f}")  # fmt: skip
-    for window in args.windows:
-        for name, values in estimators(rows, window).items():
-            print(
-                f"{window:3d} rounds, {name:17s}: {min(values):.3f}-{max(values):.3f}x "
-                f"(sd {statistics.pstdev(values):.3f}) over {len(values)} windows"
-            )
-
+        for kind in clocks:
+            p = measure_decode_latency(parent, batch, context, clock_kind=kind, **timing).median_ms
+            c = measure_decode_latency(child, batch, context, clock_kind=kind, **timing).median_ms
+            if r:  # round 0 warms both up, as the evaluate stage's does
+                rows[kind].append((p, c))
+                print(f"round {r:3d} at {time.perf_counter() - started:6.1f} s, {kind:4s} clock: parent {p:.3f} ms, "
+                      f"child {c:.3f} ms, speed-up {p / c:.3f}")  # fmt: skip
+    for kind in clocks:
+        for window in args.windows:
+            for name, values in estimators(rows[kind], window).items():
+                print(
+                    f"{kind:4s} clock, {window:3d} rounds, {name:17s}: {min(values):.3f}-{max(values):.3f}x "
+                    f"(sd {statistics.pstdev(values):.3f}) over {len(values)} windows"
+                )
 
 if __name__ == "__main__":
     main()

@@ -311,3 +311,13 @@ def test_interleaved_rounds_and_paired_marginal_costs():
     assert samples == [[1.0] * 3, [2.0] * 3]
     stats = _paired([9.0, 5.0, 1.0], [1.0, 1.0, 2.0], 4)  # (block model - fixed model of the same round) / 4
     assert stats.samples_ms == [2.0, 1.0, 0.0]  # a negative difference (noise) is clamped to 0
+
+
+def test_cpu_clock_needs_one_thread():
+    """Process CPU time sums every thread's time: with more than one torch thread it is no latency, so refused."""
+    from puzzle.errors import ConfigError
+
+    assert ProfilingConfig(clock="cpu", num_cpus=1).clock == "cpu"
+    assert ProfilingConfig(clock="cpu", num_cpus=4, num_threads=1).clock == "cpu"
+    with pytest.raises(ConfigError, match="profiling.clock='cpu' adds up the CPU time of all 2 threads"):
+        ProfilingConfig(clock="cpu", num_cpus=2)

@@ -158,6 +158,12 @@ class ProfilingConfig:
         check_positive("profiling.stack", self.stack)
         check_positive("profiling.num_threads", self.num_threads)
         check_choice("profiling.clock", self.clock, ("wall", "cpu"))
+        threads = self.num_threads if self.num_threads is not None else self.num_cpus
+        if self.clock == "cpu" and threads > 1:
+            raise ConfigError(
+                f"profiling.clock='cpu' adds up the CPU time of all {threads:g} threads, which is not a latency; "
+                "use it with profiling.num_threads=1, or clock='wall'"
+            )
         check_choice("profiling.flush", self.flush, ("auto", "always", "never"))
 
     def timing(self) -> dict[str, Any]:

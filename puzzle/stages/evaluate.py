@@ -214,11 +214,10 @@ def measure_throughput(
     library's runtime_ms, so predicted and measured decode figures compare like for like; prefill:
     measure_prefill_latency at (batch_size, prompt_len); generation: a real greedy loop of gen_len tokens.
     Models are measured in alternation for `rounds` rounds, so a change in machine load hits all of them alike, and
-    each model's fastest round is kept (a round's figure is itself the median of the timing's `repeats` runs). On
-    a shared host interference only ever adds time, and it comes in spells: the demo's child, timed 40 rounds in a
-    row, sat near 1.9 ms a step in some rounds and near 2.35 ms in others while the parent held within 4.1-4.9 ms,
-    so a 9-round median speed-up spread over 1.96-2.37x (sd 0.15) across windows, and the fastest rounds' ratio
-    over 2.26-2.46x (sd 0.06). One untimed round goes first (the first timings after a model is placed ran up to 20 %
+    each model's figure is the median of its rounds (a round's figure is itself the median of the timing's `repeats`
+    runs). On a shared host, one model's timings come in spells a round or more long, so a single round is no
+    estimate: `benchmarks/bench_timing_noise.py` ranks the median of rounds well ahead of the fastest round
+    (docs/method.md §7). One untimed round goes first (the first timings after a model is placed ran up to 20 %
     apart for two copies of one architecture on a 2-core VM). `timing` (see timing_from_library): num_threads,
     steps, warmup, repeats, clock_kind and flush, as the profiler used them; the thread count is restored afterwards.
     """
@@ -310,15 +309,15 @@ def _summarise(
     prompt_len: int,
     gen_len: int,
 ) -> dict[str, dict[str, float]]:
-    """The fastest round's latencies -> tokens/s, plus a real generation loop per model (and its CUDA peak memory)."""
+    """The median round's latencies -> tokens/s, plus a real generation loop per model (and its CUDA peak memory)."""
     out = {}
     for name, model in models.items():
         device = next(model.parameters()).device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         generation_s = measure_generation(model, batch_size, prompt_len, gen_len)
-        decode_ms = min(samples[name]["decode"])
-        prefill_ms = min(samples[name]["prefill"])
+        decode_ms = statistics.median(samples[name]["decode"])
+        prefill_ms = statistics.median(samples[name]["prefill"])
         out[name] = {
             "decode_ms": decode_ms,
             "decode_tok_s": batch_size / (decode_ms / 1e3),
@@ -414,7 +413,7 @@ def evaluate_models(
         "prompt_len": prompt_len,
         "gen_len": gen_len,
         "context_len": context_len,
-        "method": "puzzle.stages.profile.measure_decode_latency / measure_prefill_latency (fastest round's median)",
+        "method": "puzzle.stages.profile.measure_decode_latency / measure_prefill_latency (median of rounds, each the median of repeats)",
         "timing": timing or "defaults (no measured library given)",
         "num_threads": timing.get("num_threads", torch.get_num_threads()),
     }
