@@ -413,7 +413,10 @@ def evaluate_models(
         "prompt_len": prompt_len,
         "gen_len": gen_len,
         "context_len": context_len,
-        "method": "puzzle.stages.profile.measure_decode_latency / measure_prefill_latency (median of rounds, each the median of repeats)",
+        "method": (
+            "puzzle.stages.profile.measure_decode_latency / measure_prefill_latency "
+            "(median of rounds, each the median of repeats)"
+        ),
         "timing": timing or "defaults (no measured library given)",
         "num_threads": timing.get("num_threads", torch.get_num_threads()),
     }
