@@ -87,5 +87,6 @@ def main() -> None:
                     f"(sd {statistics.pstdev(values):.3f}) over {len(values)} windows"
                 )
 
+
 if __name__ == "__main__":
     main()
