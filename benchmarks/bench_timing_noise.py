@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--windows", type=int, nargs="+", default=[5, 9, 15])
     ap.add_argument("--clocks", nargs="+", choices=["wall", "cpu"], help="default: the library's clock")
+    ap.add_argument("--flush", nargs="+", choices=["cold", "warm"], help="default: the library's cache flushing")
     args = ap.parse_args()
 
     library = json.loads((args.run_dir / "library.json").read_text())
@@ -67,26 +68,29 @@ def main() -> None:
         f"machine: {platform.processor() or platform.machine()}, {threads} thread(s); torch {torch.__version__}; "
         f"batch {batch}, context {context}; timing {timing}"
     )
-    clocks = args.clocks or [timing.pop("clock_kind", "wall")]
-    timing.pop("clock_kind", None)
-    rows: dict[str, list[tuple[float, float]]] = {kind: [] for kind in clocks}
+    clocks = args.clocks or [timing.get("clock_kind", "wall")]
+    flushes = args.flush or ["cold" if timing.get("flush") else "warm"]
+    for key in ("clock_kind", "flush"):
+        timing.pop(key, None)
+    ways = [(kind, flush) for kind in clocks for flush in flushes]
+    rows: dict[tuple[str, str], list[tuple[float, float]]] = {way: [] for way in ways}
     started = time.perf_counter()
     for r in range(args.rounds + 1):
-        for kind in clocks:
-            p = measure_decode_latency(parent, batch, context, clock_kind=kind, **timing).median_ms
-            c = measure_decode_latency(child, batch, context, clock_kind=kind, **timing).median_ms
+        for kind, flush in ways:
+            kw = {**timing, "clock_kind": kind, "flush": flush == "cold"}
+            p = measure_decode_latency(parent, batch, context, **kw).median_ms
+            c = measure_decode_latency(child, batch, context, **kw).median_ms
             if r:  # round 0 warms both up, as the evaluate stage's does
-                rows[kind].append((p, c))
-                print(f"round {r:3d} at {time.perf_counter() - started:6.1f} s, {kind:4s} clock: parent {p:.3f} ms, "
-                      f"child {c:.3f} ms, speed-up {p / c:.3f}")  # fmt: skip
-    for kind in clocks:
+                rows[kind, flush].append((p, c))
+                print(f"round {r:3d} at {time.perf_counter() - started:6.1f} s, {kind:4s} clock, {flush} cache: "
+                      f"parent {p:.3f} ms, child {c:.3f} ms, speed-up {p / c:.3f}")  # fmt: skip
+    for kind, flush in ways:
         for window in args.windows:
-            for name, values in estimators(rows[kind], window).items():
+            for name, values in estimators(rows[kind, flush], window).items():
                 print(
-                    f"{kind:4s} clock, {window:3d} rounds, {name:17s}: {min(values):.3f}-{max(values):.3f}x "
-                    f"(sd {statistics.pstdev(values):.3f}) over {len(values)} windows"
+                    f"{kind:4s} clock, {flush} cache, {window:3d} rounds, {name:17s}: {min(values):.3f}-"
+                    f"{max(values):.3f}x (sd {statistics.pstdev(values):.3f}) over {len(values)} windows"
                 )
-
 
 if __name__ == "__main__":
     main()
