@@ -92,5 +92,6 @@ def main() -> None:
                     f"{max(values):.3f}x (sd {statistics.pstdev(values):.3f}) over {len(values)} windows"
                 )
 
+
 if __name__ == "__main__":
     main()
