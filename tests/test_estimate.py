@@ -326,3 +326,31 @@ def test_ray_train_helper_actors_are_counted_at_the_light_actor_baseline(config)
     device.actor_base_bytes = 0.1 * 2**30
     assert stage_estimate(work, device).memory["baseline"] == pytest.approx(without - 5 * 1e8 / 2**30 + 0.5)
     assert without == pytest.approx((1e8 + 2 * 1e8 + 5 * 1e8 + 1e8) / 2**30)  # driver, workers, helpers, Ray
+
+
+def test_profile_holds_the_shell_and_one_round_of_block_models(config):
+    """The profiler keeps the fixed-cost shell and one round of block models alive, as many per round as fit in
+    profiling.round_gib at the parent block's size, in the search space's order; the estimate holds the same."""
+    from dataclasses import replace
+
+    from puzzle.estimate.stages import profile_stage
+    from puzzle.estimate.work import NOOP, block_params, fixed_params
+
+    parent = config.block_config(0)
+    small = BlockConfig(AttentionConfig(n_heads_in_group=4), FFNConfig(intermediate_size=16))
+    tiny = BlockConfig(AttentionConfig(no_op=True), FFNConfig(intermediate_size=8))
+    stack = 2
+
+    def model(block):  # bytes of a model of `stack` copies of the block (fp32)
+        return 4.0 * (stack * block_params(config, block) + fixed_params(config))
+
+    # Room for two parent-sized block models per round: rounds [parent, small] and [tiny].
+    round_gib = 2.5 * model(parent) / 2**30
+    shape = _job_shape(config, profiling={"stack": stack, "round_gib": round_gib, "flush": "never"})
+    shape = replace(shape, blocks=[[parent, small, tiny], [parent, small, tiny]])
+    shell = 4.0 * (fixed_params(config) + block_params(config, NOOP))
+    assert profile_stage(shape).memory.transient == pytest.approx(shell + model(parent) + model(small))
+    # Flushing adds the stopwatch's buffer, twice the last-level cache.
+    shape = replace(shape, job=shape.job, llc_bytes=1024)
+    shape.job.profiling.flush = "always"
+    assert profile_stage(shape).memory.transient == pytest.approx(shell + model(parent) + model(small) + 2048)

@@ -136,6 +136,7 @@ def job_shape(job: Any, device: Any, gpus: int | None) -> Any:
         parent_cached=cached,
         parent_source=source,
         llc_bytes=50 * 2**20 if gpu else _cpu_cache_bytes(),
+        device_memory_bytes=float(device.memory_bytes),
     )
 
 

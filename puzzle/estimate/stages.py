@@ -61,6 +61,8 @@ class JobShape:
 
     llc_bytes: int = 32 * 2**20
     """The last-level cache in front of the device's memory (the profiler flushes twice its size per timed step)."""
+    device_memory_bytes: float = 0.0
+    """The device's memory (a GPU's: the profiler keeps 30 % of it in block models at a time)."""
 
     def flush_bytes(self, batch: int) -> float:
         """Bytes a timed step's cache flush moves (profiling.flush; "auto": when the parent outgrows the cache): a
@@ -279,7 +281,7 @@ def profile_stage(s: JobShape) -> StageWork:
     context, prompt = target.context_len, target.prompt_len
     runs = cfg.warmup + cfg.repeats
     uniques = unique_blocks(s.blocks)
-    biggest = 0.0
+    flushing = False
     for b in target.batch_sizes:
         for blocks in [[NOOP], *([blk] * cfg.stack for blk in uniques)]:
             params = sum(block_params(config, x) for x in blocks) + fixed_params(config)
@@ -288,19 +290,38 @@ def profile_stage(s: JobShape) -> StageWork:
             pre_prompt = model_flops(config, blocks, prompt, head=False) + head_flops(config) / prompt
             step = decode_step(config, blocks, b, context, s.elem)
             flush = s.flush_bytes(b)
+            flushing = flushing or flush > 0
             lane.add(forward(runs, pre_ctx, b * context, s.width))
             timed = "decode_cold" if flush else "decode"
             lane.add(Pass(timed, runs * cfg.decode_steps, step.flops, b, s.width, 1.0, step.bytes, step.kernels))
             lane.add(forward(runs, pre_prompt, b * prompt, s.width))
             lane.add(Pass("memory", runs * (cfg.decode_steps + 1), flush))
-            biggest = max(biggest, params * s.elem)
     work.lanes = [lane]
     kv = max(target.batch_sizes) * context * config.num_key_value_heads * config.head_dim * 2 * s.elem
-    work.memory.transient = min(cfg.round_gib * 2**30, biggest * max(1, len(uniques))) + biggest
+    work.memory.transient = _profile_models_bytes(s, uniques) + (_flush_buffer(s) if flushing else 0.0)
     work.memory.kv_cache = kv * cfg.stack
     work.memory.processes = 1
     work.notes.append(f"{len(uniques)} unique blocks x {len(target.batch_sizes)} batch sizes, stacks of {cfg.stack}")
     return work
+
+
+def _flush_buffer(s: JobShape) -> float:
+    """The buffer a cache-flushing stopwatch holds: twice the last-level cache (puzzle.stages.profile.timing)."""
+    return 2.0 * s.llc_bytes
+
+
+def _profile_models_bytes(s: JobShape, uniques: Sequence[BlockConfig]) -> float:
+    """The most model bytes the profiler holds at once (puzzle.stages.profile.blocks.measure_batch): the fixed-cost
+    shell and one round's block models, `profiling.stack` copies each. A round holds as many as fit in
+    `profiling.round_gib` at the parent block's size (on a GPU: 30 % of its memory), in the order the blocks come."""
+    cfg, config = s.job.profiling, s.config
+    shell = float(fixed_params(config) + block_params(config, NOOP)) * s.elem
+    sizes = [float(cfg.stack * block_params(config, blk) + fixed_params(config)) * s.elem for blk in uniques]
+    parent_model = float(cfg.stack * block_params(config, parent_blocks(config)[0]) + fixed_params(config)) * s.elem
+    budget = 0.3 * s.device_memory_bytes if s.gpu else cfg.round_gib * 2**30
+    per_round = max(1, int(budget // max(parent_model, 1.0)))
+    rounds = [sizes[i : i + per_round] for i in range(0, len(sizes), per_round)] or [[]]
+    return shell + max(sum(r) for r in rounds)
 
 
 def _speed_rounds(s: JobShape, models: list[list[BlockConfig]], rounds: int) -> Lane:
@@ -348,6 +369,8 @@ def search_stage(s: JobShape) -> StageWork:
         work.notes.append(f"closed loop: {rounds} of at most {cfg.measure_rounds} rounds counted")
     work.memory.weights = (s.parent_params + s.child_params()) * s.elem
     work.memory.kv_cache = 2 * _kv(s, s.job.target.batch_sizes[0], s.job.target.context_len)
+    if rounds and s.flush_bytes(s.job.target.batch_sizes[0]):
+        work.memory.transient = _flush_buffer(s)
     return work
 
 
@@ -415,8 +438,10 @@ def evaluate_stage(s: JobShape) -> StageWork:
     work.driver = quality
     work.serial = [_speed_rounds(s, [parent_blocks(config), s.child], cfg.repeats)]
     work.memory.weights = (s.parent_params + s.child_params()) * s.elem
-    # A batch's parent and child logits, both log-softmaxes and the KL's elementwise terms, fp32.
-    work.memory.transient = 5 * rows * config.vocab_size * 4.0
+    # A batch's parent and child logits, both log-softmaxes and the KL's elementwise terms, fp32; then the timing's
+    # cache-flush buffer, if it flushes.
+    flush = _flush_buffer(s) if s.flush_bytes(s.job.target.batch_sizes[0]) else 0.0
+    work.memory.transient = max(5 * rows * config.vocab_size * 4.0, flush)
     work.memory.kv_cache = 2 * _kv(s, s.job.target.batch_sizes[0], s.job.target.context_len)
     return work
 
