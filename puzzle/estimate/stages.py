@@ -281,7 +281,6 @@ def profile_stage(s: JobShape) -> StageWork:
     context, prompt = target.context_len, target.prompt_len
     runs = cfg.warmup + cfg.repeats
     uniques = unique_blocks(s.blocks)
-    flushing = False
     for b in target.batch_sizes:
         for blocks in [[NOOP], *([blk] * cfg.stack for blk in uniques)]:
             params = sum(block_params(config, x) for x in blocks) + fixed_params(config)
@@ -290,7 +289,6 @@ def profile_stage(s: JobShape) -> StageWork:
             pre_prompt = model_flops(config, blocks, prompt, head=False) + head_flops(config) / prompt
             step = decode_step(config, blocks, b, context, s.elem)
             flush = s.flush_bytes(b)
-            flushing = flushing or flush > 0
             lane.add(forward(runs, pre_ctx, b * context, s.width))
             timed = "decode_cold" if flush else "decode"
             lane.add(Pass(timed, runs * cfg.decode_steps, step.flops, b, s.width, 1.0, step.bytes, step.kernels))
@@ -298,16 +296,17 @@ def profile_stage(s: JobShape) -> StageWork:
             lane.add(Pass("memory", runs * (cfg.decode_steps + 1), flush))
     work.lanes = [lane]
     kv = max(target.batch_sizes) * context * config.num_key_value_heads * config.head_dim * 2 * s.elem
-    work.memory.transient = _profile_models_bytes(s, uniques) + (_flush_buffer(s) if flushing else 0.0)
+    work.memory.transient = _profile_models_bytes(s, uniques) + max(_flush_buffer(s, b) for b in target.batch_sizes)
     work.memory.kv_cache = kv * cfg.stack
     work.memory.processes = 1
     work.notes.append(f"{len(uniques)} unique blocks x {len(target.batch_sizes)} batch sizes, stacks of {cfg.stack}")
     return work
 
 
-def _flush_buffer(s: JobShape) -> float:
-    """The buffer a cache-flushing stopwatch holds: twice the last-level cache (puzzle.stages.profile.timing)."""
-    return 2.0 * s.llc_bytes
+def _flush_buffer(s: JobShape, batch: int) -> float:
+    """The buffer a stopwatch holds when it flushes the cache at `batch`: half the bytes each flush moves (it is read
+    and written), twice the last-level cache (puzzle.stages.profile.timing); 0 when it does not flush."""
+    return s.flush_bytes(batch) / 2.0
 
 
 def _profile_models_bytes(s: JobShape, uniques: Sequence[BlockConfig]) -> float:
@@ -369,8 +368,8 @@ def search_stage(s: JobShape) -> StageWork:
         work.notes.append(f"closed loop: {rounds} of at most {cfg.measure_rounds} rounds counted")
     work.memory.weights = (s.parent_params + s.child_params()) * s.elem
     work.memory.kv_cache = 2 * _kv(s, s.job.target.batch_sizes[0], s.job.target.context_len)
-    if rounds and s.flush_bytes(s.job.target.batch_sizes[0]):
-        work.memory.transient = _flush_buffer(s)
+    if rounds:
+        work.memory.transient = _flush_buffer(s, s.job.target.batch_sizes[0])
     return work
 
 
@@ -440,8 +439,7 @@ def evaluate_stage(s: JobShape) -> StageWork:
     work.memory.weights = (s.parent_params + s.child_params()) * s.elem
     # A batch's parent and child logits, both log-softmaxes and the KL's elementwise terms, fp32; then the timing's
     # cache-flush buffer, if it flushes.
-    flush = _flush_buffer(s) if s.flush_bytes(s.job.target.batch_sizes[0]) else 0.0
-    work.memory.transient = max(5 * rows * config.vocab_size * 4.0, flush)
+    work.memory.transient = max(5 * rows * config.vocab_size * 4.0, _flush_buffer(s, s.job.target.batch_sizes[0]))
     work.memory.kv_cache = 2 * _kv(s, s.job.target.batch_sizes[0], s.job.target.context_len)
     return work
 
