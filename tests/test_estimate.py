@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 
@@ -152,6 +153,32 @@ def test_stage_time_is_its_slowest_lane_plus_driver_and_worker_starts():
     work.driver = Lane([Pass("init", 1, 1e8)])
     est = stage_estimate(work, _device(1e12))
     assert est.seconds == pytest.approx(20 * 1.0 + 1.0 + 2.0)
+
+
+def test_lanes_that_share_the_cpu_run_at_the_measured_slowdown():
+    device = _device(1e12)
+    device.shared = {2: 1.5}  # two one-thread processes at once each ran 1.5x slower than one alone
+    two = StageWork("bld", workers=2)
+    two.lanes = [Lane([Pass("forward", 10, 1e10)]), Lane([Pass("forward", 20, 1e10)])]
+    assert stage_estimate(two, device).seconds == pytest.approx(20 * 1.5 + 2.0)
+    one = StageWork("gkd", workers=1)
+    one.lanes = [Lane([Pass("forward", 20, 1e10)])]
+    assert stage_estimate(one, device).seconds == pytest.approx(20 + 2.0)
+    assert device.sharing(1) == 1.0 and device.sharing(2) == 1.5 and device.sharing(8) == 1.5
+    device.shared = {5: 2.0}  # linear between one thread and the measured count
+    assert device.sharing(3) == pytest.approx(1.5)
+    assert DeviceModel.from_dict(device.to_dict()).shared == {5: 2.0}
+
+
+@pytest.mark.integration
+def test_the_sharing_probe_times_one_process_alone_then_all_at_once():
+    from puzzle.estimate.calibrate import sharing_probe
+
+    lines = []
+    probe = sharing_probe(2, lines.append)
+    assert probe["alone"] > 0 and len(probe["shared"]) == 2 and all(t > 0 for t in probe["shared"])
+    assert probe["slowdown"] == pytest.approx(statistics.median(probe["shared"]) / probe["alone"])
+    assert "2 one-thread processes at once" in lines[-1]
 
 
 def test_a_stage_over_the_device_memory_is_refused(config):

@@ -5,7 +5,8 @@ model) at two widths and a few batch sizes, training all weights or a fraction s
 core (CPU); softmax + KL over a vocabulary; decode steps through a KV cache at two widths and depths, warm and from a
 cold cache, and the profiler's cache flush itself; random
 initialisation; a safetensors write; peak memory of training steps at several (batch, s) in fresh processes; a local
-Ray cluster's start, its daemons' memory and a worker's start; and one MIP solve. The throughput curve and the
+Ray cluster's start, its daemons' memory and a worker's start; one MIP solve; and (CPU) a one-thread training step in
+as many processes at once as there are cores, against the same step alone. The throughput curve and the
 memory curve (puzzle.estimate.fit) are fitted to them; the result is stored per device in the machine cache
 ($PUZZLE_CACHE/estimate/) and used by every later estimate on this device.
 """
@@ -432,6 +433,79 @@ def misc_probes(device: str) -> dict[str, Any]:
     return {"kind": "misc", "init_params_s": init, "disk_bytes_s": disk, "mip_s_per_variable": mip}
 
 
+# ----------------------------------------------------------------------------------------------- sharing cores
+
+
+SHARE_WIDTH, SHARE_ROWS, SHARE_STEPS = 512, 128, 5
+"""The sharing probe's step: training a 2-layer probe model of width 512 (25 MB of weights, from memory as a real
+parent's layers are) on 128 positions, one thread, timed SHARE_STEPS times."""
+
+
+def share_probe() -> None:
+    """Run in a fresh process, one of several: build the probe's model and warm it up, print "ready", then time
+    SHARE_STEPS training steps each time a line arrives on stdin (printing the median step's seconds as JSON), until
+    stdin closes. The caller starts every process's timing at once by writing the line to all of them."""
+    import torch
+
+    torch.set_num_threads(1)
+    model = _model(probe_config(SHARE_WIDTH, layers=2), "cpu", torch.float32).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    ids = torch.randint(VOCAB, (SHARE_ROWS // 128, 128))
+
+    def step() -> None:
+        model(input_ids=ids, use_cache=False).logits.float().logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        print(json.dumps({"seconds": _timed(step, lambda: None, SHARE_STEPS)}), flush=True)
+
+
+def sharing_probe(processes: int, log: Callable[[str], Any]) -> dict[str, Any]:
+    """How much slower a one-thread worker runs while `processes` of them share the CPU (Ray tasks and BLD trainers
+    of one CPU each): the first process times the step alone, then all `processes` time it at once. Returns
+    {"kind": "share", "processes", "alone": seconds, "shared": [seconds per process], "slowdown": median / alone}."""
+    cmd = [sys.executable, "-m", "puzzle.estimate.calibrate", "share"]
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def ready(proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            proc.kill()
+            raise RuntimeError(f"calibration sharing probe failed: {proc.communicate()[1].strip()[-400:]}")
+
+    def timed(procs: list[subprocess.Popen]) -> list[float]:
+        for proc in procs:  # one line each, written back to back: the timings start within a millisecond or so
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        return [float(json.loads(proc.stdout.readline())["seconds"]) for proc in procs]  # type: ignore[union-attr]
+
+    procs = [start()]
+    try:
+        ready(procs[0])
+        alone = timed(procs)[0]
+        procs += [start() for _ in range(processes - 1)]
+        for proc in procs[1:]:
+            ready(proc)
+        shared = timed(procs)
+    finally:
+        for proc in procs:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    slowdown = statistics.median(shared) / alone
+    log(f"calibrate: {processes} one-thread processes at once run {slowdown:.2f}x slower than one alone")
+    return {"kind": "share", "processes": processes, "alone": alone, "shared": shared, "slowdown": slowdown}
+
+
 # ----------------------------------------------------------------------------------------------- all together
 
 
@@ -461,6 +535,7 @@ def calibrate(device: str = "cpu", log: Callable[[str], Any] = print) -> Any:
     proc = _subprocess_json(["process"])
     ray = ray_probe(log)
     misc = misc_probes(device)
+    share = sharing_probe(cores, log) if not cuda and cores > 1 else None
     total = torch.cuda.get_device_properties(0).total_memory if cuda else psutil.virtual_memory().total
     model = DeviceModel(
         name=local_device_name(cuda),
@@ -485,8 +560,9 @@ def calibrate(device: str = "cpu", log: Callable[[str], Any] = print) -> Any:
         idle_worker_bytes=ray["idle_worker_bytes"],
         actor_base_bytes=ray["actor_bytes"],
         mip_s_per_variable=misc["mip_s_per_variable"],
+        shared={cores: share["slowdown"]} if share else {},
         memory=memory,
-        probes=probes + mem + [proc, ray, misc],
+        probes=probes + mem + [proc, ray, misc] + ([share] if share else []),
         dtype="bfloat16" if cuda else "float32",
     )
     path = save_calibration(model)
@@ -500,6 +576,8 @@ def main(argv: list[str]) -> int:
         print(json.dumps(memory_probe(int(argv[1]), int(argv[2]), argv[3], argv[4])))
     elif argv[0] == "process":
         print(json.dumps(process_probe()))
+    elif argv[0] == "share":
+        share_probe()
     else:
         raise SystemExit(f"unknown probe {argv[0]!r}")
     return 0

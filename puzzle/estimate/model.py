@@ -3,9 +3,10 @@
 Seconds of a pass, by kind: forward and train = FLOPs / T(b, s) (puzzle.estimate.fit, b the pass's arithmetic
 intensity); vocab = elements / the softmax-and-KL rate; decode = bytes x seconds per byte + kernels x seconds per
 kernel + FLOPs / T(b); init = parameters / the initialisation rate; disk = bytes / the write rate. A stage's time is its
-slowest lane plus the driver's passes, the start of its Ray workers and its solver time. Peak memory sums the
-processes' baselines (driver, Ray workers, Ray's daemons), weights (a shared parent once), optimizer state, the
-activations of every live batch (the b_max fit, inverted) and the forward temporaries and KV caches.
+slowest lane (on a CPU, slowed by the lanes that share its cores: `DeviceModel.shared`) plus the driver's passes, the
+start of its Ray workers and its solver time. Peak memory sums the processes' baselines (driver, Ray workers, Ray's
+daemons), weights (a shared parent once), optimizer state, the activations of every live batch (the b_max fit,
+inverted) and the forward temporaries and KV caches.
 
 A calibrated model comes from `puzzle estimate --calibrate` on the device (puzzle.estimate.calibrate); an uncalibrated
 one from the hardware table's peaks with fixed efficiencies (roofline only), and says so.
@@ -25,8 +26,9 @@ from puzzle.errors import ConfigError
 from puzzle.estimate.fit import MemoryFit, Throughput, intensity
 from puzzle.estimate.work import Pass, StageWork
 
-CALIBRATION_VERSION = 2
-"""2: decode_cold and stream (the profiler's cold-cache timing); a calibration of version 1 is made again."""
+CALIBRATION_VERSION = 3
+"""2: decode_cold and stream (the profiler's cold-cache timing); 3: shared (one-thread workers sharing the CPU). A
+calibration of an older version is made again."""
 # Roofline-only defaults for a named GPU nobody calibrated: fractions of the datasheet peaks that large kernels
 # reach (GEMMs 78-80 % of bf16 peak, copies 88 % of bandwidth, measured by benchmarks/hardware_roofline.py) lowered
 # for a whole training step's mix of kernels.
@@ -82,6 +84,9 @@ class DeviceModel:
     """One idle Ray worker: Ray keeps one per CPU started beside the stage's own."""
     actor_base_bytes: float = 0.0
     """A Ray actor that imports nothing beyond Ray (Ray Train's helper actors); 0: counted as a worker."""
+    shared: dict[int, float] = field(default_factory=dict)
+    """{processes: slowdown}: how much slower each of that many one-thread processes runs at once than one alone
+    (cores, caches and memory bandwidth shared). Empty (a GPU, one core, uncalibrated): no slowdown."""
     memory: MemoryFit = field(default_factory=lambda: MemoryFit(c0=1.0, c1=0.5))
     probes: list[dict[str, Any]] = field(default_factory=list)
     dtype: str = "float32"
@@ -117,6 +122,14 @@ class DeviceModel:
     def lane_seconds(self, lane) -> float:
         return sum(self.seconds(p, lane.threads) for p in lane.passes)
 
+    def sharing(self, threads: int) -> float:
+        """The slowdown of work running beside other work while `threads` threads are busy in all: 1 for one
+        thread, the measured slowdown at the measured count of processes, linear between, held beyond."""
+        if threads <= 1 or not self.shared:
+            return 1.0
+        n, slowdown = max(self.shared.items())
+        return 1.0 + (slowdown - 1.0) * min(1.0, (threads - 1) / max(n - 1, 1))
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["version"] = CALIBRATION_VERSION
@@ -132,6 +145,7 @@ class DeviceModel:
         for key in ("decode", "decode_cold"):
             d[key] = {int(t): tuple(v) for t, v in d.get(key, {}).items()}
         d["stream"] = {int(t): float(v) for t, v in d.get("stream", {}).items()}
+        d["shared"] = {int(n): float(v) for n, v in d.get("shared", {}).items()}
         d["memory"] = MemoryFit(**d["memory"])
         return cls(**d)
 
@@ -263,6 +277,9 @@ def stage_estimate(work: StageWork, device: DeviceModel, *, cpus: int = 1, dashb
     """Seconds and peak memory of one stage's work on `device`, in a Ray cluster of `cpus` CPUs (one pre-started
     idle worker each) with or without the dashboard when the stage uses Ray (`work.memory.ray`)."""
     lanes = [device.lane_seconds(lane) for lane in work.lanes]
+    if device.kind == "cpu" and len(lanes) > 1:  # workers running at once on one machine's cores slow each other
+        busy = min(device.cores, sum(lane.threads for lane in work.lanes))
+        lanes = [t * device.sharing(busy) for t in lanes]
     seconds = max(lanes, default=0.0) + sum(device.lane_seconds(lane) for lane in [work.driver, *work.serial])
     if work.workers:
         seconds += math.ceil(work.workers / max(1, len(work.lanes) or 1)) * device.worker_start_s
