@@ -63,9 +63,14 @@ def _model(config: Any, device: str, dtype: Any) -> Any:
     return random_model(config, parent_blocks(config), device, dtype)
 
 
-def _timed(fn: Callable[[], Any], sync: Callable[[], None], repeats: int = 2) -> float:
+def _timed(fn: Callable[[], Any], sync: Callable[[], None], repeats: int = 2, long_s: float = 1.0) -> float:
+    """Median seconds of `repeats` calls after one untimed call; one timed call when the untimed one took `long_s`
+    or more (a call that long averages over thousands of kernels already)."""
+    start = time.perf_counter()
     fn()
     sync()
+    if time.perf_counter() - start >= long_s:
+        repeats = 1
     out = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -295,13 +300,21 @@ def memory_probe(width: int, batch: int, fraction: str, device: str) -> dict[str
     }
 
 
-def _subprocess_json(args: list[str], timeout: float = 300) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, "-m", "puzzle.estimate.calibrate", *args], capture_output=True, text=True, timeout=timeout
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"calibration probe {args} failed: {out.stderr.strip()[-400:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _subprocesses_json(probes: list[list[str]], at_once: int, timeout: float = 300) -> list[dict[str, Any]]:
+    """Run each probe (its arguments) in a fresh process, `at_once` of them at a time; each one's JSON result.
+    Only probes that measure memory run side by side: their figures are their own process's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(args: list[str]) -> dict[str, Any]:
+        out = subprocess.run(
+            [sys.executable, "-m", "puzzle.estimate.calibrate", *args], capture_output=True, text=True, timeout=timeout
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"calibration probe {args} failed: {out.stderr.strip()[-400:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    with ThreadPoolExecutor(max(1, at_once)) as pool:
+        return list(pool.map(one, probes))
 
 
 def process_probe() -> dict[str, Any]:
@@ -524,15 +537,16 @@ def calibrate(device: str = "cpu", log: Callable[[str], Any] = print) -> Any:
     for threads in thread_counts:
         probes += compute_probes(device, threads, log)
     compute = fit_compute(probes)
-    mem = [
-        _subprocess_json(["memory", str(w), str(b), f, device])
-        for w, b, f in ((128, 2, "all"), (128, 8, "all"), (512, 4, "all"), (512, 8, "part"), (128, 8, "part"))
-    ]
+    # The memory probes and the import probe measure their own process's memory, so they run side by side (their
+    # imports are most of their time).
+    shapes = ((128, 2, "all"), (128, 8, "all"), (512, 4, "all"), (512, 8, "part"), (128, 8, "part"))
+    *mem, proc = _subprocesses_json(
+        [["memory", str(w), str(b), f, device] for w, b, f in shapes] + [["process"]], at_once=1 if cuda else cores
+    )
     memory = fit_memory(
         [p["batch"] for p in mem], [p["s"] for p in mem], [p["activation_bytes"] for p in mem], [p["used"] for p in mem]
     )
     log(f"calibrate: memory C0={memory.c0:.3f} C1={memory.c1:.3f}")
-    proc = _subprocess_json(["process"])
     ray = ray_probe(log)
     misc = misc_probes(device)
     share = sharing_probe(cores, log) if not cuda and cores > 1 else None
