@@ -446,9 +446,6 @@ def misc_probes(device: str) -> dict[str, Any]:
     return {"kind": "misc", "init_params_s": init, "disk_bytes_s": disk, "mip_s_per_variable": mip}
 
 
-# ----------------------------------------------------------------------------------------------- sharing cores
-
-
 SHARE_WIDTH, SHARE_ROWS, SHARE_STEPS = 512, 128, 5
 """The sharing probe's step: training a 2-layer probe model of width 512 (25 MB of weights, from memory as a real
 parent's layers are) on 128 positions, one thread, timed SHARE_STEPS times."""
