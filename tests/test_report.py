@@ -176,7 +176,8 @@ def test_speedup_baseline_is_the_parents_best_batch_within_the_budget(evaluation
     # The evaluation here measured no baseline apart, so the budget's measured figure is the same-batch one.
     assert report["speedup_measured_budget"] == report["speedup_measured"]
     assert "3.27x predicted**, 2.50x measured, the child at batch 2 over the parent at batch 1" in markdown
-    assert "2.50x measured**, 3.18x predicted, parent and child both at batch 2" in markdown
+    assert "2.50x measured**, 3.27x expected (error -23.6%; block sum)" in markdown
+    assert "Block sums alone: 3.18x predicted, parent and child both at batch 2" in markdown
     # Without the memory budget the parent's best is at batch 2: the baseline follows the budget.
     report, _ = _report(measured_at_2, library, solutions=solutions, chosen=0, budget={"speedup": 1.2}, target=target)
     assert report["search"]["parent_batch_size"] == 2
@@ -262,6 +263,17 @@ def test_a_closed_loop_search_is_reported_round_by_round(evaluation, library):
     assert report["speedup_predicted_corrected"] == pytest.approx(report["speedup_predicted"] * 0.9)
     assert report["speedup_corrected_error"] == pytest.approx(2.5 / report["speedup_predicted_corrected"] - 1.0)
     assert "other 1 measured round(s) (x0.900" in markdown
+    # The headline: what the search expected (the corrected block sum), against the measurement.
+    assert report["speedup_expected"] == report["speedup_predicted_corrected"]
+    assert report["speedup_expected_error"] == pytest.approx(2.5 / report["speedup_expected"] - 1.0)
+    assert (
+        "x 0.900, the cost model's error on the closed loop's 1 other measured round(s)"
+        in (report["speedup_expected_basis"])
+    )
+    assert markdown.splitlines()[2].startswith(
+        f"Decode speed-up: **2.50x measured**, {report['speedup_expected']:.2f}x expected "
+        f"({100 * report['speedup_expected_error']:+.1f}%"[:-1].replace("(", "(error ")
+    )
 
 
 def test_a_loop_met_in_its_first_round_leaves_the_prediction_uncorrected(evaluation, library):
@@ -270,3 +282,4 @@ def test_a_loop_met_in_its_first_round_leaves_the_prediction_uncorrected(evaluat
     report, _ = _report(evaluation, library, closed_loop=loop)
     assert report["speedup_correction"] == {"scale": 1.0, "rounds": 0}
     assert report["speedup_predicted_corrected"] == report["speedup_predicted"]
+    assert report["speedup_expected"] == report["speedup_predicted"] and report["speedup_expected_basis"] == "block sum"

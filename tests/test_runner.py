@@ -33,6 +33,10 @@ REPORT = {
     "child": {"params": 500, "test": {"lm_loss": 2.1, "top1": 0.49}, "throughput": {"decode_tok_s": 210.0}},
     "speedup_measured": 2.1,
     "speedup_predicted": 2.0,
+    "speedup_measured_budget": 2.1,
+    "speedup_expected": 1.95,
+    "speedup_expected_error": 2.1 / 1.95 - 1.0,
+    "speedup_expected_basis": "block sum 2.00x x 0.975, the cost model's error on the closed loop's 1 other round(s)",
 }
 
 
@@ -97,7 +101,8 @@ def test_run_writes_config_manifests_and_published_results(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[puzzle] stage a: start" in out and "[puzzle] stage c: done in" in out
     assert re.search(r"\[puzzle\] stage c: done in [\d.]+ s, peak memory [\d.]+ GiB\n", out)
-    assert "measured 2.10x, predicted 2.00x" in out  # the headline table, from report.json
+    # the headline table, from report.json
+    assert "measured 2.10x, expected 1.95x (error +7.7%; block sum 2.00x x 0.975, the cost model's" in out
 
 
 def test_rerun_skips_every_cached_stage(tmp_path, capsys):

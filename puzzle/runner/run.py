@@ -37,6 +37,7 @@ import argparse
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -321,16 +322,14 @@ def headline(report: dict[str, Any], run_dir: Path) -> str:
             d = d.get(key, {}) if isinstance(d, dict) else {}
         return d if not isinstance(d, dict) else None
 
+    measured, predicted = report.get("speedup_measured"), report.get("speedup_predicted")
     lines = [f"{'':<22}{'parent':>14}{'child':>14}"]
     lines += [f"{label:<22}{fmt(get(parent, keys)):>14}{fmt(get(child, keys)):>14}" for label, keys in rows]
     lines.append(
-        f"speed-up (decode): measured {fmt(report.get('speedup_measured'), '.2f')}x, "
-        f"predicted {fmt(report.get('speedup_predicted'), '.2f')}x"
-        + (
-            f" ({fmt(report['speedup_predicted_corrected'], '.2f')}x corrected by the closed loop's other rounds)"
-            if report.get("speedup_predicted_corrected") is not None
-            else ""
-        )
+        f"speed-up (decode): measured {fmt(report.get('speedup_measured_budget', measured), '.2f')}x, "
+        f"expected {fmt(report.get('speedup_expected', predicted), '.2f')}x "
+        f"(error {fmt(100 * report.get('speedup_expected_error', math.nan), '+.1f')}%; "
+        f"{report.get('speedup_expected_basis', 'block sum')})"
     )
     export = run_dir / "export"
     lines.append(f"export: {export if export.exists() else '-'}")
