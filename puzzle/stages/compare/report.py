@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from puzzle.common.atomic import write_atomic, write_json_atomic
+from puzzle.common.plots import pyplot, save_figure
 from puzzle.common.progress import fmt
 from puzzle.stages.compare.baselines import NOOP_BLOCK
-from puzzle.stages.export import pyplot, save_figure
 
 
 def describe(layers: dict[str, str]) -> str:
