@@ -266,13 +266,12 @@ def test_a_closed_loop_search_is_reported_round_by_round(evaluation, library):
     # The headline: what the search expected (the corrected block sum), against the measurement.
     assert report["speedup_expected"] == report["speedup_predicted_corrected"]
     assert report["speedup_expected_error"] == pytest.approx(2.5 / report["speedup_expected"] - 1.0)
-    assert (
+    assert report["speedup_expected_basis"].endswith(
         "x 0.900, the cost model's error on the closed loop's 1 other measured round(s)"
-        in (report["speedup_expected_basis"])
     )
     assert markdown.splitlines()[2].startswith(
         f"Decode speed-up: **2.50x measured**, {report['speedup_expected']:.2f}x expected "
-        f"({100 * report['speedup_expected_error']:+.1f}%"[:-1].replace("(", "(error ")
+        f"(error {100 * report['speedup_expected_error']:+.1f}%; {report['speedup_expected_basis']}). "
     )
 
 

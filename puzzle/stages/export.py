@@ -3,7 +3,7 @@
 report.json holds the parent and the child ({params, memory_mib, test: {lm_loss, ppl, kl, top1, top1_agreement},
 throughput: {prefill_tok_s, decode_tok_s, ...}}), their predicted figures from the block library, the per-layer
 architecture, target, budget and per-stage seconds, tokens and peak memory (`stages.<name>.peak_memory`, from the
-stage's manifest, puzzle.common.memory), and three speed-ups:
+stage's manifest, puzzle.common.memory), and the speed-ups:
 - speedup_predicted: the budget's speed-up, the child at its batch over the parent's best within the budget
   (`puzzle.stages.search.parent_baseline`), at search.batch_size and search.parent_batch_size;
 - speedup_measured: child over parent, both measured at the same batch (throughput_setup.batch_size);
