@@ -168,6 +168,8 @@ def test_lanes_that_share_the_cpu_run_at_the_measured_slowdown():
     device.shared = {5: 2.0}  # linear between one thread and the measured count
     assert device.sharing(3) == pytest.approx(1.5)
     assert DeviceModel.from_dict(device.to_dict()).shared == {5: 2.0}
+    device.shared = {2: 0.97}  # a probe that measured sharing as faster than alone measured noise
+    assert device.sharing(2) == 1.0
 
 
 @pytest.mark.integration
@@ -381,3 +383,22 @@ def test_profile_holds_the_shell_and_one_round_of_block_models(config):
     shape = replace(shape, job=shape.job, llc_bytes=1024)
     shape.job.profiling.flush = "always"
     assert profile_stage(shape).memory.transient == pytest.approx(shell + model(parent) + model(small) + 2048)
+
+
+def test_profile_on_a_cpu_runs_in_the_driver_and_on_a_remote_gpu_cluster_in_one_task(config, monkeypatch):
+    """The profiler times blocks in the driver (no worker to start or hold) unless the job joins a Ray cluster for
+    GPUs, where one GPU task does (puzzle.stages.profile.stage)."""
+    from dataclasses import replace
+
+    from puzzle.estimate.stages import profile_stage
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    shape = _job_shape(config)
+    work = profile_stage(shape)
+    assert (work.workers, work.memory.processes) == (0, 0)
+    device = _device(1e12)
+    assert stage_estimate(work, device).seconds == pytest.approx(device.lane_seconds(work.lanes[0]))
+    gpu = replace(shape, gpu=True)
+    assert (profile_stage(gpu).workers, profile_stage(gpu).memory.processes) == (0, 0)
+    gpu.job.cluster.address = "ray://head:10001"
+    assert (profile_stage(gpu).workers, profile_stage(gpu).memory.processes) == (1, 1)

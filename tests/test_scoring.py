@@ -166,7 +166,7 @@ def test_score_blocks_on_ray_matches_local(batches, ray_session):
 
 def test_streamed_scores_do_not_depend_on_layers_per_task_or_the_metric_chunk(batches):
     """Tasks of 1 or 3 layers, and metrics computed 5 positions at a time, give the scores of one whole pass."""
-    from puzzle.stages.score import _MetricTotals
+    from puzzle.stages.score import MetricTotals
 
     model = tiny_puzzle()
     one, _ = score_blocks(model, RandomBlockSource(), [VARIANTS] * 3, batches, group_size=1, progress=False)
@@ -174,7 +174,7 @@ def test_streamed_scores_do_not_depend_on_layers_per_task_or_the_metric_chunk(ba
     assert one == three
     cache = build_parent_cache(model, batches)
     layer = RandomBlockSource().build_layer(model, 2, VARIANTS[1])
-    small = _MetricTotals(chunk=5)
+    small = MetricTotals(chunk=5)
     for k, ids in enumerate(batches):
         model.model.layers[2], original = layer, model.model.layers[2]
         with torch.no_grad():

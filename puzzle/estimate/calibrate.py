@@ -103,6 +103,7 @@ def compute_probes(device: str, threads: int, log: Callable[[str], Any]) -> list
 
     from puzzle.estimate.work import decode_step, model_flops, parent_blocks
     from puzzle.stages.profile.timing import Stopwatch, measure_decode_latency
+    from puzzle.stages.score import MetricTotals, ParentTargets
 
     torch.set_num_threads(threads)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -177,19 +178,17 @@ def compute_probes(device: str, threads: int, log: Callable[[str], Any]) -> list
                 )
             del deep
         del model
-    # [positions, vocab] arrays of 128 MiB each: larger than any CPU cache, as a real vocabulary's are.
+    # The scoring stage's own metrics (log-softmax, KL against the parent, a gather, a max) on [positions, vocab]
+    # arrays of 128 MiB each: larger than any CPU cache, as a real vocabulary's are.
     vocab = 65536
-    logits = torch.randn(512, vocab, device=device)
-    probs = torch.softmax(torch.randn(512, vocab, device=device), -1)
-    ids = torch.randint(vocab, (512, 1), device=device)
+    logits = torch.randn(1, 512, vocab, device=device)
+    parent = ParentTargets.from_logp(F.log_softmax(torch.randn(1, 512, vocab, device=device), -1))
+    ids = torch.randint(vocab, (1, 512), device=device)
 
     def metrics() -> None:
-        logq = F.log_softmax(logits.float(), dim=-1)
-        (probs * logq).sum(-1)
-        logq.gather(-1, ids)
-        logq.amax(-1)
+        MetricTotals().add(logits, parent, ids)
 
-    probes.append({"kind": "vocab", "threads": threads, "elements": 512 * vocab, "seconds": _timed(metrics, sync, 3)})
+    probes.append({"kind": "vocab", "threads": threads, "elements": 512 * vocab, "seconds": _timed(metrics, sync, 5)})
     # The profiler's cache flush (puzzle.stages.profile.timing.Stopwatch): a buffer of twice the last-level cache,
     # read and written once per timed step.
     buffer = Stopwatch(torch.device(device), flush=True).buffer

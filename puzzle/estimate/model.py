@@ -26,9 +26,9 @@ from puzzle.errors import ConfigError
 from puzzle.estimate.fit import MemoryFit, Throughput, intensity
 from puzzle.estimate.work import Pass, StageWork
 
-CALIBRATION_VERSION = 3
-"""2: decode_cold and stream (the profiler's cold-cache timing); 3: shared (one-thread workers sharing the CPU). A
-calibration of an older version is made again."""
+CALIBRATION_VERSION = 4
+"""2: decode_cold and stream (the profiler's cold-cache timing); 3: shared (one-thread workers sharing the CPU); 4:
+the vocab rate timed on the scoring stage's own metrics code. A calibration of an older version is made again."""
 # Roofline-only defaults for a named GPU nobody calibrated: fractions of the datasheet peaks that large kernels
 # reach (GEMMs 78-80 % of bf16 peak, copies 88 % of bandwidth, measured by benchmarks/hardware_roofline.py) lowered
 # for a whole training step's mix of kernels.
@@ -128,6 +128,7 @@ class DeviceModel:
         if threads <= 1 or not self.shared:
             return 1.0
         n, slowdown = max(self.shared.items())
+        slowdown = max(slowdown, 1.0)  # below 1 is the probe's noise: sharing cores cannot make work faster
         return 1.0 + (slowdown - 1.0) * min(1.0, (threads - 1) / max(n - 1, 1))
 
     def to_dict(self) -> dict[str, Any]:

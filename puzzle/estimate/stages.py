@@ -272,11 +272,14 @@ def score_stage(s: JobShape) -> StageWork:
 def profile_stage(s: JobShape) -> StageWork:
     """puzzle.stages.profile (measure_batch): per target batch size, the fixed-cost model and a model of
     profiling.stack copies of every unique block, each built with random weights and run warmup + repeats times
-    for decode (a prefill to the context, untimed, then decode_steps steps) and for prefill."""
+    for decode (a prefill to the context, untimed, then decode_steps steps) and for prefill. The driver times them
+    itself, unless it joins a Ray cluster for GPUs, where one GPU task does (puzzle.stages.profile.stage)."""
+    from puzzle.runner.validate import ray_address
     from puzzle.stages.profile.costs import unique_blocks
 
     cfg, target, config = s.job.profiling, s.job.target, s.config
-    work = StageWork("profile", workers=1)
+    on_worker = 1 if s.gpu and ray_address(s.job) else 0
+    work = StageWork("profile", workers=on_worker)
     lane = Lane(threads=s.threads(cfg.num_threads or cfg.num_cpus))
     context, prompt = target.context_len, target.prompt_len
     runs = cfg.warmup + cfg.repeats
@@ -298,7 +301,7 @@ def profile_stage(s: JobShape) -> StageWork:
     kv = max(target.batch_sizes) * context * config.num_key_value_heads * config.head_dim * 2 * s.elem
     work.memory.transient = _profile_models_bytes(s, uniques) + max(_flush_buffer(s, b) for b in target.batch_sizes)
     work.memory.kv_cache = kv * cfg.stack
-    work.memory.processes = 1
+    work.memory.processes = on_worker
     work.notes.append(f"{len(uniques)} unique blocks x {len(target.batch_sizes)} batch sizes, stacks of {cfg.stack}")
     return work
 

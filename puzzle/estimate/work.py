@@ -199,7 +199,8 @@ def optimizer_step(calls: float, params: float) -> Pass:
 
 
 def vocab(calls: float, rows: int, config: Any) -> Pass:
-    """log-softmax, KL and a gather over [rows, vocab]."""
+    """One pass of metrics over [rows, vocab] logits: the rate is calibrated on the scoring stage's own
+    (puzzle.stages.score.MetricTotals: a log-softmax, the KL against the parent, a gather and a max)."""
     return Pass("vocab", calls, float(rows) * config.vocab_size, rows=rows, width=config.hidden_size)
 
 

@@ -111,7 +111,7 @@ def _logits(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return model.lm_head(model.model.norm(h))
 
 
-class _MetricTotals:
+class MetricTotals:
     """Token-weighted sums of the three metrics, accumulated in float64, a chunk of positions at a time (so the
     [positions, vocab] temporaries stay at `chunk` rows whatever the batch)."""
 
@@ -137,7 +137,8 @@ class _MetricTotals:
             kl = neg_ent[start:end] - (probs[start:end] * logq).sum(-1)
             target = nxt[start:end]
             has = target >= 0
-            nll = -logq[has].gather(-1, target[has, None]).squeeze(-1)
+            # Gathered, then masked: masking logq first would copy the whole [chunk, vocab] block.
+            nll = -logq.gather(-1, target.clamp(min=0)[:, None]).squeeze(-1)[has]
             # "The parent's top token is also the child's": a gather and a max, far cheaper than an argmax on CPU
             # (a tie for the child's maximum counts as agreement).
             agree = logq.gather(-1, top[start:end, None]).squeeze(-1) >= logq.amax(-1)
@@ -161,7 +162,7 @@ def build_parent_cache(
     batches: Iterable[torch.Tensor],
     device: torch.device | str = "cpu",
     layers: Iterable[int] | None = None,
-    totals: _MetricTotals | None = None,
+    totals: MetricTotals | None = None,
 ) -> ParentCache:
     """One parent pass per batch: the hidden state entering each of `layers` (default all), the parent's next-token
     distribution and its own metrics (also added to `totals` when given)."""
@@ -169,7 +170,7 @@ def build_parent_cache(
     blocks = list(model.model.layers)
     keep = set(range(len(blocks))) if layers is None else set(layers)
     cache = ParentCache(input_ids=[], hidden=[[] for _ in blocks], targets=[])
-    own = _MetricTotals()
+    own = MetricTotals()
     for ids in batches:
         ids = ids.to(device)
         position_ids = _position_ids(ids)
@@ -201,7 +202,7 @@ def _add_scores(model: nn.Module, cache: ParentCache, layer_idx: int, new_layer:
 @torch.no_grad()
 def score_layer_cached(model: nn.Module, cache: ParentCache, layer_idx: int, new_layer: nn.Module) -> dict[str, float]:
     """Metrics of the parent with layer `layer_idx` replaced by `new_layer`, from the cached prefix."""
-    totals = _MetricTotals()
+    totals = MetricTotals()
     _add_scores(model, cache, layer_idx, new_layer, totals)
     return totals.means()
 
@@ -213,7 +214,7 @@ def score_layer_naive(model: nn.Module, cache: ParentCache, layer_idx: int, new_
     original = layers[layer_idx]
     layers[layer_idx] = new_layer
     try:
-        totals = _MetricTotals()
+        totals = MetricTotals()
         for k, ids in enumerate(cache.input_ids):
             totals.add(model(input_ids=ids, use_cache=False).logits, cache.targets[k], ids)
         return totals.means()
@@ -247,9 +248,9 @@ def _score_shard(
             # Seeded per (layer, variant), not per task, so a score does not depend on how variants are grouped.
             seed_everything(derive_seed(seed, layer_idx, block.name))
             built.append((layer_idx, block.name, source.build_layer(model, layer_idx, block).to(device).eval()))
-    totals = {(i, name): _MetricTotals() for i, name, _ in built}
+    totals = {(i, name): MetricTotals() for i, name, _ in built}
     seconds = dict.fromkeys(totals, 0.0)
-    parent = _MetricTotals()
+    parent = MetricTotals()
     layers = {i for i, _ in shard}
     for ids in batches:
         cache = build_parent_cache(model, [ids], device, layers, parent)
@@ -414,7 +415,7 @@ def score_blocks(
 
 
 def _parent_only(parent: nn.Module, batches: list[torch.Tensor], device: str) -> dict[str, float]:
-    totals = _MetricTotals()
+    totals = MetricTotals()
     for ids in batches:
         build_parent_cache(parent, [ids], device, (), totals)
     return totals.means()
