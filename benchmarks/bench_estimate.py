@@ -3,7 +3,9 @@
     python benchmarks/bench_estimate.py RUN_DIR [RUN_DIR ...] [--warm]
 
 Each run directory's config.yaml (the job exactly as it ran) is estimated with this machine's calibration
-(`puzzle estimate --calibrate` first) as on a fresh machine (the parent not yet built or imported, as in a fresh-clone
+(`puzzle estimate --calibrate` first, with the install the runs used: a process's memory counts the pages of torch's
+and Ray's libraries it has mapped, about 0.1 GiB more in a fresh install than in one whose files the OS has partly
+evicted from its page cache) as on a fresh machine (the parent not yet built or imported, as in a fresh-clone
 acceptance run; --warm: as the cache is now) and compared with the seconds and peak memory (total PSS of the process
 tree) its stages' manifests recorded. Prints one table per run and the machine, versions and calibration it used.
 A stage the estimate does not model (the comparison's baselines, the serving engines) is listed apart and left out
