@@ -174,12 +174,15 @@ def test_lanes_that_share_the_cpu_run_at_the_measured_slowdown():
 
 @pytest.mark.integration
 def test_the_sharing_probe_times_one_process_alone_then_all_at_once():
+    from puzzle.estimate.calibrate import SHARE_ROUNDS as rounds
     from puzzle.estimate.calibrate import sharing_probe
 
     lines = []
     probe = sharing_probe(2, lines.append)
-    assert probe["alone"] > 0 and len(probe["shared"]) == 2 and all(t > 0 for t in probe["shared"])
-    assert probe["slowdown"] == pytest.approx(statistics.median(probe["shared"]) / probe["alone"])
+    assert len(probe["alone"]) == rounds and all(t > 0 for t in probe["alone"])
+    assert len(probe["shared"]) == 2 * rounds and all(t > 0 for t in probe["shared"])
+    ratio = statistics.median(probe["shared"]) / statistics.median(probe["alone"])
+    assert probe["slowdown"] == pytest.approx(ratio)
     assert "2 one-thread processes at once" in lines[-1]
 
 

@@ -445,9 +445,10 @@ def misc_probes(device: str) -> dict[str, Any]:
     return {"kind": "misc", "init_params_s": init, "disk_bytes_s": disk, "mip_s_per_variable": mip}
 
 
-SHARE_WIDTH, SHARE_ROWS, SHARE_STEPS = 512, 128, 5
+SHARE_WIDTH, SHARE_ROWS, SHARE_STEPS, SHARE_ROUNDS = 512, 128, 5, 3
 """The sharing probe's step: training a 2-layer probe model of width 512 (25 MB of weights, from memory as a real
-parent's layers are) on 128 positions, one thread, timed SHARE_STEPS times."""
+parent's layers are) on 128 positions, one thread, timed SHARE_STEPS times per round, SHARE_ROUNDS rounds alone and
+as many at once."""
 
 
 def share_probe() -> None:
@@ -474,8 +475,9 @@ def share_probe() -> None:
 
 def sharing_probe(processes: int, log: Callable[[str], Any]) -> dict[str, Any]:
     """How much slower a one-thread worker runs while `processes` of them share the CPU (Ray tasks and BLD trainers
-    of one CPU each): the first process times the step alone, then all `processes` time it at once. Returns
-    {"kind": "share", "processes", "alone": seconds, "shared": [seconds per process], "slowdown": median / alone}."""
+    of one CPU each): the first process times the step alone, then all `processes` time it at once, in turn
+    SHARE_ROUNDS times. Returns {"kind": "share", "processes", "alone": [seconds per round], "shared": [seconds per
+    process and round], "slowdown": median shared / median alone}."""
     cmd = [sys.executable, "-m", "puzzle.estimate.calibrate", "share"]
 
     def start() -> subprocess.Popen:
@@ -495,13 +497,17 @@ def sharing_probe(processes: int, log: Callable[[str], Any]) -> dict[str, Any]:
         return [float(json.loads(proc.stdout.readline())["seconds"]) for proc in procs]  # type: ignore[union-attr]
 
     procs = [start()]
+    alone: list[float] = []
+    shared: list[float] = []
     try:
-        ready(procs[0])
-        alone = timed(procs)[0]
         procs += [start() for _ in range(processes - 1)]
-        for proc in procs[1:]:
+        for proc in procs:
             ready(proc)
-        shared = timed(procs)
+        # Alone and at once in turn, SHARE_ROUNDS times each: a burst of the host's other load (a VM's cores are
+        # shared) then weighs on both sides instead of deciding the ratio.
+        for _ in range(SHARE_ROUNDS):
+            alone += timed(procs[:1])
+            shared += timed(procs)
     finally:
         for proc in procs:
             if proc.stdin is not None:
@@ -510,7 +516,7 @@ def sharing_probe(processes: int, log: Callable[[str], Any]) -> dict[str, Any]:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    slowdown = statistics.median(shared) / alone
+    slowdown = statistics.median(shared) / statistics.median(alone)
     log(f"calibrate: {processes} one-thread processes at once run {slowdown:.2f}x slower than one alone")
     return {"kind": "share", "processes": processes, "alone": alone, "shared": shared, "slowdown": slowdown}
 
