@@ -317,9 +317,12 @@ def _subprocesses_json(probes: list[list[str]], at_once: int, timeout: float = 3
 
 
 def process_probe() -> dict[str, Any]:
-    """Run in a fresh process: its PSS after importing what a `puzzle run` driver has imported by its later stages
-    (every stage's module, Ray Train, matplotlib for the report's plots). A driver that has also run stages holds
-    more than this (arenas and caches its work left): the estimate does not model that."""
+    """Run in a fresh process: its resident memory after importing what a `puzzle run` driver has imported by its
+    later stages (every stage's module, Ray Train, matplotlib for the report's plots). Resident, not PSS: the probe
+    runs beside the memory probes, which map the same libraries (torch's alone is 0.1-0.2 GiB of pages), and PSS
+    would split those pages with them, while a driver between Ray stages runs alone and holds them all. A driver
+    that has also run stages holds a little more than this (arenas and caches its work left, about 0.04 GiB on the
+    demo): the estimate does not model that."""
     import importlib
 
     import datasets  # noqa: F401
@@ -336,8 +339,7 @@ def process_probe() -> dict[str, Any]:
     for stage in build_stages():
         importlib.import_module(stage.run.__qualname__.rsplit(".", 1)[0])  # the adapter's "puzzle.stages.<x>.run"
 
-    info = psutil.Process().memory_full_info()
-    return {"kind": "process", "bytes": float(getattr(info, "pss", info.rss))}
+    return {"kind": "process", "bytes": float(psutil.Process().memory_info().rss)}
 
 
 def _pss(proc: Any) -> float:
