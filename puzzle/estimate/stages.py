@@ -227,9 +227,9 @@ def bld_stage(s: JobShape) -> StageWork:
 
 def score_stage(s: JobShape) -> StageWork:
     """puzzle.stages.score: Ray tasks of scoring.group_size consecutive layers, each a fresh worker (max_calls=1).
-    Per validation batch a task runs the parent once (keeping the states entering its layers and the parent's
-    targets), then every scored block of its layers from its layer to the LM head; each pass ends in softmax/KL
-    over the vocabulary. Which blocks and tasks: the stage's own scored_blocks and shards."""
+    A task first builds its blocks' layers. Per validation batch it runs the parent once (keeping the states entering
+    its layers and the parent's targets), then every scored block of its layers from its layer to the LM head; each
+    pass ends in the metrics over the vocabulary. Which blocks and tasks: the stage's own scored_blocks and shards."""
     from puzzle.stages.score import pairs_mode, scored_blocks, shards
 
     cfg, config = s.job.scoring, s.config
@@ -243,6 +243,8 @@ def score_stage(s: JobShape) -> StageWork:
     lanes = []
     for shard in tasks:
         lane = Lane(threads=threads)
+        # The task builds each of its blocks' layers first (constructed, then given the library's weights).
+        lane.add(Pass("init", 1, float(sum(block_params(config, b) for _, bl in shard for b in bl))))
         lane.add(forward(batches, full, rows, s.width), vocab(2 * batches, rows, config))
         for i, blocks in shard:
             tail = sum(block_flops(config, parent[j], s.seq_len) for j in range(i + 1, len(parent))) + head_flops(
