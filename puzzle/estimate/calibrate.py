@@ -534,6 +534,11 @@ def calibrate(device: str = "cpu", log: Callable[[str], Any] = print) -> Any:
     from puzzle.estimate.model import DeviceModel, local_device_name, save_calibration
 
     started = time.perf_counter()
+    plain = log
+
+    def log(message: str) -> Any:  # each line says how long calibration has run
+        return plain(f"{message} [{time.perf_counter() - started:.0f} s]")
+
     cores = os.cpu_count() or 1
     cuda = device.startswith("cuda")
     thread_counts = [1] if cuda else sorted({1, cores})
@@ -553,6 +558,7 @@ def calibrate(device: str = "cpu", log: Callable[[str], Any] = print) -> Any:
     log(f"calibrate: memory C0={memory.c0:.3f} C1={memory.c1:.3f}")
     ray = ray_probe(log)
     misc = misc_probes(device)
+    log("calibrate: initialisation, disk and solver probes done")
     share = sharing_probe(cores, log) if not cuda and cores > 1 else None
     total = torch.cuda.get_device_properties(0).total_memory if cuda else psutil.virtual_memory().total
     model = DeviceModel(
@@ -584,7 +590,7 @@ def calibrate(device: str = "cpu", log: Callable[[str], Any] = print) -> Any:
         dtype="bfloat16" if cuda else "float32",
     )
     path = save_calibration(model)
-    log(f"calibrate: {model.name} in {time.perf_counter() - started:.0f} s -> {path}")
+    plain(f"calibrate: {model.name} in {time.perf_counter() - started:.0f} s -> {path}")
     return model
 
 
