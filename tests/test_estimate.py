@@ -174,8 +174,8 @@ def test_lanes_that_share_the_cpu_run_at_the_measured_slowdown():
 
 @pytest.mark.integration
 def test_the_sharing_probe_times_one_process_alone_then_all_at_once():
-    from puzzle.estimate.calibrate import SHARE_ROUNDS as rounds
-    from puzzle.estimate.calibrate import sharing_probe
+    from puzzle.estimate.sharing import SHARE_ROUNDS as rounds
+    from puzzle.estimate.sharing import sharing_probe
 
     lines = []
     probe = sharing_probe(2, lines.append)

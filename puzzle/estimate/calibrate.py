@@ -25,59 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from puzzle.estimate.fit import fit_memory, fit_throughput, intensity
+from puzzle.estimate.probes import VOCAB, probe_config, probe_model, timed
 
 WIDTHS = (128, 512)
 ROWS = (128, 512, 1536)
-LAYERS = {128: 2, 512: 6}
-"""Layers per probe width: the narrow model (1.6 MB of weights) runs from the cache as small parents do, the wide one
-(75 MB) from memory as real parents do. A 2-layer wide probe, small enough to stay in this CPU's 32 MB cache, ran
-149 GFLOP/s at 512 rows and 2 threads, where SmolLM2's layers and LM head ran 110-118 GFLOP/s inside scoring."""
-VOCAB = 1024
-
-
-def probe_config(width: int, layers: int | None = None, vocab: int = VOCAB) -> Any:
-    """A Llama-shaped PuzzleConfig: heads of 64, half as many KV heads, SwiGLU FFN of 3 x width."""
-    from transformers import LlamaConfig
-
-    from puzzle.hf.convert import puzzle_config_from_hf
-
-    heads = max(2, width // 64)
-    hf = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=width,
-        intermediate_size=3 * width,
-        num_hidden_layers=layers or LAYERS.get(width, 2),
-        num_attention_heads=heads,
-        num_key_value_heads=heads // 2,
-        head_dim=64,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    )
-    return puzzle_config_from_hf(hf)
-
-
-def _model(config: Any, device: str, dtype: Any) -> Any:
-    from puzzle.estimate.work import parent_blocks
-    from puzzle.stages.profile.blocks import random_model
-
-    return random_model(config, parent_blocks(config), device, dtype)
-
-
-def _timed(fn: Callable[[], Any], sync: Callable[[], None], repeats: int = 2, long_s: float = 1.0) -> float:
-    """Median seconds of `repeats` calls after one untimed call; one timed call when the untimed one took `long_s`
-    or more (a call that long averages over thousands of kernels already)."""
-    start = time.perf_counter()
-    fn()
-    sync()
-    if time.perf_counter() - start >= long_s:
-        repeats = 1
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - start)
-    return statistics.median(out)
 
 
 def _trainable(model: Any, fraction: str) -> float:
@@ -115,13 +66,13 @@ def compute_probes(device: str, threads: int, log: Callable[[str], Any]) -> list
     probes = []
     for width in WIDTHS:
         config = probe_config(width)
-        model = _model(config, device, dtype)
+        model = probe_model(config, device, dtype)
         for rows in ROWS:
             seq = min(rows, 128)
             ids = torch.randint(VOCAB, (rows // seq, seq), device=device)
             flops = model_flops(config, parent_blocks(config), seq) * rows
             with torch.no_grad():
-                t = _timed(lambda ids=ids, model=model: model(input_ids=ids, use_cache=False), sync)
+                t = timed(lambda ids=ids, model=model: model(input_ids=ids, use_cache=False), sync)
             probes.append(
                 {
                     "kind": "forward",
@@ -144,7 +95,7 @@ def compute_probes(device: str, threads: int, log: Callable[[str], Any]) -> list
                     opt.zero_grad(set_to_none=True)
 
                 model.train()
-                t = _timed(step, sync)
+                t = timed(step, sync)
                 model.eval()
                 # Counted as 3 x the forward whatever is trained (work.train does the same): T(b, s) absorbs s.
                 probes.append(
@@ -159,7 +110,7 @@ def compute_probes(device: str, threads: int, log: Callable[[str], Any]) -> list
                     }
                 )
         for depth in (2, 8):
-            deep = _model(probe_config(width, layers=depth), device, dtype)
+            deep = probe_model(probe_config(width, layers=depth), device, dtype)
             step = decode_step(deep.config, parent_blocks(deep.config), 1, 64, dtype.itemsize)
             # Warm, as generation runs, and from a cold cache, as the profiler times with profiling.flush.
             for kind, flush in (("decode", False), ("decode_cold", True)):
@@ -188,13 +139,13 @@ def compute_probes(device: str, threads: int, log: Callable[[str], Any]) -> list
     def metrics() -> None:
         MetricTotals().add(logits, parent, ids)
 
-    probes.append({"kind": "vocab", "threads": threads, "elements": 512 * vocab, "seconds": _timed(metrics, sync, 5)})
+    probes.append({"kind": "vocab", "threads": threads, "elements": 512 * vocab, "seconds": timed(metrics, sync, 5)})
     # The profiler's cache flush (puzzle.stages.profile.timing.Stopwatch): a buffer of twice the last-level cache,
     # read and written once per timed step.
     buffer = Stopwatch(torch.device(device), flush=True).buffer
     assert buffer is not None
     moved = 2.0 * buffer.numel() * buffer.element_size()
-    seconds = _timed(lambda: buffer.add_(1.0), sync, 5)
+    seconds = timed(lambda: buffer.add_(1.0), sync, 5)
     probes.append({"kind": "stream", "threads": threads, "bytes": moved, "seconds": seconds})
     log(f"calibrate: compute probes at {threads} thread(s) done")
     return probes
@@ -245,7 +196,7 @@ def memory_probe(width: int, batch: int, fraction: str, device: str) -> dict[str
     torch.set_num_threads(1)
     cuda = device.startswith("cuda")
     config = probe_config(width)
-    model = _model(config, device, torch.float32).train()
+    model = probe_model(config, device, torch.float32).train()
     s = _trainable(model, fraction)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)
@@ -420,7 +371,7 @@ def misc_probes(device: str) -> dict[str, Any]:
 
     config = probe_config(512, layers=8)
     start = time.perf_counter()
-    model = _model(config, device, torch.float32)
+    model = probe_model(config, device, torch.float32)
     init = sum(p.numel() for p in model.parameters()) / (time.perf_counter() - start)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     size = sum(v.numel() * v.element_size() for v in state.values())
@@ -447,82 +398,6 @@ def misc_probes(device: str) -> dict[str, Any]:
     return {"kind": "misc", "init_params_s": init, "disk_bytes_s": disk, "mip_s_per_variable": mip}
 
 
-SHARE_WIDTH, SHARE_ROWS, SHARE_STEPS, SHARE_ROUNDS = 512, 128, 5, 3
-"""The sharing probe's step: training a 2-layer probe model of width 512 (25 MB of weights, from memory as a real
-parent's layers are) on 128 positions, one thread, timed SHARE_STEPS times per round, SHARE_ROUNDS rounds alone and
-as many at once."""
-
-
-def share_probe() -> None:
-    """Run in a fresh process, one of several: build the probe's model and warm it up, print "ready", then time
-    SHARE_STEPS training steps each time a line arrives on stdin (printing the median step's seconds as JSON), until
-    stdin closes. The caller starts every process's timing at once by writing the line to all of them."""
-    import torch
-
-    torch.set_num_threads(1)
-    model = _model(probe_config(SHARE_WIDTH, layers=2), "cpu", torch.float32).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    ids = torch.randint(VOCAB, (SHARE_ROWS // 128, 128))
-
-    def step() -> None:
-        model(input_ids=ids, use_cache=False).logits.float().logsumexp(-1).mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()
-    print("ready", flush=True)
-    for _ in sys.stdin:
-        print(json.dumps({"seconds": _timed(step, lambda: None, SHARE_STEPS)}), flush=True)
-
-
-def sharing_probe(processes: int, log: Callable[[str], Any]) -> dict[str, Any]:
-    """How much slower a one-thread worker runs while `processes` of them share the CPU (Ray tasks and BLD trainers
-    of one CPU each): the first process times the step alone, then all `processes` time it at once, in turn
-    SHARE_ROUNDS times. Returns {"kind": "share", "processes", "alone": [seconds per round], "shared": [seconds per
-    process and round], "slowdown": median shared / median alone}."""
-    cmd = [sys.executable, "-m", "puzzle.estimate.calibrate", "share"]
-
-    def start() -> subprocess.Popen:
-        return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def ready(proc: subprocess.Popen) -> None:
-        assert proc.stdout is not None
-        if proc.stdout.readline().strip() != "ready":
-            proc.kill()
-            raise RuntimeError(f"calibration sharing probe failed: {proc.communicate()[1].strip()[-400:]}")
-
-    def timed(procs: list[subprocess.Popen]) -> list[float]:
-        for proc in procs:  # one line each, written back to back: the timings start within a millisecond or so
-            assert proc.stdin is not None
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-        return [float(json.loads(proc.stdout.readline())["seconds"]) for proc in procs]  # type: ignore[union-attr]
-
-    procs = [start()]
-    alone: list[float] = []
-    shared: list[float] = []
-    try:
-        procs += [start() for _ in range(processes - 1)]
-        for proc in procs:
-            ready(proc)
-        # Alone and at once in turn, SHARE_ROUNDS times each: a burst of the host's other load (a VM's cores are
-        # shared) then weighs on both sides instead of deciding the ratio.
-        for _ in range(SHARE_ROUNDS):
-            alone += timed(procs[:1])
-            shared += timed(procs)
-    finally:
-        for proc in procs:
-            if proc.stdin is not None:
-                proc.stdin.close()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    slowdown = statistics.median(shared) / statistics.median(alone)
-    log(f"calibrate: {processes} one-thread processes at once run {slowdown:.2f}x slower than one alone")
-    return {"kind": "share", "processes": processes, "alone": alone, "shared": shared, "slowdown": slowdown}
-
-
 # ----------------------------------------------------------------------------------------------- all together
 
 
@@ -532,6 +407,7 @@ def calibrate(device: str = "cpu", log: Callable[[str], Any] = print) -> Any:
     import torch
 
     from puzzle.estimate.model import DeviceModel, local_device_name, save_calibration
+    from puzzle.estimate.sharing import sharing_probe
 
     started = time.perf_counter()
     plain = log
@@ -601,6 +477,8 @@ def main(argv: list[str]) -> int:
     elif argv[0] == "process":
         print(json.dumps(process_probe()))
     elif argv[0] == "share":
+        from puzzle.estimate.sharing import share_probe
+
         share_probe()
     else:
         raise SystemExit(f"unknown probe {argv[0]!r}")
