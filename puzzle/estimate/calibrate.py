@@ -272,8 +272,8 @@ def process_probe() -> dict[str, Any]:
     later stages (every stage's module, Ray Train, matplotlib for the report's plots). Resident, not PSS: the probe
     runs beside the memory probes, which map the same libraries (torch's alone is 0.1-0.2 GiB of pages), and PSS
     would split those pages with them, while a driver between Ray stages runs alone and holds them all. A driver
-    that has also run stages holds a little more than this (arenas and caches its work left, about 0.04 GiB on the
-    demo): the estimate does not model that."""
+    that has also run stages holds more than this (arenas, caches and library pages its work left: 0.2 GiB more at
+    the demo's evaluate stage than this probe measured in the same install): the estimate does not model that."""
     import importlib
 
     import datasets  # noqa: F401
@@ -410,10 +410,10 @@ def calibrate(device: str = "cpu", log: Callable[[str], Any] = print) -> Any:
     from puzzle.estimate.sharing import sharing_probe
 
     started = time.perf_counter()
-    plain = log
+    say = log
 
-    def log(message: str) -> Any:  # each line says how long calibration has run
-        return plain(f"{message} [{time.perf_counter() - started:.0f} s]")
+    def log(message: str) -> Any:  # the probes' lines, each with how long calibration has run
+        return say(f"{message} [{time.perf_counter() - started:.0f} s]")
 
     cores = os.cpu_count() or 1
     cuda = device.startswith("cuda")
@@ -466,7 +466,7 @@ def calibrate(device: str = "cpu", log: Callable[[str], Any] = print) -> Any:
         dtype="bfloat16" if cuda else "float32",
     )
     path = save_calibration(model)
-    plain(f"calibrate: {model.name} in {time.perf_counter() - started:.0f} s -> {path}")
+    say(f"calibrate: {model.name} in {time.perf_counter() - started:.0f} s -> {path}")
     return model
 
 

@@ -59,7 +59,7 @@ def sharing_probe(processes: int, log: Callable[[str], Any]) -> dict[str, Any]:
             proc.kill()
             raise RuntimeError(f"calibration sharing probe failed: {proc.communicate()[1].strip()[-400:]}")
 
-    def timed(procs: list[subprocess.Popen]) -> list[float]:
+    def run_round(procs: list[subprocess.Popen]) -> list[float]:
         for proc in procs:  # one line each, written back to back: the timings start within a millisecond or so
             assert proc.stdin is not None
             proc.stdin.write("go\n")
@@ -76,8 +76,8 @@ def sharing_probe(processes: int, log: Callable[[str], Any]) -> dict[str, Any]:
         # Alone and at once in turn, SHARE_ROUNDS times each: a burst of the host's other load (a VM's cores are
         # shared) then weighs on both sides instead of deciding the ratio.
         for _ in range(SHARE_ROUNDS):
-            alone += timed(procs[:1])
-            shared += timed(procs)
+            alone += run_round(procs[:1])
+            shared += run_round(procs)
     finally:
         for proc in procs:
             if proc.stdin is not None:
