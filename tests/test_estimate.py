@@ -386,6 +386,12 @@ def test_profile_holds_the_shell_and_one_round_of_block_models(config):
     shape = replace(shape, job=shape.job, llc_bytes=1024)
     shape.job.profiling.flush = "always"
     assert profile_stage(shape).memory.transient == pytest.approx(shell + model(parent) + model(small) + 2048)
+    # profiling.flush_mib caps the buffer, and what each flush moves (read and written).
+    shape = replace(shape, llc_bytes=2**20)
+    assert shape.flush_bytes(1) == pytest.approx(4 * 2**20)
+    shape.job.profiling.flush_mib = 0.5
+    assert shape.flush_bytes(1) == pytest.approx(2**20)
+    assert profile_stage(shape).memory.transient == pytest.approx(shell + model(parent) + model(small) + 2**19)
 
 
 def test_profile_on_a_cpu_runs_in_the_driver_and_on_a_remote_gpu_cluster_in_one_task(config, monkeypatch):

@@ -287,6 +287,21 @@ def test_clock_and_cache_flush_settings():
     watch = Stopwatch(cpu, "cpu", flush=True)
     assert watch.buffer is not None and watch.buffer.numel() * 4 == 2 * last_level_cache_bytes(cpu)
     assert watch(lambda: torch.ones(64, 64) @ torch.ones(64, 64)) >= 0.0
+    # profiling.flush_mib caps the buffer; a cap above twice the cache changes nothing.
+    assert Stopwatch(cpu, "wall", flush=True, flush_mib=0.5).buffer.numel() * 4 == 2**19
+    big = 4 * last_level_cache_bytes(cpu) / 2**20
+    assert Stopwatch(cpu, "wall", flush=True, flush_mib=big).buffer.numel() * 4 == 2 * last_level_cache_bytes(cpu)
+    assert Stopwatch(cpu, "wall", flush=False, flush_mib=0.5).buffer is None
+    with pytest.raises(ConfigError, match="profiling.flush_mib"):
+        ProfilingConfig(flush_mib=0)
+    # The cap is a timing setting: recorded in the library, and the end-to-end timing flushes the same buffer.
+    from puzzle.stages.evaluate import timing_from_library
+
+    settings = ProfilingConfig(flush="always", flush_mib=48).timing()
+    assert settings["flush_mib"] == 48
+    metadata = {"source": "measured", "settings": settings, "cold_cache_by_batch": {"1": True}}
+    timing = timing_from_library(metadata, 1)
+    assert timing["flush"] is True and timing["flush_mib"] == 48
 
 
 def test_profile_blocks_in_one_ray_task(ray_session, tmp_path):

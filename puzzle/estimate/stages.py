@@ -66,7 +66,7 @@ class JobShape:
 
     def flush_bytes(self, batch: int) -> float:
         """Bytes a timed step's cache flush moves (profiling.flush; "auto": when the parent outgrows the cache): a
-        buffer of twice the cache read and written."""
+        buffer of twice the cache (at most profiling.flush_mib) read and written."""
         from puzzle.stages.profile.blocks import working_set_bytes
 
         mode = self.job.profiling.flush
@@ -74,7 +74,10 @@ class JobShape:
             on = working_set_bytes(self.config, batch, self.job.target.context_len, self.elem) > self.llc_bytes
         else:
             on = mode == "always"
-        return 4.0 * self.llc_bytes if on else 0.0
+        buffer = 2.0 * self.llc_bytes
+        if self.job.profiling.flush_mib is not None:
+            buffer = min(buffer, self.job.profiling.flush_mib * 2**20)
+        return 2.0 * buffer if on else 0.0
 
     @property
     def seq_len(self) -> int:
@@ -310,7 +313,8 @@ def profile_stage(s: JobShape) -> StageWork:
 
 def _flush_buffer(s: JobShape, batch: int) -> float:
     """The buffer a stopwatch holds when it flushes the cache at `batch`: half the bytes each flush moves (it is read
-    and written), twice the last-level cache (puzzle.stages.profile.timing); 0 when it does not flush."""
+    and written), twice the last-level cache at most profiling.flush_mib (puzzle.stages.profile.timing); 0 when it
+    does not flush."""
     return s.flush_bytes(batch) / 2.0
 
 

@@ -195,6 +195,8 @@ def timing_from_library(metadata: dict[str, Any] | None, batch_size: int) -> dic
     for key in ("warmup", "repeats"):
         if key in settings:
             timing[key] = int(settings[key])
+    if settings.get("flush_mib") is not None:
+        timing["flush_mib"] = float(settings["flush_mib"])
     return timing
 
 
@@ -219,7 +221,8 @@ def measure_throughput(
     estimate: `benchmarks/bench_timing_noise.py` ranks the median of rounds well ahead of the fastest round
     (docs/method.md §7). One untimed round goes first (the first timings after a model is placed ran up to 20 %
     apart for two copies of one architecture on a 2-core VM). `timing` (see timing_from_library): num_threads,
-    steps, warmup, repeats, clock_kind and flush, as the profiler used them; the thread count is restored afterwards.
+    steps, warmup, repeats, clock_kind, flush and flush_mib, as the profiler used them; the thread count is restored
+    afterwards.
     """
     from puzzle.stages.profile import measure_decode_latency, measure_prefill_latency
 

@@ -131,7 +131,7 @@ def measure_batch(
     """
     k = settings.stack
     flush = flush_cache(settings, config, batch_size, context_len, dtype, device)
-    watch = Stopwatch(device, settings.clock, flush)
+    watch = Stopwatch(device, settings.clock, flush, settings.flush_mib)
     noop = BlockConfig(AttentionConfig(no_op=True), FFNConfig(no_op=True))
     shell = random_model(config, [noop], device, dtype)
     fixed: dict[str, list[float]] = {"decode": [], "prefill": []}

@@ -163,20 +163,29 @@ def last_level_cache_bytes(device: torch.device) -> int:
     return max(sizes, default=32 * 2**20)
 
 
+def flush_buffer_bytes(device: torch.device, flush_mib: float | None = None) -> int:
+    """Bytes of the buffer a cold-cache flush rewrites: twice the last-level cache, at most `flush_mib` MiB."""
+    size = 2 * last_level_cache_bytes(device)
+    return size if flush_mib is None else min(size, int(flush_mib * 2**20))
+
+
 class Stopwatch:
     """Times pieces of work on a device in milliseconds: synchronised, optionally starting from a cold cache.
 
-    With `flush`, a buffer twice the last-level cache is rewritten before each piece, so the weights it reads come
-    from memory as they do inside a whole model, where every other layer and the LM head pass through the cache
-    between two uses of the same weights. Without it, a block timed alone would run from a warm cache.
+    With `flush`, a buffer twice the last-level cache (at most `flush_mib` MiB) is rewritten before each piece, so
+    the weights it reads come from memory as they do inside a whole model, where every other layer and the LM head
+    pass through the cache between two uses of the same weights. Without it, a block timed alone would run from a
+    warm cache.
     """
 
-    def __init__(self, device: torch.device, clock_kind: str = "wall", flush: bool = False) -> None:
+    def __init__(
+        self, device: torch.device, clock_kind: str = "wall", flush: bool = False, flush_mib: float | None = None
+    ) -> None:
         if not isinstance(flush, bool):
             raise ConfigError(f"flush={flush!r} must be True or False here (resolve 'auto' with blocks.flush_cache)")
         self.device = device
         self.now = clock(clock_kind, device)
-        size = 2 * last_level_cache_bytes(device) // 4 if flush else 0
+        size = flush_buffer_bytes(device, flush_mib) // 4 if flush else 0
         self.buffer = torch.zeros(size, device=device) if size else None
 
     def __call__(self, work: Callable[[], Any]) -> float:
@@ -236,14 +245,15 @@ def measure_decode_latency(
     repeats: int = 5,
     clock_kind: str = "wall",
     flush: bool = False,
+    flush_mib: float | None = None,
 ) -> LatencyStats:
     """Milliseconds per generated token (one forward for the whole batch) with a KV cache of `context_len` tokens.
 
     Each run prefills `context_len` random tokens (not timed), then times `steps` single-token forwards through the
     model's own DynamicCache one by one, as generation does minus sampling: the figure is the mean time per step.
-    `clock_kind` and `flush` (cold cache before each step): see `clock` and `Stopwatch`.
+    `clock_kind`, `flush` (cold cache before each step) and `flush_mib`: see `clock` and `Stopwatch`.
     """
-    watch = Stopwatch(_model_device(model), clock_kind, flush)
+    watch = Stopwatch(_model_device(model), clock_kind, flush, flush_mib)
     return timed_repeats(decode_runner(model.eval(), batch_size, context_len, steps, watch), warmup, repeats)
 
 
@@ -256,7 +266,8 @@ def measure_prefill_latency(
     repeats: int = 5,
     clock_kind: str = "wall",
     flush: bool = False,
+    flush_mib: float | None = None,
 ) -> LatencyStats:
     """Milliseconds to prefill `prompt_len` tokens for the whole batch (KV cache filled, last-token logits only)."""
-    watch = Stopwatch(_model_device(model), clock_kind, flush)
+    watch = Stopwatch(_model_device(model), clock_kind, flush, flush_mib)
     return timed_repeats(prefill_runner(model.eval(), batch_size, prompt_len, watch), warmup, repeats)
