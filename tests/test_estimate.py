@@ -101,6 +101,28 @@ def test_gkd_stage_flops_match_a_hand_count(config):
     assert flops["vocab"] == 3 * 20 * 32 * 128
 
 
+def test_bld_trains_an_attention_variant_through_the_frozen_ffn_above_it(config):
+    from puzzle.estimate.stages import bld_stage
+
+    gqa1 = AttentionConfig(n_heads_in_group=4)
+    shape = _job_shape(
+        config,
+        bld={"tokens": 64, "batch_size": 2, "num_workers": 1, "calibration_tokens": 16, "heldout_tokens": 16},
+    )
+    shape.variants = [{"attention": [gqa1], "ffn": []} for _ in range(config.num_hidden_layers)]
+    work = bld_stage(shape)
+    trains = [p for lane in work.lanes for p in lane.passes if p.kind == "train"]
+    # 64 tokens in steps of 2 x 8: 4 steps of each layer's GQA-1 attention, trained beside the layer's parent FFN.
+    assert len(trains) == config.num_hidden_layers
+    block = BlockConfig(gqa1, config.block_config(0).ffn)
+    for p in trains:
+        assert p.calls == 4
+        assert p.flops == 3 * block_flops(config, block, 8) * 16
+        # The backward runs through the frozen FFN above the attention, so the whole pass runs at the rate of a
+        # fully trained one (calibration's trained share skips layers, and none is skipped here).
+        assert p.trained == 1.0
+
+
 def test_throughput_fit_recovers_known_constants():
     truth = Throughput(c2=3.0e9, c4=2.0e10)
     b = [4.0, 16.0, 64.0, 256.0, 4.0, 64.0, 256.0]
