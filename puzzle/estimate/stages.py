@@ -198,12 +198,10 @@ def bld_stage(s: JobShape) -> StageWork:
             f = block_flops(config, spec.block, s.seq_len)
             lane.add(forward(2 * heldout, f, rows, s.width))
             if spec.trainable:
-                # An attention variant trains beside the frozen parent FFN: only its own weights are trained, but the
-                # FFN lies above it, so the backward runs through the whole block (the FFN's input gradient) and only
-                # the FFN's weight gradients are skipped. The rate's trained share is the share of the pass the
-                # backward skips (calibration's "part" probe skips every layer below the trained FFN), here none:
-                # 1. With the parameter share (0.29 on the demo) the demo's attention blocks were estimated at 9.8 s
-                # against 15.8-18.5 s trained (the blocks' own seconds in the library).
+                # An attention variant trains only its own weights, beside the frozen parent FFN. That FFN lies above
+                # it, so the backward still runs through the whole block: the pass is costed at the rate of a fully
+                # trained one (trained share 1; calibration's share counts layers the backward never reaches). At the
+                # parameter share (0.29) the demo's attention blocks came to 9.8 s against 15.8-18.5 s measured.
                 trained = BlockConfig(spec.attention, NOOP.ffn) if spec.kind == "attention" else spec.block
                 params = block_params(config, trained)
                 lane.add(train(steps, f, rows, s.width, 1.0), optimizer_step(steps, params))
