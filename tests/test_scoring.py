@@ -158,6 +158,12 @@ def test_score_blocks_on_ray_matches_local(batches, ray_session):
         model, RandomBlockSource(), variants, batches, use_ray=True, group_size=2, progress=False
     )
     assert info["blocks_scored"] == 9
+    # Each task's phases: its layers, its blocks, and its parts adding up to no more than its own seconds.
+    timing = info["task_timing"]
+    assert [t["layers"] for t in timing] == [[0, 1], [2]] and [t["blocks"] for t in timing] == [6, 3]
+    for t in timing:
+        parts = t["unpack_s"] + t["build_s"] + t["parent_s"] + t["blocks_s"]
+        assert 0 < t["blocks_s"] and parts <= t["seconds"] + 5e-3 and t["began_after_s"] >= 0
     for layer in local:
         for name in local[layer]:
             for metric in ("kl_div", "lm_loss", "top1"):

@@ -237,23 +237,30 @@ def _score_shard(
     shard is scored on them, and both are dropped before the next batch."""
     from puzzle.common.seeding import seed_everything
 
+    began = time.time()
+    clock = time.perf_counter()
+    phases = dict.fromkeys(("unpack", "build", "parent", "blocks"), 0.0)
     if num_threads:
         torch.set_num_threads(num_threads)
     if isinstance(model, dict):  # packed and shared (Ray): the parent's weights stay in the object store's memory
         model = unpack_model(model, device, packed_dtype(model), frozen=True)
     model = model.to(device).eval()
+    phases["unpack"] = time.perf_counter() - clock
     built = []
     for layer_idx, blocks in shard:
         for block in blocks:
             # Seeded per (layer, variant), not per task, so a score does not depend on how variants are grouped.
             seed_everything(derive_seed(seed, layer_idx, block.name))
             built.append((layer_idx, block.name, source.build_layer(model, layer_idx, block).to(device).eval()))
+    phases["build"] = time.perf_counter() - clock - phases["unpack"]
     totals = {(i, name): MetricTotals() for i, name, _ in built}
     seconds = dict.fromkeys(totals, 0.0)
     parent = MetricTotals()
     layers = {i for i, _ in shard}
     for ids in batches:
+        start = time.perf_counter()
         cache = build_parent_cache(model, [ids], device, layers, parent)
+        phases["parent"] += time.perf_counter() - start
         for i, name, layer in built:
             start = time.perf_counter()
             _add_scores(model, cache, i, layer, totals[(i, name)])
@@ -264,7 +271,15 @@ def _score_shard(
     for (i, name), t in totals.items():
         scores.setdefault(i, {})[name] = {**t.means(), "seconds": seconds[(i, name)]}
     tokens = sum(ids.numel() for ids in batches)
-    return {"scores": scores, "parent": parent.means(), "tokens": tokens, **worker_identity()}
+    phases["blocks"] = sum(seconds.values())
+    timing = {
+        "began": began,
+        "seconds": time.perf_counter() - clock,
+        **{f"{k}_s": v for k, v in phases.items()},
+        "layers": sorted(layers),
+        "blocks": len(built),
+    }
+    return {"scores": scores, "parent": parent.means(), "tokens": tokens, "timing": timing, **worker_identity()}
 
 
 def _subblock_scores(
@@ -364,7 +379,7 @@ def score_blocks(
         raise ConfigError(f"scoring group_size={group_size} must be >= 1")
     if pairs not in ("full", "decoupled"):
         raise ConfigError(f"scoring pairs={pairs!r} must be 'full' or 'decoupled'")
-    start = time.perf_counter()
+    start, submitted = time.perf_counter(), time.time()
     batches = list(batches)
     if not batches:
         raise PuzzleError("scoring got no validation batches; check scoring.tokens / the validation split size")
@@ -408,10 +423,27 @@ def score_blocks(
         "tasks": len(tasks),
         "nodes": sorted({r["node"] for r in results if r.get("node")}),
         "seconds": time.perf_counter() - start,
+        # Per task: when it began after the stage started (a Ray worker's start and the queue before it), its
+        # seconds in all, unpacking the parent, building its blocks, the parent's passes and the blocks' passes.
+        "task_timing": [_task_timing(r, submitted) for r in results],
     }
     if log:
         log(f"scored {info['blocks_scored']} blocks on {info['tokens']} tokens in {info['seconds']:.1f} s")
+        if info["task_timing"]:
+            mean = {k: sum(t[k] for t in info["task_timing"]) / len(results) for k in ("seconds", *TASK_PHASES)}
+            parts = ", ".join(f"{k.removesuffix('_s')} {mean[k]:.1f}" for k in TASK_PHASES)
+            log(f"a task's mean seconds: {mean['seconds']:.1f} in all ({parts})")
     return scores, info
+
+
+TASK_PHASES = ("unpack_s", "build_s", "parent_s", "blocks_s")
+
+
+def _task_timing(result: dict[str, Any], submitted: float) -> dict[str, Any]:
+    timing = dict(result.get("timing") or {})
+    began = timing.pop("began", None)
+    timing["began_after_s"] = None if began is None else began - submitted
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in timing.items()}
 
 
 def _parent_only(parent: nn.Module, batches: list[torch.Tensor], device: str) -> dict[str, float]:
