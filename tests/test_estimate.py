@@ -433,3 +433,22 @@ def test_profile_on_a_cpu_runs_in_the_driver_and_on_a_remote_gpu_cluster_in_one_
     assert (profile_stage(gpu).workers, profile_stage(gpu).memory.processes) == (0, 0)
     gpu.job.cluster.address = "ray://head:10001"
     assert (profile_stage(gpu).workers, profile_stage(gpu).memory.processes) == (1, 1)
+
+
+def test_evaluate_holds_seven_logit_arrays_and_the_flush_on_what_the_heap_kept(config):
+    """The quality pass holds 7 [rows, vocab] fp32 arrays at once. The timing's flush buffer comes on top of them when
+    they are small enough for glibc to keep in the heap (under its 32 MiB mmap threshold), not when they are larger
+    (given back to the system), and not on a GPU."""
+    from dataclasses import replace
+
+    from puzzle.estimate.stages import GLIBC_MMAP_MAX, evaluate_stage
+
+    shape = replace(_job_shape(config, evaluate={"batch_size": 2}, profiling={"flush": "always"}), llc_bytes=2**20)
+    one = 2 * 8 * config.vocab_size * 4.0  # evaluate.batch_size x data.seq_len rows
+    flush = shape.flush_bytes(1) / 2
+    assert one < GLIBC_MMAP_MAX and flush > 0
+    assert evaluate_stage(shape).memory.transient == pytest.approx(7 * one + flush)
+    assert evaluate_stage(replace(shape, gpu=True)).memory.transient == pytest.approx(max(7 * one, flush))
+    shape.job.evaluate.batch_size = 2 * int(GLIBC_MMAP_MAX // one)  # each array now over the threshold
+    big = shape.job.evaluate.batch_size * 8 * config.vocab_size * 4.0
+    assert evaluate_stage(shape).memory.transient == pytest.approx(max(7 * big, flush))

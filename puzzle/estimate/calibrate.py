@@ -1,13 +1,13 @@
 """`puzzle estimate --calibrate`: short probes on this machine's device that fit the cost model's rates.
 
-Probes (under a minute on a 2-core CPU): forward and training passes of small Llama-shaped models (puzzle's own
-model) at two widths and a few batch sizes, training all weights or a fraction s of them, at one thread and at every
-core (CPU); softmax + KL over a vocabulary; decode steps through a KV cache at two widths and depths, warm and from a
-cold cache, and the profiler's cache flush itself; random
-initialisation; a safetensors write; peak memory of training steps at several (batch, s) in fresh processes; a local
-Ray cluster's start, its daemons' memory and a worker's start; one MIP solve; and (CPU) a one-thread training step in
-as many processes at once as there are cores, against the same step alone. The throughput curve and the
-memory curve (puzzle.estimate.fit) are fitted to them; the result is stored per device in the machine cache
+Probes (71-141 s on a 2-core CPU VM, half of it the compute probes): forward and training passes of small
+Llama-shaped models (puzzle's own model) at two widths and a few batch sizes, training all weights or a fraction s
+of them, at one thread and at every core (CPU); softmax + KL over a vocabulary; decode steps through a KV cache at
+two widths and depths, warm and from a cold cache, and the profiler's cache flush itself; random initialisation; a
+safetensors write; peak memory of training steps at several (batch, s) in fresh processes; a local Ray cluster's
+start, its daemons' memory and a worker's start; one MIP solve; and (CPU) a one-thread training step in as many
+processes at once as there are cores, against the same step alone. The throughput curve and the memory curve
+(puzzle.estimate.fit) are fitted to them; the result is stored per device in the machine cache
 ($PUZZLE_CACHE/estimate/) and used by every later estimate on this device.
 """
 

@@ -250,7 +250,8 @@ def device_model(device: str | None, dtype: str) -> DeviceModel:
         model = load_calibration(name)
         if model is None:
             raise NotCalibrated(
-                f"no calibration for this machine ({name}); run `puzzle estimate --calibrate` first (under a minute)"
+                f"no calibration for this machine ({name}); "
+                "run `puzzle estimate --calibrate` first (1-2 minutes on a 2-core CPU)"
             )
         return model
     spec = get_device_spec(device)

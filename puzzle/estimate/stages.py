@@ -32,6 +32,8 @@ from puzzle.estimate.work import (
 from puzzle.model.block_config import BlockConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GLIBC_MMAP_MAX = 32 * 2**20
+"""glibc's largest dynamic mmap threshold (64-bit): a freed block below it may stay in the process's heap."""
 CHUNK = 1024
 """Positions per [positions, vocab] chunk of the scoring metrics and the GKD loss (their code's default)."""
 RAY_TRAIN_HELPER_ACTORS = 5
@@ -448,9 +450,14 @@ def evaluate_stage(s: JobShape) -> StageWork:
     work.driver = quality
     work.serial = [_speed_rounds(s, [parent_blocks(config), s.child], cfg.repeats)]
     work.memory.weights = (s.parent_params + s.child_params()) * s.elem
-    # A batch's parent and child logits, both log-softmaxes and the KL's elementwise terms, fp32; then the timing's
-    # cache-flush buffer, if it flushes.
-    work.memory.transient = max(5 * rows * config.vocab_size * 4.0, _flush_buffer(s, s.job.target.batch_sizes[0]))
+    # A batch's parent and child logits, then in the metrics a contiguous copy and a log-softmax of each (the logits
+    # less their last position) and the KL's elementwise terms: 7 [rows, vocab] fp32 arrays (SmolLM2's evaluate
+    # stage measured 4.7 of them above the two logits). Then the timing's cache-flush buffer, if it flushes, on top
+    # of what glibc kept of those arrays: freed blocks under its largest mmap threshold (32 MiB) stay in the heap
+    # until the stage ends (the demo's quality pass left 80 MB there), larger ones go back to the system.
+    one = rows * config.vocab_size * 4.0
+    kept = 7 * one if one < GLIBC_MMAP_MAX and not s.gpu else 0.0  # (CUDA's caching allocator reuses its blocks)
+    work.memory.transient = max(7 * one, kept + _flush_buffer(s, s.job.target.batch_sizes[0]))
     work.memory.kv_cache = 2 * _kv(s, s.job.target.batch_sizes[0], s.job.target.context_len)
     return work
 
