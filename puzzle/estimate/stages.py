@@ -456,8 +456,9 @@ def evaluate_stage(s: JobShape) -> StageWork:
     # of what glibc kept of those arrays: freed blocks under its largest mmap threshold (32 MiB) stay in the heap
     # until the stage ends (the demo's quality pass left 80 MB there), larger ones go back to the system.
     one = rows * config.vocab_size * 4.0
-    kept = 7 * one if one < GLIBC_MMAP_MAX and not s.gpu else 0.0  # (CUDA's caching allocator reuses its blocks)
-    work.memory.transient = max(7 * one, kept + _flush_buffer(s, s.job.target.batch_sizes[0]))
+    quality = 7 * one
+    kept = quality if one < GLIBC_MMAP_MAX and not s.gpu else 0.0  # (CUDA's caching allocator reuses its blocks)
+    work.memory.transient = max(quality, kept + _flush_buffer(s, s.job.target.batch_sizes[0]))
     work.memory.kv_cache = 2 * _kv(s, s.job.target.batch_sizes[0], s.job.target.context_len)
     return work
 

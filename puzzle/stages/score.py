@@ -48,6 +48,10 @@ METRICS = ("kl_div", "lm_loss", "top1")
 # Scores are nested dicts: {"layer_i": {BlockConfig.name: {"kl_div": ..., "lm_loss": ..., "top1": ...}}}.
 Scores = dict[str, dict[str, dict[str, float]]]
 
+TASK_PHASES = ("unpack_s", "build_s", "parent_s", "blocks_s")
+"""A scoring task's phases (info["task_timing"]): unpacking the parent, building its blocks, the parent's passes
+and the blocks' passes."""
+
 
 class BlockSource(Protocol):
     """Anything that builds a trained block's layer; `puzzle.stages.bld.BlockStore` is the real one."""
@@ -239,20 +243,20 @@ def _score_shard(
 
     began = time.time()
     clock = time.perf_counter()
-    phases = dict.fromkeys(("unpack", "build", "parent", "blocks"), 0.0)
+    phases = dict.fromkeys(TASK_PHASES, 0.0)
     if num_threads:
         torch.set_num_threads(num_threads)
     if isinstance(model, dict):  # packed and shared (Ray): the parent's weights stay in the object store's memory
         model = unpack_model(model, device, packed_dtype(model), frozen=True)
     model = model.to(device).eval()
-    phases["unpack"] = time.perf_counter() - clock
+    phases["unpack_s"] = time.perf_counter() - clock
     built = []
     for layer_idx, blocks in shard:
         for block in blocks:
             # Seeded per (layer, variant), not per task, so a score does not depend on how variants are grouped.
             seed_everything(derive_seed(seed, layer_idx, block.name))
             built.append((layer_idx, block.name, source.build_layer(model, layer_idx, block).to(device).eval()))
-    phases["build"] = time.perf_counter() - clock - phases["unpack"]
+    phases["build_s"] = time.perf_counter() - clock - phases["unpack_s"]
     totals = {(i, name): MetricTotals() for i, name, _ in built}
     seconds = dict.fromkeys(totals, 0.0)
     parent = MetricTotals()
@@ -260,7 +264,7 @@ def _score_shard(
     for ids in batches:
         start = time.perf_counter()
         cache = build_parent_cache(model, [ids], device, layers, parent)
-        phases["parent"] += time.perf_counter() - start
+        phases["parent_s"] += time.perf_counter() - start
         for i, name, layer in built:
             start = time.perf_counter()
             _add_scores(model, cache, i, layer, totals[(i, name)])
@@ -271,11 +275,11 @@ def _score_shard(
     for (i, name), t in totals.items():
         scores.setdefault(i, {})[name] = {**t.means(), "seconds": seconds[(i, name)]}
     tokens = sum(ids.numel() for ids in batches)
-    phases["blocks"] = sum(seconds.values())
+    phases["blocks_s"] = sum(seconds.values())
     timing = {
         "began": began,
         "seconds": time.perf_counter() - clock,
-        **{f"{k}_s": v for k, v in phases.items()},
+        **phases,
         "layers": sorted(layers),
         "blocks": len(built),
     }
@@ -429,20 +433,16 @@ def score_blocks(
     }
     if log:
         log(f"scored {info['blocks_scored']} blocks on {info['tokens']} tokens in {info['seconds']:.1f} s")
-        if info["task_timing"]:
-            mean = {k: sum(t[k] for t in info["task_timing"]) / len(results) for k in ("seconds", *TASK_PHASES)}
+        if timing := info["task_timing"]:
+            mean = {k: sum(t[k] for t in timing) / len(timing) for k in ("seconds", *TASK_PHASES)}
             parts = ", ".join(f"{k.removesuffix('_s')} {mean[k]:.1f}" for k in TASK_PHASES)
             log(f"a task's mean seconds: {mean['seconds']:.1f} in all ({parts})")
     return scores, info
 
 
-TASK_PHASES = ("unpack_s", "build_s", "parent_s", "blocks_s")
-
-
 def _task_timing(result: dict[str, Any], submitted: float) -> dict[str, Any]:
-    timing = dict(result.get("timing") or {})
-    began = timing.pop("began", None)
-    timing["began_after_s"] = None if began is None else began - submitted
+    timing = dict(result["timing"])
+    timing["began_after_s"] = timing.pop("began") - submitted
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in timing.items()}
 
 
