@@ -251,3 +251,20 @@ def test_two_data_parallel_workers_train_one_model(ray_session, tmp_path, parent
     assert len(digests) == 2 and digests[0] == digests[1]
     assert digests[0] == weights_digest(result.model)
     assert weights_digest(result.model) != weights_digest(child)
+
+
+def test_worker_progress_lines_are_written_once_under_ray_trains_print(capsys, caplog):
+    """Ray Train's workers replace `print` with one that writes to stdout and logs the line too, so the driver showed
+    each GKD progress line twice; the worker's `say` writes it once, to stdout only."""
+    patch = pytest.importorskip("ray.train.v2._internal.logging.patch_print")  # Ray's own module, not public
+    from puzzle.stages.gkd.worker import say
+
+    caplog.set_level("INFO")
+    with patch.print_context_manager(patch.redirected_print):
+        print("[gkd] through print")  # the patched print: on stdout and in the log
+        say("[gkd] through say")
+    out = capsys.readouterr().out
+    logged = [record.getMessage() for record in caplog.records]
+    assert "[gkd] through print" in logged  # the patch is in force here, as in a Ray Train worker
+    assert out.count("[gkd] through say") == 1
+    assert not any("through say" in message for message in logged)

@@ -5,6 +5,7 @@ what it hands back."""
 from __future__ import annotations
 
 import contextlib
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,6 +32,14 @@ from puzzle.stages.gkd.parallel import gather_state, grad_norm, load_sharded, wr
 # Ray Train hands train_loop_config to the loop and also records it in its run state, which accepts only a dict:
 # the typed arguments travel as this dict's one value.
 ARGS_KEY = "args"
+
+
+def say(line: str) -> None:
+    """One progress line on the worker's stdout, which Ray forwards to the driver. Not `print`: Ray Train replaces it
+    in its workers with one that writes the line to stdout and logs it as well, and the driver then showed every
+    progress line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 @dataclass(frozen=True)
@@ -205,8 +214,7 @@ def train_loop_per_worker(config: dict[str, WorkerArgs]) -> None:
             tok_s = (
                 (state["step"] - state["resumed_from_step"]) * args.tokens_per_step / (time.perf_counter() - started)
             )
-            print(
+            say(
                 f"[gkd] step {state['step']}/{steps} loss {parts['loss']:.4f} (cos {parts['cosine']:.4f} "
-                f"kl {parts['kl']:.4f}) lr {lr:.2e} {tok_s:,.0f} tok/s",
-                flush=True,
+                f"kl {parts['kl']:.4f}) lr {lr:.2e} {tok_s:,.0f} tok/s"
             )
