@@ -452,3 +452,27 @@ def test_evaluate_holds_seven_logit_arrays_and_the_flush_on_what_the_heap_kept(c
     shape.job.evaluate.batch_size = 2 * int(GLIBC_MMAP_MAX // one)  # each array now over the threshold
     big = shape.job.evaluate.batch_size * 8 * config.vocab_size * 4.0
     assert evaluate_stage(shape).memory.transient == pytest.approx(max(7 * big, flush))
+
+
+def test_closed_loop_rounds_are_expected_from_its_band_and_the_timing_spread():
+    """The first round is counted whole; each later one meets the band [-tolerance, +overshoot] around the budget with
+    the normal probability at the timing spread, until measure_rounds."""
+    from puzzle.config import SearchConfig
+    from puzzle.estimate.stages import TIMING_SPREAD, expected_loop_rounds, loop_meet_probability
+
+    assert expected_loop_rounds(SearchConfig(measure_rounds=0)) == 0.0
+    # Nothing above the budget is a miss and nothing below it is allowed: half of the rounds meet.
+    half = SearchConfig(measure_rounds=3)
+    assert loop_meet_probability(half) == pytest.approx(0.5)
+    assert expected_loop_rounds(half) == pytest.approx(1 + 1 + 0.5)
+    # A band of one spread either way: 68.27 % of the rounds.
+    one = SearchConfig(measure_rounds=2, measure_tolerance=TIMING_SPREAD, measure_overshoot=TIMING_SPREAD)
+    assert loop_meet_probability(one) == pytest.approx(0.6827, abs=1e-4)
+    assert expected_loop_rounds(one) == pytest.approx(2.0)
+    # An empty band never meets: every round is timed.
+    never = SearchConfig(measure_rounds=6, measure_overshoot=0.0)
+    assert loop_meet_probability(never) == 0.0 and expected_loop_rounds(never) == pytest.approx(6.0)
+    # The demo's band (3 % under, 10 % over) against SmolLM2's (on the budget, 3 % over): more rounds for the narrower.
+    demo = SearchConfig(measure_rounds=5, measure_tolerance=0.03, measure_overshoot=0.10)
+    smollm2 = SearchConfig(measure_rounds=5, measure_overshoot=0.03, measure_margin=0.03)
+    assert 2.4 < expected_loop_rounds(demo) < 2.5 and 3.8 < expected_loop_rounds(smollm2) < 4.0

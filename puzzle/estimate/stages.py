@@ -361,15 +361,43 @@ def _speed_rounds(s: JobShape, models: list[list[BlockConfig]], rounds: int) -> 
     return lane
 
 
+TIMING_SPREAD = 0.053
+"""The relative spread (standard deviation) of one side-by-side speed-up measurement from one minute to the next, as
+the closed loop and the evaluate stage take it: over 19 fresh demo runs on the 2-core CPU VM (2026-12-01 and 12-02),
+the evaluate stage's speed-up over the loop's last measurement of the same architecture had a standard deviation of
+7.5 %, the difference of two such measurements, so one measurement's is 7.5 % / sqrt(2). Calibration does not measure
+it (its probes last seconds, the drift takes minutes); the same figure is assumed on every device."""
+
+
+def loop_meet_probability(cfg: Any, spread: float = TIMING_SPREAD) -> float:
+    """The chance that one closed-loop round aimed at the budget measures inside the band the loop accepts: from
+    `measure_tolerance` below the (margined) budget to `measure_overshoot` above it, with the measurement off by a
+    normal error of relative `spread`."""
+    below = 0.5 * math.erfc(cfg.measure_tolerance / (spread * math.sqrt(2.0)))  # P(error < -tolerance)
+    over = cfg.measure_overshoot
+    above = 0.0 if over is None else 0.5 * math.erfc(over / (spread * math.sqrt(2.0)))  # P(error > overshoot)
+    return max(0.0, 1.0 - below - above)
+
+
+def expected_loop_rounds(cfg: Any, spread: float = TIMING_SPREAD) -> float:
+    """Rounds a closed loop is expected to time: the first (the block sum's choice, which on the demo and SmolLM2
+    runs measured 0.84-0.87 of its prediction and missed), then each later round meets with
+    `loop_meet_probability` until `measure_rounds` is reached: 1 + sum_{k < N-1} (1 - p)^k."""
+    if cfg.measure_rounds <= 0:
+        return 0.0
+    miss = 1.0 - loop_meet_probability(cfg, spread)
+    return 1.0 + sum(miss**k for k in range(cfg.measure_rounds - 1))
+
+
 def search_stage(s: JobShape) -> StageWork:
     """puzzle.stages.search: the MIP (num_solutions solves of a layers x variants problem); with a closed loop,
     each round assembles the child and times it beside the parent (measure_side_by_side with measure_repeats rounds).
-    Counts two closed-loop rounds when it may run more (one measures the first solution, one the corrected budget's:
-    the loop stops once the budget is met, and `search.measure_rounds` is its upper bound)."""
+    The rounds are the expected number (`expected_loop_rounds`): a narrow band against timings that move by a few
+    per cent takes more rounds, and `search.measure_rounds` is their upper bound."""
     cfg = s.job.search
     work = StageWork("search")
-    rounds = min(2, cfg.measure_rounds)
-    work.mip_solves = cfg.num_solutions * max(1, rounds) * len(s.job.target.batch_sizes)
+    rounds = expected_loop_rounds(cfg)
+    work.mip_solves = math.ceil(cfg.num_solutions * max(1.0, rounds) * len(s.job.target.batch_sizes))
     work.mip_variables = sum(len(b) for b in s.blocks)
     if rounds:
         lane = _speed_rounds(s, [parent_blocks(s.config), s.child], cfg.measure_repeats)
@@ -378,7 +406,10 @@ def search_stage(s: JobShape) -> StageWork:
         ]
         work.driver = Lane([Pass("init", rounds, float(s.child_params()))], threads=s.cpus)
         work.serial = [lane]
-        work.notes.append(f"closed loop: {rounds} of at most {cfg.measure_rounds} rounds counted")
+        work.notes.append(
+            f"closed loop: {rounds:.1f} rounds expected of at most {cfg.measure_rounds} (each after the first meets "
+            f"the budget with probability {loop_meet_probability(cfg):.2f} at a {TIMING_SPREAD:.1%} timing spread)"
+        )
     work.memory.weights = (s.parent_params + s.child_params()) * s.elem
     work.memory.kv_cache = 2 * _kv(s, s.job.target.batch_sizes[0], s.job.target.context_len)
     if rounds:
