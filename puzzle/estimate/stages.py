@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 from puzzle.estimate.work import (
@@ -373,10 +374,9 @@ def loop_meet_probability(cfg: Any, spread: float = TIMING_SPREAD) -> float:
     """The chance that one closed-loop round aimed at the budget measures inside the band the loop accepts: from
     `measure_tolerance` below the (margined) budget to `measure_overshoot` above it, with the measurement off by a
     normal error of relative `spread`."""
-    below = 0.5 * math.erfc(cfg.measure_tolerance / (spread * math.sqrt(2.0)))  # P(error < -tolerance)
-    over = cfg.measure_overshoot
-    above = 0.0 if over is None else 0.5 * math.erfc(over / (spread * math.sqrt(2.0)))  # P(error > overshoot)
-    return max(0.0, 1.0 - below - above)
+    error = NormalDist(0.0, spread)
+    top = 1.0 if cfg.measure_overshoot is None else error.cdf(cfg.measure_overshoot)
+    return max(0.0, top - error.cdf(-cfg.measure_tolerance))
 
 
 def expected_loop_rounds(cfg: Any, spread: float = TIMING_SPREAD) -> float:
